@@ -1,0 +1,138 @@
+"""What initialization needs from each kind of frozen base layer, one entry per layer type.
+
+dequantize(layer) -> Q exactly as the forward pass uses it; quantizer(layer) -> a Quantizer with the
+layer's own settings (for methods that re-quantize); requantize(layer, W') stores quant(W') in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from peft.utils.integrations import dequantize_bnb_weight
+from torch import nn
+
+from quailora.errors import QuailoraInputError
+from quailora.quantizers import get_quantizer
+from quailora.quantizers.base import Quantizer
+
+
+@dataclass(frozen=True)
+class BaseLayerKind:
+    dequantize: Callable[[nn.Module], torch.Tensor]
+    quantizer: Callable[[nn.Module], Quantizer | None]  # None: the layer carries no quantizer
+    requantize: Callable[[nn.Module, torch.Tensor], None]
+
+
+BASE_LAYERS: dict[type, BaseLayerKind] = {}
+
+
+def register_base_layer(cls: type, kind: BaseLayerKind) -> None:
+    BASE_LAYERS[cls] = kind
+
+
+def base_layer_kind(layer: nn.Module, name: str = "layer") -> BaseLayerKind:
+    # Most specific registered class first (bnb layers subclass nn.Linear).
+    for cls in type(layer).__mro__:
+        if cls in BASE_LAYERS:
+            return BASE_LAYERS[cls]
+    raise QuailoraInputError(
+        f"layer {name}: base layer type {type(layer).__name__} is not supported; "
+        f"supported: {sorted(c.__name__ for c in BASE_LAYERS)}"
+    )
+
+
+def _linear4bit_dequantize(layer: nn.Module) -> torch.Tensor:
+    # bnb repacks weights for its AVX512-BF16 CPU inference kernel on the first eval forward; undo that first
+    # (as bnb's own state_dict saving does) so we read the canonical codes.
+    w = layer.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        layer.quant_state = w.quant_state
+    return dequantize_bnb_weight(w).to(torch.float32)
+
+
+def exact_cpu_4bit(model: nn.Module) -> int:
+    """Turn off bnb's bf16 CPU inference path so eval computes with the same fp32 Q as training and init.
+
+    Returns how many Linear4bit layers were changed. (That path repacks weights and rounds through bf16.)
+    """
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        _linear4bit_dequantize(layer)
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def _linear4bit_quantizer(layer: nn.Module) -> Quantizer:
+    w = layer.weight
+    return get_quantizer(
+        w.quant_type, blocksize=w.blocksize, double_quant=w.compress_statistics, dtype=w.quant_state.dtype
+    )
+
+
+def _linear4bit_requantize(layer: nn.Module, weight: torch.Tensor) -> None:
+    old = layer.weight
+    packed, state = bnbf.quantize_4bit(
+        weight.to(old.quant_state.dtype).contiguous(),
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+
+
+def _linear8bit_requantize(layer: nn.Module, weight: torch.Tensor) -> None:
+    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    layer.state.SCB = scb
+    layer.state.CB = cb
+
+
+def _linear_requantize(layer: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(layer.weight.dtype))
+
+
+register_base_layer(
+    bnb.nn.Linear4bit,
+    BaseLayerKind(
+        dequantize=_linear4bit_dequantize,
+        quantizer=_linear4bit_quantizer,
+        requantize=_linear4bit_requantize,
+    ),
+)
+register_base_layer(
+    bnb.nn.Linear8bitLt,
+    BaseLayerKind(
+        dequantize=lambda layer: dequantize_bnb_weight(layer.weight, state=layer.state).to(torch.float32),
+        quantizer=lambda layer: get_quantizer("int8"),
+        requantize=_linear8bit_requantize,
+    ),
+)
+
+
+# A plain Linear holds an already fake-quantized (or full-precision) weight: Q is the weight itself.
+register_base_layer(
+    nn.Linear,
+    BaseLayerKind(
+        dequantize=lambda layer: layer.weight.detach().to(torch.float32),
+        quantizer=lambda layer: None,
+        requantize=_linear_requantize,
+    ),
+)

@@ -1,0 +1,178 @@
+"""Initialization benchmark: error reduction, seconds and peak memory per (method, shape, rank, bits).
+
+    python -m quailora.bench --json          # default shapes, < 5 min on 2 CPU cores
+    python -m quailora.bench --json --full   # adds LLaMA-7B and LLaMA-30B layer shapes
+
+peft's own SVD step (``peft.utils.loftq_utils._low_rank_decomposition``, a full SVD) runs as a peer row
+on the same matrices, so speed ratios come from one run. Errors are relative to the error of Q alone:
+uncalibrated ‖E − sBA‖²/‖E‖², calibrated tr((E − sBA)H(E − sBA)ᵀ)/tr(EHEᵀ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psutil
+import torch
+from peft.utils.loftq_utils import _low_rank_decomposition
+
+from quailora.api import initialize
+from quailora.initializers import needs_gram
+from quailora.linalg import adapter_product, calibrated_error, weight_error
+from quailora.quantizers import QUANTIZERS, get_quantizer
+
+DEFAULT_SHAPES = [(512, 512), (1024, 2816), (2816, 1024)]
+# (out, in) of LLaMA-7B (4096 hidden, 11008 MLP) and LLaMA-30B (6656 hidden, 17920 MLP) projections.
+FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (6656, 6656), (17920, 6656), (6656, 17920)]
+DEFAULT_METHODS = ["gaussian", "svd", "quailora", "closed_form", "loftq"]
+QUANTIZER_FOR_BITS = {4: ("nf4", {}), 8: ("int8", {}), 3: ("int", {"bits": 3}), 2: ("int", {"bits": 2})}
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict]:
+    """Peak resident-set growth during the block, sampled every 2 ms (torch allocations are invisible to tracemalloc)."""
+    proc = psutil.Process(os.getpid())
+    start = proc.memory_info().rss
+    box = {"peak": start}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            box["peak"] = max(box["peak"], proc.memory_info().rss)
+            done.wait(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        done.set()
+        thread.join()
+        box["peak_mb"] = (max(box["peak"], proc.memory_info().rss) - start) / 2**20
+
+
+def synthetic_layer(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W ~ N(0, 1/in); H = GGᵀ/k + diag with a few outlier channels, like LLM input Grams (PSD, O(n²k) to build)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
+    k = 256
+    g = torch.randn(in_features, k, generator=gen)
+    scale = torch.ones(in_features)
+    scale[torch.randperm(in_features, generator=gen)[: max(1, in_features // 256)]] = 20.0
+    g *= scale[:, None]
+    gram = g @ g.T / k
+    gram.diagonal().add_(0.1)
+    return weight, gram
+
+
+def _timed(fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, float, float]:
+    with peak_rss() as mem:
+        start = time.perf_counter()
+        product = fn()
+        seconds = time.perf_counter() - start
+    return product, seconds, mem["peak_mb"]
+
+
+def bench_rows(
+    shapes, ranks, bits_list, methods, *, iterations: int = 20, solver: str = "auto"
+) -> Iterator[dict]:
+    for out_features, in_features in shapes:
+        weight, gram = synthetic_layer(out_features, in_features)
+        for bits in bits_list:
+            name, opts = QUANTIZER_FOR_BITS[bits]
+            if name not in QUANTIZERS:
+                continue
+            quantizer = get_quantizer(name, **opts)
+            quantized = quantizer.fake_quantize(weight)
+            error = weight - quantized
+            base_unc = weight_error(error, torch.zeros(()))
+            base_cal = calibrated_error(error, torch.zeros(()), gram)
+            for rank in ranks:
+                rows = [
+                    (m, _method_runner(m, weight, quantized, gram, rank, quantizer, iterations, solver))
+                    for m in methods
+                ]
+                rows.append(("peft_svd", lambda rank=rank, error=error: _peft_product(error, rank)))
+                for method, run in rows:
+                    (product, moved_error), seconds, peak_mb = _timed(run)
+                    yield {
+                        "method": method,
+                        "shape": [out_features, in_features],
+                        "rank": rank,
+                        "bits": bits,
+                        "quantizer": quantizer.name,
+                        "rel_error": weight_error(moved_error, product) / base_unc,
+                        "rel_calibrated_error": calibrated_error(moved_error, product, gram) / base_cal,
+                        "seconds": round(seconds, 4),
+                        "peak_mb": round(peak_mb, 1),
+                        "threads": torch.get_num_threads(),
+                    }
+
+
+def _method_runner(method, weight, quantized, gram, rank, quantizer, iterations, solver):
+    options = {"solver": solver} if method != "gaussian" else {}
+    if method in ("quailora", "loftq"):
+        options["iterations"] = iterations if method == "quailora" else 5
+
+    def run():
+        result = initialize(
+            weight,
+            quantized,
+            rank,
+            method,
+            gram=gram if needs_gram(method) else None,
+            quantizer=quantizer,
+            **options,
+        )
+        return adapter_product(result.lora_A, result.lora_B, 1.0), weight - result.quantized
+
+    return run
+
+
+def _peft_product(error: torch.Tensor, rank: int):
+    out = _low_rank_decomposition(error, reduced_rank=rank)
+    return out["L"] @ out["R"], error
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m quailora.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
+    parser.add_argument("--full", action="store_true", help="add LLaMA-7B and LLaMA-30B layer shapes")
+    parser.add_argument("--shapes", nargs="*", help="OUTxIN shapes instead of the defaults, e.g. 6656x17920")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--bits", type=int, nargs="*", default=[4], choices=sorted(QUANTIZER_FOR_BITS))
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    parser.add_argument("--iterations", type=int, default=20, help="ALS iterations for quailora")
+    parser.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized"])
+    args = parser.parse_args(argv)
+    shapes = (
+        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    )
+    if args.full and not args.shapes:
+        shapes = shapes + FULL_SHAPES
+    if not args.json:
+        print(
+            f"{'method':<12} {'shape':>12} {'rank':>4} {'bits':>4} {'rel_err':>8} {'rel_cal':>8} {'sec':>8} {'MB':>8}"
+        )
+    for row in bench_rows(
+        shapes, args.ranks, args.bits, args.methods, iterations=args.iterations, solver=args.solver
+    ):
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            shape = "x".join(map(str, row["shape"]))
+            print(
+                f"{row['method']:<12} {shape:>12} {row['rank']:>4} {row['bits']:>4} {row['rel_error']:8.4f} "
+                f"{row['rel_calibrated_error']:8.4f} {row['seconds']:8.3f} {row['peak_mb']:8.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Exact minimizer of the calibrated objective tr((E − MA) H (E − MA)ᵀ) (also published as CLoQ).
+
+With H = L Lᵀ (Cholesky, R = Lᵀ) the objective is ‖(E − MA) L‖²_F, so MA = SVD_r(E L) L⁻¹.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
+from quailora.linalg import SvdSolver, balanced_factors, damp, truncated_svd
+
+
+@INITIALIZERS.register("closed_form")
+@calibrated
+def closed_form(
+    problem: InitProblem,
+    *,
+    damping: float = 1e-2,
+    solver: SvdSolver = "auto",
+    niter: int = 4,
+    oversample: int = 8,
+    seed: int = 0,
+) -> Initialization:
+    chol = torch.linalg.cholesky(damp(problem.gram, damping))
+    u, s, vh = truncated_svd(
+        problem.error @ chol, problem.rank, solver=solver, niter=niter, oversample=oversample, seed=seed
+    )
+    root = s.sqrt()
+    m = u * root
+    # A = Σ½ Vᵀ L⁻¹, i.e. Lᵀ Aᵀ = V Σ½: a triangular solve, no inverse formed.
+    a = torch.linalg.solve_triangular(chol.T, (vh.T * root), upper=True).T
+    lora_a, lora_b = balanced_factors(m, a, problem.scaling)
+    return Initialization(lora_a, lora_b, problem.quantized)

@@ -1,0 +1,17 @@
+"""QuAILoRA step 1 (uncalibrated): the rank-r truncated SVD of E = W − Q, optimal for ‖E − sBA‖_F."""
+
+from __future__ import annotations
+
+from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
+from quailora.linalg import SvdSolver, split_svd, truncated_svd
+
+
+@INITIALIZERS.register("svd")
+def svd(
+    problem: InitProblem, *, solver: SvdSolver = "auto", niter: int = 4, oversample: int = 8, seed: int = 0
+) -> Initialization:
+    u, s, vh = truncated_svd(
+        problem.error, problem.rank, solver=solver, niter=niter, oversample=oversample, seed=seed
+    )
+    lora_a, lora_b = split_svd(u, s, vh, problem.scaling)
+    return Initialization(lora_a, lora_b, problem.quantized)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, lint, then run the whole test suite (CPU, < 20 min on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/pytest -q "$@"

@@ -1,0 +1,168 @@
+"""initialize_peft_model on real peft + bitsandbytes models (Linear4bit, Linear8bitLt) on CPU."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from quailora.base_layers import base_layer_kind, exact_cpu_4bit
+from quailora.checkpoint import SafetensorsWeights
+from quailora.errors import QuailoraInputError
+from quailora.peft_init import (
+    checkpoint_name,
+    compute_adapters,
+    initialize_peft_model,
+    layer_index,
+    lora_layer_names,
+    validate_lora_targets,
+)
+from quailora.quantizers import get_quantizer
+from tests.micro_models import make_micro_checkpoint
+
+QUANT = {
+    "nf4": BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
+    "int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_micro_checkpoint("llama", tmp_path_factory.mktemp("llama"), num_layers=2, hidden=64)
+
+
+class FullModelGrams:
+    """H = XᵀX/N per linear input, from hooks on the whole full-precision model (fine at micro size)."""
+
+    def __init__(self, checkpoint, tokens):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        self.grams = {}
+
+        def hook(name):
+            def fn(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                self.grams[name] = (x.T @ x / x.shape[0]).float()
+
+            return fn
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.register_forward_pre_hook(hook(name))
+        with torch.no_grad():
+            model(tokens)
+
+    def get(self, name):
+        return self.grams[name]
+
+    def names(self):
+        return list(self.grams)
+
+
+def _peft_model(checkpoint, quant, **lora):
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=QUANT[quant], device_map="cpu", dtype=torch.float32
+    )
+    exact_cpu_4bit(model)
+    config = LoraConfig(r=lora.pop("r", 8), lora_alpha=16, target_modules="all-linear", **lora)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize(
+    ("quant", "method", "lora"),
+    [
+        ("nf4", "quailora", {}),
+        ("nf4", "loftq", {"use_rslora": True}),
+        ("int8", "closed_form", {}),
+        ("int8", "svd", {}),
+    ],
+)
+def test_layer_outputs_equal_q_plus_adapter(checkpoint, quant, method, lora):
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = _peft_model(checkpoint, quant, **lora)
+    names = lora_layer_names(model)
+    assert len(names) == 2 * 7
+    options = {"iterations": 2} if method in ("quailora", "loftq") else {}
+    updates = initialize_peft_model(
+        model, method, SafetensorsWeights(checkpoint), FullModelGrams(checkpoint, tokens), **options
+    )
+    assert set(updates) == set(names)
+    weights = SafetensorsWeights(checkpoint)
+    modules = dict(model.named_modules())
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    for name in names:
+        module = modules[name]
+        base = module.get_base_layer()
+        q = base_layer_kind(base).dequantize(base)
+        scaling = module.scaling["default"]
+        assert scaling == pytest.approx(16 / (8**0.5) if lora.get("use_rslora") else 16 / 8)
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        assert b.abs().max() > 0
+        xin = x[:, : module.in_features] if module.in_features <= 64 else torch.randn(5, module.in_features)
+        with torch.no_grad():
+            out = module(xin)
+        expected = xin @ (q + scaling * b @ a).T
+        tol = 1e-5 if quant == "nf4" else 2e-2 * float(expected.abs().max())  # LLM.int8 rounds inputs to int8
+        assert torch.allclose(out, expected, atol=tol), name
+        # The adapter moves Q towards W.
+        w = weights.get(f"{checkpoint_name(name)}.weight")
+        assert (w - q - scaling * b @ a).norm() < (w - q).norm()
+
+
+def test_loftq_requantizes_base_layer(checkpoint):
+    model = _peft_model(checkpoint, "nf4")
+    name = lora_layer_names(model)[0]
+    base = dict(model.named_modules())[name].get_base_layer()
+    before = base_layer_kind(base).dequantize(base).clone()
+    updates = initialize_peft_model(model, "loftq", SafetensorsWeights(checkpoint), iterations=3)
+    after = base_layer_kind(base).dequantize(base)
+    assert not torch.equal(before, after)
+    quantizer = get_quantizer("nf4", blocksize=64, double_quant=True)
+    assert torch.equal(after, quantizer.fake_quantize(updates[name].base_weight))
+
+
+def test_bnb_quantizer_matches_the_loaded_layer(checkpoint):
+    weights = SafetensorsWeights(checkpoint)
+    for quant, quantizer in (("nf4", get_quantizer("nf4")), ("int8", get_quantizer("int8"))):
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, quantization_config=QUANT[quant], device_map="cpu"
+        )
+        base = model.model.layers[1].mlp.down_proj
+        ours = quantizer.fake_quantize(weights.get("model.layers.1.mlp.down_proj.weight"))
+        assert torch.equal(ours, base_layer_kind(base).dequantize(base)), quant
+
+
+def test_targets_and_rank_checked_before_compute(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=QUANT["nf4"], device_map="cpu"
+    )
+    assert len(validate_lora_targets(model, ["q_proj", "v_proj"], 8)) == 4
+    with pytest.raises(QuailoraInputError, match="'qkv' matches no linear module"):
+        validate_lora_targets(model, ["qkv"], 8)
+    with pytest.raises(
+        QuailoraInputError, match=r"lora.rank=65 exceeds layer model.layers.0.self_attn.q_proj"
+    ):
+        validate_lora_targets(model, "all-linear", 65)
+
+
+def test_missing_grams_refused_before_compute(checkpoint):
+    model = _peft_model(checkpoint, "nf4")
+    with pytest.raises(QuailoraInputError, match="needs a Gram"):
+        compute_adapters(model, "quailora", SafetensorsWeights(checkpoint), grams=FullModelGramsEmpty())
+
+
+class FullModelGramsEmpty:
+    def get(self, name):
+        raise AssertionError("must not be reached")
+
+    def names(self):
+        return []
+
+
+def test_layer_index():
+    assert layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12
+    assert layer_index("transformer.h.3.mlp.dense_4h_to_h") == 3
+    assert layer_index("lm_head") is None

@@ -1,0 +1,117 @@
+"""The schema of one trial: every field a sweep can vary. Unknown fields are errors, not ignored."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    # A local checkpoint directory, a hub name (needs network), or "reference:<name>" for a
+    # project-built reference model (built on first use into the reference cache).
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class QuantSpec(_Strict):
+    # nf4/fp4: bitsandbytes 4-bit; int8: bitsandbytes LLM.int8; int: group-wise asymmetric RTN INT-k.
+    method: Literal["nf4", "fp4", "int8", "int"] = "nf4"
+    bits: int = 4
+    blocksize: int = 64  # bitsandbytes 4-bit block size
+    double_quant: bool = True  # bitsandbytes 4-bit nested quantization of the absmax
+    group_size: int = 64  # group-wise INT-k quantizer / QA-LoRA pooling group
+
+    @model_validator(mode="after")
+    def _bits_match_method(self) -> QuantSpec:
+        allowed = {"nf4": {4}, "fp4": {4}, "int8": {8}, "int": {2, 3, 4, 8}}[self.method]
+        if self.bits not in allowed:
+            raise ValueError(
+                f"quant.bits={self.bits} is not possible with quant.method={self.method!r}; allowed: {sorted(allowed)}"
+            )
+        return self
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    use_rslora: bool = False
+    # Module-name suffixes (peft semantics) or "all-linear".
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class InitSpec(_Strict):
+    # A name from quailora's initializer registry (gaussian, svd, quailora, closed_form, loftq, qalora_zero, qalora_closed_form, ...).
+    method: str = "gaussian"
+    # Method options passed through to the initializer (e.g. iterations, damping, solver).
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+
+class CalibrationSpec(_Strict):
+    dataset: str = "reference:calibration"
+    num_sequences: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8)
+    # teacher: next layer sees full-precision outputs; quantized: quantized outputs (error propagates).
+    propagate: Literal["teacher", "quantized"] = "teacher"
+
+
+class DataSpec(_Strict):
+    train: str = "reference:finetune-train"
+    validation: str = "reference:finetune-validation"
+    seq_len: int = Field(128, ge=8)
+    max_eval_sequences: int = Field(64, ge=1)
+
+
+class TrainSpec(_Strict):
+    max_steps: int = Field(50, ge=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)  # per worker, per micro-step
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every: int = Field(25, ge=0)  # 0: never
+
+
+class EvalSpec(_Strict):
+    perplexity: bool = True
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = None
+
+
+class ResourcesSpec(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class TrialConfig(_Strict):
+    name: str = "trial"
+    seed: int = 0
+    model: ModelSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    # Free-form labels copied to MLflow tags (family, size, ... are added automatically).
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\n"):
+            raise ValueError(f"name={v!r} must be non-empty and contain no slashes or newlines")
+        return v
