@@ -16,6 +16,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from quailora.errors import QuailoraInputError
+from quailora.qalora.layer import GroupwiseLinear
 from quailora.quantizers import get_quantizer
 from quailora.quantizers.base import Quantizer
 
@@ -123,6 +124,23 @@ register_base_layer(
         dequantize=lambda layer: dequantize_bnb_weight(layer.weight, state=layer.state).to(torch.float32),
         quantizer=lambda layer: get_quantizer("int8"),
         requantize=_linear8bit_requantize,
+    ),
+)
+
+
+def _groupwise_requantize(layer: GroupwiseLinear, weight: torch.Tensor) -> None:
+    q = get_quantizer("int", bits=layer.bits, group_size=layer.group_size).quantize(weight)
+    layer.qweight.copy_(q.codes)
+    layer.scale_values().copy_(q.scales)
+    layer.zero_values().copy_(q.zeros)
+
+
+register_base_layer(
+    GroupwiseLinear,
+    BaseLayerKind(
+        dequantize=lambda layer: layer.dequantize(),
+        quantizer=lambda layer: get_quantizer("int", bits=layer.bits, group_size=layer.group_size),
+        requantize=_groupwise_requantize,
     ),
 )
 

@@ -136,6 +136,9 @@ def compute_adapters(
         kind = base_layer_kind(base, name)
         quantized = kind.dequantize(base)
         weight = weights.get(f"{checkpoint_name(name)}.weight").to(quantized.device)
+        layer_options = dict(options)
+        if hasattr(module, "qalora_group_size"):  # QA-LoRA: A acts on pooled inputs, the layer knows the pool
+            layer_options.setdefault("group_size", module.qalora_group_size[adapter_name])
         result = initialize(
             weight,
             quantized,
@@ -145,7 +148,7 @@ def compute_adapters(
             scaling=module.scaling[adapter_name],
             name=name,
             quantizer=quantizer or kind.quantizer(base),
-            **options,
+            **layer_options,
         )
         updates[name] = LayerUpdate(result.lora_A, result.lora_B, result.base_weight, result.history)
     return updates

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from quailora.base_layers import base_layer_kind, exact_cpu_4bit
 from quailora.checkpoint import SafetensorsWeights
 from quailora.errors import QuailoraInputError
+from quailora.linalg import calibrated_error
 from quailora.peft_init import (
     checkpoint_name,
     compute_adapters,
@@ -166,3 +167,33 @@ def test_layer_index():
     assert layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12
     assert layer_index("transformer.h.3.mlp.dense_4h_to_h") == 3
     assert layer_index("lm_head") is None
+
+
+@pytest.mark.parametrize(("method", "qalora_group"), [("quailora", None), ("qalora_closed_form", 16)])
+def test_groupwise_base_layers(checkpoint, method, qalora_group):
+    from quailora.qalora.adapter import groupwise_lora_config
+    from quailora.qalora.layer import quantize_model_groupwise
+    from quailora.qalora.pooling import expand
+
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    quantize_model_groupwise(model, bits=3, group_size=16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, groupwise_lora_config(4, 8, targets, qalora_group))
+    grams = FullModelGrams(checkpoint, tokens)
+    initialize_peft_model(model, method, SafetensorsWeights(checkpoint), grams)
+    weights = SafetensorsWeights(checkpoint)
+    for name in lora_layer_names(model):
+        module = dict(model.named_modules())[name]
+        q = module.get_base_layer().dequantize()
+        a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+        update = s * b @ a if qalora_group is None else expand(s * b @ a, qalora_group)
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.allclose(module(x), x @ (q + update).T, atol=1e-4), name
+        # Calibrated methods lower the output error on the calibration inputs.
+        error = weights.get(f"{checkpoint_name(name)}.weight") - q
+        gram = grams.get(checkpoint_name(name))
+        assert calibrated_error(error, update.detach(), gram) < 0.9 * calibrated_error(
+            error, 0 * error, gram
+        ), name

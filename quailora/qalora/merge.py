@@ -1,0 +1,109 @@
+"""Fold a trained QA-LoRA adapter into the zero points, so the merged model is still INT-k.
+
+The update s·B·A·P is constant over each pooling group, hence over each quantization group inside it:
+for row i and quantization group g it adds the same δ = (s·B·A·P)[i, j ∈ g] to every weight. Since
+α(c − z) + δ = α(c − (z − δ/α)), the merge is z' = z − δ/α with codes and scales unchanged. Zeros are
+float32 (see quailora.quantizers.groupwise), so z' is kept exactly instead of being rounded to an integer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import transformers
+from peft import PeftModel
+from peft.tuners.lora.variants import QALoraLinearVariant
+from torch import nn
+
+from quailora.errors import QuailoraInputError
+from quailora.qalora.adapter import GroupwiseLoraLinear
+from quailora.qalora.layer import GroupwiseLinear
+from quailora.qalora.pooling import pooling_factor
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "quailora_groupwise.json"
+
+
+def zero_point_shift(layer: GroupwiseLoraLinear, adapter: str, name: str = "layer") -> torch.Tensor:
+    """δ/α per (row, quantization group) for one QA-LoRA adapter of one layer."""
+    base: GroupwiseLinear = layer.get_base_layer()
+    if not isinstance(layer.lora_variant.get(adapter), QALoraLinearVariant):
+        raise QuailoraInputError(
+            f"layer {name}: adapter {adapter!r} is plain LoRA; its update is not constant per group, "
+            "so it cannot be folded into zero points (train it with use_qalora=True)"
+        )
+    if layer.lora_bias[adapter]:
+        raise QuailoraInputError(
+            f"layer {name}: adapter {adapter!r} has lora_bias=True, which zeros cannot hold"
+        )
+    pool_size = layer.qalora_group_size[adapter]
+    y = layer.scaling[adapter] * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)
+    # δ per pooling group, repeated for the quantization groups inside it (pool_size is a multiple).
+    delta = (y.float() * pooling_factor(base.in_features, pool_size)).repeat_interleave(
+        pool_size // base.group_size, dim=1
+    )
+    return delta / base.scale_values().float()
+
+
+@torch.no_grad()
+def merge_qalora(model: PeftModel) -> nn.Module:
+    """Fold every active QA-LoRA adapter into its GroupwiseLinear's zeros; return the unwrapped base model."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GroupwiseLoraLinear)]
+    if not layers:
+        raise QuailoraInputError("merge_qalora: the model has no GroupwiseLoraLinear layer to merge")
+    # All shifts are computed (and checked) before any zero point changes.
+    shifts = [
+        (layer, zero_point_shift(layer, a, name)) for name, layer in layers for a in layer.active_adapters
+    ]
+    for layer, shift in shifts:
+        layer.get_base_layer().zero_values().sub_(shift)
+    return model.unload()
+
+
+def save_merged(model: transformers.PreTrainedModel, out_dir: str | Path) -> Path:
+    """Write config.json, the GroupwiseLinear manifest and one safetensors file (packed codes, scales, zeros)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = {
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, GroupwiseLinear)
+    }
+    if not layers:
+        raise QuailoraInputError(
+            "save_merged: the model has no GroupwiseLinear layer (is it merged and unloaded?)"
+        )
+    model.config.save_pretrained(out)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (out / MANIFEST_FILE).write_text(
+        json.dumps({"architecture": type(model).__name__, "dtype": dtype, "layers": layers}, indent=1)
+    )
+    # save_model (not save_file) drops tied duplicates such as lm_head = embed_tokens.
+    safetensors.torch.save_model(model, str(out / WEIGHTS_FILE))
+    return out
+
+
+def load_merged(model_dir: str | Path) -> transformers.PreTrainedModel:
+    """Rebuild the architecture from config.json, put GroupwiseLinear shells in place, load the tensors."""
+    src = Path(model_dir)
+    for required in ("config.json", MANIFEST_FILE, WEIGHTS_FILE):
+        if not (src / required).is_file():
+            raise QuailoraInputError(f"load_merged: {src} has no {required} (not written by save_merged)")
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(src)
+    model = getattr(transformers, manifest["architecture"])(config).to(getattr(torch, manifest["dtype"]))
+    for name, spec in manifest["layers"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GroupwiseLinear(**spec))
+    safetensors.torch.load_model(model, str(src / WEIGHTS_FILE), strict=True)
+    return model.eval()
