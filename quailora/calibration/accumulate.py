@@ -1,0 +1,62 @@
+"""Sum XᵀX over the calibration tokens for every distinct input of a decoder layer's nn.Linear modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class GramAccumulator:
+    """Forward pre-hooks on a layer's nn.Linear modules.
+
+    Modules that read the very same tensor in one forward (q/k/v, gate/up) share one sum, keyed by
+    the first of them to run. Each input is kept referenced until ``end_batch`` so that ``is``
+    comparisons cannot be fooled by a freed tensor's memory being reused.
+    """
+
+    def __init__(self, layer: nn.Module, prefix: str, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.group_of: dict[str, str] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(f"{prefix}.{name}"), with_kwargs=True)
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["input"]
+            key = next((k for seen, k in self._seen if seen is x), None)
+            if key is None:
+                key = name
+                self._seen.append((x, key))
+                self._add(key, x)
+            if self.group_of.setdefault(name, key) != key:
+                raise RuntimeError(f"{name} shares its input with {key} in one batch, not in another")
+
+        return hook
+
+    def _add(self, key: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=self.dtype)
+            self.rows[key] = 0
+        self.sums[key].addmm_(flat.T, flat)
+        self.rows[key] += flat.shape[0]
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        """H = XᵀX / N per shared input, float32. Divides the sums in place (no second copy), so call it once."""
+        return {key: total.div_(self.rows[key]).to(torch.float32) for key, total in self.sums.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()

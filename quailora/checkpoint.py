@@ -1,0 +1,89 @@
+"""Lazy, one-tensor-at-a-time reads from a (sharded) safetensors checkpoint.
+
+Calibration materializes one decoder layer at a time, so nothing here may load a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quailora.errors import QuailoraInputError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsWeights:
+    """Tensor name -> shard file map of a checkpoint directory; tensors are read on demand as float32."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self._file_of = self._read_weight_map()
+
+    def _read_weight_map(self) -> dict[str, Path]:
+        index = self.checkpoint_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise QuailoraInputError(
+                    f"checkpoint index {index} is not a safetensors index: {err}"
+                ) from None
+            file_of = {name: self.checkpoint_dir / shard for name, shard in weight_map.items()}
+            missing = sorted({str(path) for path in file_of.values() if not path.is_file()})
+            if missing:
+                raise QuailoraInputError(f"checkpoint index {str(index)!r} names missing shard(s) {missing}")
+            return file_of
+        single = self.checkpoint_dir / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return dict.fromkeys(f.keys(), single)
+        raise QuailoraInputError(
+            f"checkpoint_dir {str(self.checkpoint_dir)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}"
+        )
+
+    def keys(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._file_of[name]
+        except KeyError:
+            raise QuailoraInputError(
+                f"tensor {name!r} is not in checkpoint {str(self.checkpoint_dir)!r}"
+            ) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading its data."""
+        with safe_open(self._file(name), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as a float32 copy: safetensors hands out views of the memory-mapped file."""
+        with safe_open(self._file(name), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32, copy=True)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (a module path), keyed relative to it, as ``load_state_dict`` wants.
+
+        Read one by one through ``get``, so the file's mapped pages are released after each tensor and
+        the peak stays at one copy of the module plus one tensor.
+        """
+        prefix = prefix.rstrip(".") + "."
+        names = [name for name in self._file_of if name.startswith(prefix)]
+        if not names:
+            raise QuailoraInputError(
+                f"no tensor under {prefix[:-1]!r} in checkpoint {str(self.checkpoint_dir)!r}"
+            )
+        return {name[len(prefix) :]: self.get(name) for name in names}
