@@ -79,6 +79,9 @@ class TrainSpec(_Strict):
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     checkpoint_every: int = Field(25, ge=0)  # 0: never
+    max_failures: int = Field(
+        1, ge=0
+    )  # Ray Train restarts after a worker failure; each resumes from the last checkpoint
 
 
 class EvalSpec(_Strict):
