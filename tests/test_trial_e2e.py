@@ -1,0 +1,145 @@
+"""One real trial: 2 Ray Train workers, DeepSpeed ZeRO-2, bnb NF4 micro model, logged to a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from quailora.base_layers import exact_cpu_4bit
+from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.run import run_trial
+from trials.tracking import TRIAL_KEY_TAG, flat_params, trial_key
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "e2e"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on loopback with its own SQLite store and proxied artifacts."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("mlflow server did not come up") from None
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory, mlflow_server):
+    root = tmp_path_factory.mktemp("trial")
+    checkpoint = make_trial_checkpoint(root / "ckpt")
+    config = micro_trial_config(checkpoint, make_texts(root), train={"eval_every": 2})
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        began = time.perf_counter()
+        metrics = run_trial(
+            config, tracking_uri=mlflow_server, experiment_name=EXPERIMENT, storage_path=str(root / "ray")
+        )
+        seconds = time.perf_counter() - began
+        client = MlflowClient(mlflow_server)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([experiment.experiment_id])
+        yield {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
+               "root": root, "checkpoint": checkpoint, "uri": mlflow_server}  # fmt: skip
+    finally:
+        ray.shutdown()
+
+
+def test_two_worker_trial_finishes_quickly_with_every_metric(trial):
+    assert trial["seconds"] < 120
+    metrics = trial["metrics"]
+    for name in ("val_ppl_init", "val_ppl_final", "calib_seconds", "init_seconds", "train_seconds",
+                 "tokens_per_second", "peak_memory_mb", "model_size_mb"):  # fmt: skip
+        assert name in metrics and metrics[name] == metrics[name], name
+    assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
+    assert metrics["tokens_per_second"] > 0 and metrics["model_size_mb"] > 0
+
+
+def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
+    client, config = trial["client"], trial["config"]
+    assert len(trial["runs"]) == 1
+    run = trial["runs"][0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params == flat_params(config)
+    tags = run.data.tags
+    assert (tags["family"], tags["bits"], tags["method"], tags["rank"]) == ("llama", "4", "svd", "4")
+    assert tags["size"] and tags[TRIAL_KEY_TAG] == trial_key(config)
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")) == [2, 4]
+    assert run.data.metrics["val_ppl_final"] == pytest.approx(trial["metrics"]["val_ppl_final"])
+    adapter = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter
+    ds = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "deepspeed_config.json", str(trial["root"]))
+        ).read_text()
+    )
+    assert ds["zero_optimization_stage"] == 2 and ds["world_size"] == 2 and ds["train_batch_size"] == 2 * 2
+
+
+def test_logged_adapter_reloads_through_plain_peft_with_the_same_logits(trial):
+    client, run = trial["client"], trial["runs"][0]
+    local = Path(client.download_artifacts(run.info.run_id, "", str(trial["root"] / "download")))
+    probe = load_file(local / "probe" / "logits.safetensors")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(
+        trial["checkpoint"], quantization_config=quantization, device_map="cpu"
+    )
+    model = PeftModel.from_pretrained(base, local / "adapter").eval()
+    exact_cpu_4bit(model)  # the trial evaluated with bnb's exact fp32 CPU path; use the same here
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+        without_adapter = model.get_base_model()
+        with model.disable_adapter():
+            base_logits = without_adapter(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    assert (base_logits - probe["logits"]).abs().max() > 1e-3  # the adapter changes the output
+
+
+def test_same_trial_again_reuses_its_finished_run(trial):
+    config, client = trial["config"], trial["client"]
+    again = run_trial(
+        config, tracking_uri=trial["uri"], experiment_name=EXPERIMENT, storage_path=str(trial["root"] / "ray")
+    )
+    assert again == pytest.approx(trial["metrics"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert len(client.search_runs([experiment.experiment_id])) == 1

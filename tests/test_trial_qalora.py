@@ -1,0 +1,83 @@
+"""QA-LoRA selected from a trial config: group-wise INT-4 base, pooled adapter, calibrated init, ZeRO-3,
+lm-eval on the in-memory model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from quailora.qalora.adapter import load_groupwise_adapter
+from quailora.qalora.layer import quantize_model_groupwise
+from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.run import run_trial
+from trials.tracking import default_tracking_uri
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qalora")
+    checkpoint = make_trial_checkpoint(root / "ckpt")
+    config = micro_trial_config(
+        checkpoint,
+        make_texts(root),
+        quant={"method": "int", "bits": 4, "group_size": 16},
+        init={"method": "qalora_closed_form"},
+        train={"zero_stage": 3},
+        eval={"lm_eval_tasks": ["reference:cloze"], "lm_eval_limit": 8},  # ZeRO-3: every rank runs it
+    )
+    uri = default_tracking_uri(root)
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        metrics = run_trial(
+            config, tracking_uri=uri, experiment_name="qalora", storage_path=str(root / "ray")
+        )
+    finally:
+        ray.shutdown()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("qalora").experiment_id])
+    return {"metrics": metrics, "client": client, "run": run, "root": root, "checkpoint": checkpoint}
+
+
+def test_qalora_trial_reports_quality_and_a_smaller_base(trial):
+    metrics, run = trial["metrics"], trial["run"]
+    assert run.info.status == "FINISHED"
+    assert (run.data.tags["quantizer"], run.data.tags["bits"], run.data.tags["method"]) == (
+        "int", "4", "qalora_closed_form",
+    )  # fmt: skip
+    assert 1 < metrics["val_ppl_init"] < 2 * 320 and 1 < metrics["val_ppl_final"] < 2 * 320
+    assert metrics["calib_seconds"] > 0 and metrics["tokens_per_second"] > 0
+    assert 0 <= metrics["lmeval_quailora_cloze_acc"] <= 1
+    assert run.data.metrics["lmeval_quailora_cloze_acc"] == metrics["lmeval_quailora_cloze_acc"]
+    full_precision = sum(f.stat().st_size for f in trial["checkpoint"].glob("*.safetensors"))
+    # codes (4 bits) + float16 scales and float32 zeros per group of 16: well under half of fp32
+    assert 0 < metrics["model_size_mb"] * 2**20 < 0.5 * full_precision
+    ds = json.loads(
+        Path(
+            trial["client"].download_artifacts(run.info.run_id, "deepspeed_config.json", str(trial["root"]))
+        ).read_text()
+    )
+    assert ds["zero_optimization_stage"] == 3 and ds["world_size"] == 2
+
+
+def test_qalora_adapter_reloads_on_a_fresh_groupwise_base_with_the_same_logits(trial):
+    local = Path(trial["client"].download_artifacts(trial["run"].info.run_id, "", str(trial["root"] / "dl")))
+    probe = load_file(local / "probe" / "logits.safetensors")
+    config = json.loads((local / "adapter" / "adapter_config.json").read_text())
+    assert config["use_qalora"] and config["qalora_group_size"] == 16
+    base = quantize_model_groupwise(AutoModelForCausalLM.from_pretrained(trial["checkpoint"]), 4, 16)
+    model = load_groupwise_adapter(base, local / "adapter").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    assert (base_logits - probe["logits"]).abs().max() > 1e-3

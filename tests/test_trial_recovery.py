@@ -1,0 +1,94 @@
+"""A trial that dies after a checkpoint resumes from it; a non-finite loss stops a trial with its reason.
+
+Both log to the embedded default store (local SQLite + local artifacts), the setting `quailora trial` uses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.run import TrialStoppedError, run_trial
+from trials.tracking import FAILURE_TAG, default_tracking_uri
+
+pytestmark = pytest.mark.slow
+
+
+class DieAfterFirstCheckpoint(UserCallback):
+    """Takes the trial down (as a killed driver would) once the first checkpoint is persisted."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is not None:
+            raise RuntimeError("simulated crash after a checkpoint")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recovery")
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        yield root, make_trial_checkpoint(root / "ckpt"), make_texts(root)
+    finally:
+        ray.shutdown()
+
+
+def _only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, "a retried trial must reuse its MLflow run"
+    return runs[0]
+
+
+def test_killed_trial_resumes_from_its_last_checkpoint(setup):
+    root, checkpoint, texts = setup
+    # A calibrated plain-LoRA method on the group-wise INT-3 base: the Grams are collected once and reused.
+    config = micro_trial_config(
+        checkpoint,
+        texts,
+        quant={"method": "int", "bits": 3, "group_size": 32},
+        init={"method": "quailora", "options": {"iterations": 2}},
+        train={"max_steps": 4, "checkpoint_every": 2},
+    )
+    uri, storage = default_tracking_uri(root), str(root / "ray")
+    with pytest.raises(Exception, match="simulated crash"):
+        run_trial(config, tracking_uri=uri, experiment_name="recovery", storage_path=storage,
+                  callbacks=[DieAfterFirstCheckpoint()])  # fmt: skip
+    client = MlflowClient(uri)
+    crashed = _only_run(client, "recovery")
+    assert crashed.info.status == "FAILED" and "simulated crash" in crashed.data.tags[FAILURE_TAG]
+    assert {m.step for m in client.get_metric_history(crashed.info.run_id, "train_loss")} >= {1, 2}
+
+    metrics = run_trial(config, tracking_uri=uri, experiment_name="recovery", storage_path=storage)
+    run = _only_run(client, "recovery")
+    assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags
+    assert run.data.metrics["resumed_from_step"] == 2
+    # (The crashed attempt's workers may log a step or two past the checkpoint before they are stopped.)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps.count(1) == steps.count(2) == 1, "steps before the checkpoint were trained again"
+    assert steps[-2:] == [3, 4]
+    assert 1 < metrics["val_ppl_final"] < 2 * 320 and metrics["model_size_mb"] > 0
+    assert len(list((root / "ray").rglob("grams.index.json"))) == 1
+
+
+def test_non_finite_loss_stops_the_trial_with_the_reason_on_its_run(setup):
+    root, checkpoint, texts = setup
+    # Adam moves every weight by ~lr on the first step: lr=1e30 makes B·A overflow and the next loss NaN.
+    config = micro_trial_config(
+        checkpoint,
+        texts,
+        name="diverges",
+        init={"method": "gaussian"},
+        train={"max_steps": 6, "learning_rate": 1e30, "checkpoint_every": 0},
+        resources={"num_workers": 1},
+    )
+    uri = default_tracking_uri(root / "nonfinite")
+    with pytest.raises(TrialStoppedError, match="non-finite loss"):
+        run_trial(config, tracking_uri=uri, experiment_name="nonfinite", storage_path=str(root / "ray"))
+    client = MlflowClient(uri)
+    run = _only_run(client, "nonfinite")
+    assert run.info.status == "FAILED"
+    assert run.data.tags[FAILURE_TAG].startswith("non-finite loss: train_loss=nan at step ")
+    assert run.data.metrics["stopped_nonfinite_loss"] == 1
+    assert "val_ppl_final" not in run.data.metrics

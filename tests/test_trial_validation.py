@@ -1,0 +1,116 @@
+"""Bad trial input fails with a clear error naming field and value, before Ray, MLflow or any weights."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from pydantic import BaseModel, ValidationError
+
+from quailora.errors import QuailoraInputError
+from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.commands import load_trial_config
+from trials.config import TrainSpec
+from trials.deepspeed_config import deepspeed_config
+from trials.run import run_trial
+from trials.tracking import default_tracking_uri, flat_params
+from trials.validation import validate_trial
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation")
+    return make_trial_checkpoint(root / "ckpt"), make_texts(root)
+
+
+def test_good_config_lists_every_linear_layer_but_the_head(setup):
+    plan = validate_trial(micro_trial_config(*setup))
+    assert plan.model_type == "llama"
+    assert len(plan.target_names) == 2 * 7  # q k v o gate up down per decoder layer
+    assert not any("lm_head" in n for n in plan.target_names)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"model": {"path": "/does/not/exist"}}, "model.path='/does/not/exist'"),
+        ({"lora": {"rank": 65}}, "lora.rank=65 exceeds layer"),
+        ({"lora": {"target_modules": ["q_proj", "wq"]}}, "'wq' matches no linear module"),
+        ({"init": {"method": "magic"}}, "unknown initialization method 'magic'"),
+        ({"init": {"method": "svd", "options": {"bogus": 1}}}, "init.options ['bogus']"),
+        ({"init": {"method": "qalora_zero"}}, "needs quant.method='int'"),
+        ({"quant": {"method": "nf4", "bits": 4, "blocksize": 128}}, "quant.blocksize=128"),
+        ({"quant": {"method": "int", "bits": 4, "group_size": 48}}, "not divisible by quant.group_size=48"),
+        (
+            {"quant": {"method": "int", "bits": 4, "group_size": 32}, "init": {"method": "qalora_zero"}},
+            "lora.rank=4 exceeds min(out_features, in_features / quant.group_size)=2",
+        ),
+        ({"data": {"train": "/no/such/train.txt"}}, "data.train='/no/such/train.txt'"),
+        ({"data": {"seq_len": 512}}, "data.seq_len=512 exceeds"),
+        (
+            {"init": {"method": "quailora"}, "calibration": {"seq_len": 512}},
+            "calibration.seq_len=512 exceeds",
+        ),
+    ],
+)
+def test_bad_input_is_named(setup, overrides, needle):
+    with pytest.raises(QuailoraInputError) as err:
+        validate_trial(micro_trial_config(*setup, **overrides))
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(("method", "bits"), [("nf4", 3), ("int8", 4), ("int", 5)])
+def test_bit_width_the_quantizer_cannot_do(setup, method, bits):
+    with pytest.raises(
+        ValidationError, match=f"quant.bits={bits} is not possible with quant.method='{method}'"
+    ):
+        micro_trial_config(*setup, quant={"method": method, "bits": bits})
+
+
+def test_calibration_settings_matter_only_to_calibrated_methods(setup):
+    validate_trial(micro_trial_config(*setup, init={"method": "svd"}, calibration={"seq_len": 512}))
+
+
+def test_run_trial_rejects_before_any_compute(setup, tmp_path):
+    config = micro_trial_config(*setup, lora={"rank": 1000})
+    with pytest.raises(QuailoraInputError, match="lora.rank=1000"):
+        run_trial(
+            config,
+            tracking_uri=default_tracking_uri(tmp_path),
+            experiment_name="x",
+            storage_path=str(tmp_path),
+        )
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not ray.is_initialized()
+
+
+def test_yaml_schema_errors_name_the_field(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: {path: x}\ntrain: {zero_stage: 4, max_stepz: 3}\n")
+    with pytest.raises(QuailoraInputError) as err:
+        load_trial_config(path)
+    assert "train.zero_stage" in str(err.value) and "train.max_stepz" in str(err.value)
+
+
+def test_example_config_is_valid():
+    config = load_trial_config("configs/trial_micro.yaml")
+    assert config.resources.num_workers == 2 and config.train.zero_stage in (2, 3)
+
+
+def test_every_config_field_is_a_param(setup):
+    config = micro_trial_config(*setup, init={"method": "quailora", "options": {"iterations": 3}})
+    params = flat_params(config)
+    assert params["train.zero_stage"] == "2" and params["lora.rank"] == "4"
+    assert params["init.options"] == '{"iterations": 3}'
+    expected = {
+        f"{name}.{sub}" if isinstance(value, BaseModel) else name
+        for name, value in config
+        for sub in (type(value).model_fields if isinstance(value, BaseModel) else [None])
+    }
+    assert set(params) == expected  # every field once; init.options and tags as one JSON param each
+
+
+def test_deepspeed_config_follows_the_trial():
+    ds = deepspeed_config(TrainSpec(batch_size=3, grad_accum=4, zero_stage=3), world_size=2, bf16=False)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False

@@ -1,0 +1,64 @@
+"""How a trial puts its adapter on the quantized model, one builder per method family.
+
+Plain LoRA (every method but QA-LoRA's) goes through peft's LoraConfig; QA-LoRA methods (``qalora_*``)
+use the pooled adapter of ``quailora.qalora``. Adding a family means registering one builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from quailora.errors import QuailoraInputError
+from quailora.qalora.adapter import apply_qalora, register_groupwise
+from quailora.registry import Registry
+from trials.config import TrialConfig
+
+AdapterBuilder = Callable[[nn.Module, TrialConfig, list[str]], PeftModel]
+ADAPTER_BUILDERS: Registry[AdapterBuilder] = Registry("adapter family")
+
+
+def adapter_family(method: str) -> str:
+    return "qalora" if method.startswith("qalora_") else "lora"
+
+
+@ADAPTER_BUILDERS.register("lora")
+def build_lora(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
+    lora = LoraConfig(
+        r=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        use_rslora=config.lora.use_rslora,
+        target_modules=targets,
+    )
+    # Registering the group-wise INT-k layer is harmless on bnb models and lets LoRA sit on INT-k bases.
+    return get_peft_model(model, register_groupwise(lora))
+
+
+@ADAPTER_BUILDERS.register("qalora")
+def build_qalora(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
+    return apply_qalora(
+        model,
+        config.lora.rank,
+        config.lora.alpha,
+        config.quant.group_size,
+        targets,
+        lora_dropout=config.lora.dropout,
+        use_rslora=config.lora.use_rslora,
+    )
+
+
+def check_adapter_family(config: TrialConfig) -> None:
+    """QA-LoRA folds into group-wise zero points, so it needs the group-wise INT-k quantizer."""
+    if adapter_family(config.init.method) == "qalora" and config.quant.method != "int":
+        raise QuailoraInputError(
+            f"init.method={config.init.method!r} needs quant.method='int' (group-wise INT-k), got {config.quant.method!r}"
+        )
+
+
+def build_adapter(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
+    return ADAPTER_BUILDERS.get(adapter_family(config.init.method), where="init.method")(
+        model, config, targets
+    )

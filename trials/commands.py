@@ -1,0 +1,96 @@
+"""``quailora trial CONFIG.yaml``: one trial without the orchestrator, for debugging a config or a method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from quailora.errors import QuailoraInputError
+from trials.config import TrialConfig
+
+DEFAULT_ROOT = Path("runs") / "trials"
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """A TrialConfig from YAML; schema errors become one QuailoraInputError naming each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuailoraInputError(f"trial config {str(path)!r}: file not found")
+    try:
+        return TrialConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as err:
+        raise QuailoraInputError(f"{path}: malformed YAML: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
+        raise QuailoraInputError(f"{path}: {problems}") from None
+
+
+def run_trial_command(args: argparse.Namespace) -> int:
+    import ray
+
+    from trials.run import TrialStoppedError, run_trial
+    from trials.tracking import default_tracking_uri
+
+    config = load_trial_config(args.config)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        # A private local instance unless told otherwise: a plain ray.init() would join any cluster
+        # another process on this machine happens to have started.
+        if args.ray_address:
+            ray.init(address=args.ray_address)
+        else:
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        metrics = run_trial(
+            config,
+            tracking_uri=args.tracking_uri or default_tracking_uri(root),
+            experiment_name=args.experiment,
+            storage_path=args.storage_path or str(root / "ray"),
+        )
+    except TrialStoppedError as err:
+        print(f"quailora trial: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "trial", help="run one trial from a TrialConfig YAML, without the orchestrator"
+    )
+    parser.add_argument("config", help="TrialConfig YAML (see configs/trial_micro.yaml)")
+    parser.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="where the default MLflow store and Ray storage go"
+    )
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: SQLite under --root)")
+    parser.add_argument("--storage-path", default=None, help="Ray Train storage (default: <root>/ray)")
+    parser.add_argument("--experiment", default="quailora-trials", help="MLflow experiment name")
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster ('auto', host:port) instead of a local one"
+    )
+    parser.set_defaults(func=run_trial_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m trials.commands CONFIG.yaml``) for when the orchestrator is not installed."""
+    parser = argparse.ArgumentParser(prog="quailora")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["trial", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except QuailoraInputError as err:
+        print(f"quailora trial: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

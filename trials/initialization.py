@@ -1,0 +1,69 @@
+"""The trial's adapter initialization, shared out across its workers.
+
+Rank 0 collects the calibration Grams into the trial's directory (once; a restart reuses them), every
+worker solves the LoRA layers of its share of decoder layers, and the small results are all-gathered so
+every worker applies the same adapters. With several nodes the Gram directory must be shared storage,
+as Ray Train's checkpoint storage already is.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from quailora.calibration import GramStore, collect_grams, partition_layers
+from quailora.calibration.store import INDEX as GRAM_INDEX
+from quailora.checkpoint import SafetensorsWeights
+from quailora.initializers import needs_gram
+from quailora.peft_init import apply_adapters, compute_adapters, layer_index, lora_layer_names
+from trials.config import TrialConfig
+from trials.quantized_model import quantizer_for
+
+
+def _collect_or_reuse(config: TrialConfig, checkpoint: Path, calib_ids: torch.Tensor, gram_dir: Path) -> None:
+    if (gram_dir / GRAM_INDEX).is_file():
+        return
+    quantizer = quantizer_for(config.quant) if config.calibration.propagate == "quantized" else None
+    collect_grams(
+        checkpoint, calib_ids, gram_dir, propagate=config.calibration.propagate, quantizer=quantizer
+    )
+
+
+def my_layers(names: list[str], rank: int, world_size: int) -> list[str]:
+    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0."""
+    indices = sorted({i for i in map(layer_index, names) if i is not None})
+    mine = set(partition_layers(indices, world_size)[rank])
+    return [n for n in names if (layer_index(n) in mine) or (layer_index(n) is None and rank == 0)]
+
+
+def initialize_distributed(
+    model: nn.Module,
+    config: TrialConfig,
+    checkpoint: Path,
+    calib_ids: torch.Tensor | None,
+    gram_dir: Path,
+) -> dict[str, float]:
+    """Initialize every LoRA layer of ``model`` in place on all workers; returns calib/init seconds."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    start = time.perf_counter()
+    grams = None
+    if needs_gram(config.init.method):
+        if rank == 0:
+            _collect_or_reuse(config, checkpoint, calib_ids, gram_dir)
+        dist.barrier()
+        grams = GramStore(gram_dir)
+    calib_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    names = my_layers(lora_layer_names(model), rank, world_size)
+    updates = compute_adapters(
+        model, config.init.method, SafetensorsWeights(checkpoint), grams, names=names, **config.init.options
+    )
+    shares: list[dict] = [{} for _ in range(world_size)]
+    dist.all_gather_object(shares, updates)
+    apply_adapters(model, {name: update for share in shares for name, update in share.items()})
+    return {"calib_seconds": calib_seconds, "init_seconds": time.perf_counter() - start}

@@ -1,0 +1,122 @@
+"""Load a checkpoint quantized the way a trial asks: one backend per quantizer name, found in QUANT_BACKENDS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from quailora.errors import QuailoraInputError
+from quailora.qalora.layer import quantize_model_groupwise
+from quailora.quantizers import get_quantizer
+from quailora.quantizers.base import Quantizer
+from quailora.registry import Registry
+from trials.config import QuantSpec, TrialConfig
+
+# transformers 5 builds bnb 4-bit layers with bitsandbytes' default block size; it cannot be chosen.
+BNB_4BIT_BLOCKSIZE = 64
+
+
+@dataclass(frozen=True)
+class QuantBackend:
+    load: Callable[[Path, TrialConfig, torch.dtype, torch.device], nn.Module]
+    quantizer_options: Callable[[QuantSpec], dict]
+    check: Callable[[QuantSpec], None] = lambda spec: None
+
+
+QUANT_BACKENDS: Registry[QuantBackend] = Registry("quantizer")
+
+
+def _device_map(device: torch.device) -> dict[str, str]:
+    return {"": str(device)}
+
+
+def _check_bnb_4bit(spec: QuantSpec) -> None:
+    if spec.blocksize != BNB_4BIT_BLOCKSIZE:
+        raise QuailoraInputError(
+            f"quant.blocksize={spec.blocksize}: transformers' bitsandbytes 4-bit loading only uses {BNB_4BIT_BLOCKSIZE}"
+        )
+
+
+def _load_bnb_4bit(
+    checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant.method,
+        bnb_4bit_use_double_quant=config.quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # ZeRO-3 partitions every parameter: transformers' DeepSpeed guide says to store the packed 4-bit
+        # weights in the model's float dtype so they can be sharded and gathered like the others.
+        bnb_4bit_quant_storage=dtype if config.train.zero_stage == 3 else torch.uint8,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
+    )
+
+
+def _load_bnb_8bit(
+    checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        dtype=dtype,
+        device_map=_device_map(device),
+    )
+
+
+def _load_groupwise(
+    checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    # Every linear layer but the head, whatever LoRA targets: the same coverage as bitsandbytes loading.
+    return quantize_model_groupwise(model, config.quant.bits, config.quant.group_size).to(device)
+
+
+def _bnb_4bit_options(spec: QuantSpec) -> dict:
+    return {"bits": spec.bits, "blocksize": spec.blocksize, "double_quant": spec.double_quant}
+
+
+for _name in ("nf4", "fp4"):
+    QUANT_BACKENDS.register(_name)(QuantBackend(_load_bnb_4bit, _bnb_4bit_options, _check_bnb_4bit))
+QUANT_BACKENDS.register("int8")(QuantBackend(_load_bnb_8bit, lambda spec: {"bits": spec.bits}))
+QUANT_BACKENDS.register("int")(
+    QuantBackend(_load_groupwise, lambda spec: {"bits": spec.bits, "group_size": spec.group_size})
+)
+
+
+def check_quantization(spec: QuantSpec) -> None:
+    """Every quantizer setting the backend cannot honour, as a clear error before loading anything."""
+    backend = QUANT_BACKENDS.get(spec.method, where="quant.method")
+    backend.check(spec)
+    quantizer_for(spec)  # the quantizer's own checks (bits, block and group sizes)
+
+
+def quantizer_for(spec: QuantSpec) -> Quantizer:
+    """The fake-quantizer matching the loaded layers (for calibration with quantized propagation)."""
+    return get_quantizer(spec.method, **QUANT_BACKENDS.get(spec.method).quantizer_options(spec))
+
+
+def serialized_size_mb(model: nn.Module) -> float:
+    """Size of the model's weights as saved: its state_dict carries bitsandbytes' absmax, quant maps and
+    SCB and the group-wise layers' codes, scales and zeros, which parameter counts alone miss."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:  # tied weights (embeddings and head) are stored once
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total / 2**20
+
+
+def load_quantized_model(
+    checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    return QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
+        checkpoint, config, dtype, device
+    )

@@ -1,0 +1,110 @@
+"""Everything about a trial that can be checked without compute, checked in the driver before Ray starts."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from quailora.errors import QuailoraInputError
+from quailora.initializers import INITIALIZERS, needs_gram
+from quailora.peft_init import validate_lora_targets
+from trials.adapters import adapter_family, check_adapter_family
+from trials.config import TrialConfig
+from trials.evaluation import lm_eval_tasks
+from trials.quantized_model import check_quantization
+from trials.sources import check_text_source, resolve_model_path
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What validation learned and the workers reuse: where the checkpoint is and which layers get LoRA."""
+
+    checkpoint: Path
+    target_names: list[str]
+    model_type: str
+    num_parameters: int
+
+
+def _check_init(config: TrialConfig) -> None:
+    initializer = INITIALIZERS.get(config.init.method, where="init.method")
+    accepted = {
+        p.name
+        for p in inspect.signature(initializer).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(config.init.options) - accepted)
+    if unknown:
+        raise QuailoraInputError(
+            f"init.options {unknown} are not options of method {config.init.method!r}; it accepts {sorted(accepted)}"
+        )
+
+
+def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
+    """The group-wise quantizer takes every linear layer but the head, so each must split into groups."""
+    if config.quant.method != "int":
+        return
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module is not head
+            and module.in_features % config.quant.group_size
+        ):
+            raise QuailoraInputError(
+                f"layer {name}: in_features={module.in_features} is not divisible by "
+                f"quant.group_size={config.quant.group_size}"
+            )
+
+
+def _check_pooled_rank(model: torch.nn.Module, names: list[str], config: TrialConfig) -> None:
+    """QA-LoRA's lora_A reads one pooled value per group, so its rank is bounded by in_features/group_size."""
+    if adapter_family(config.init.method) != "qalora":
+        return
+    modules = dict(model.named_modules())
+    for name in names:
+        limit = min(modules[name].out_features, modules[name].in_features // config.quant.group_size)
+        if config.lora.rank > limit:
+            raise QuailoraInputError(
+                f"layer {name}: lora.rank={config.lora.rank} exceeds min(out_features, in_features / "
+                f"quant.group_size)={limit} for QA-LoRA method {config.init.method!r}"
+            )
+
+
+def validate_trial(config: TrialConfig) -> TrialPlan:
+    """Raise QuailoraInputError naming the field and value for any bad input; no weights are read."""
+    _check_init(config)
+    check_quantization(config.quant)
+    check_adapter_family(config)
+    checkpoint = resolve_model_path(config.model.path)
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = AutoModelForCausalLM.from_config(model_config)
+    names = validate_lora_targets(model, config.lora.target_modules, config.lora.rank)
+    _check_group_size(model, config)
+    _check_pooled_rank(model, names, config)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    lengths = {"data.seq_len": config.data.seq_len}
+    if needs_gram(config.init.method):  # calibration only runs for calibrated methods
+        lengths["calibration.seq_len"] = config.calibration.seq_len
+    for field, seq_len in lengths.items():
+        if max_positions is not None and seq_len > max_positions:
+            raise QuailoraInputError(
+                f"{field}={seq_len} exceeds the model's max_position_embeddings={max_positions}"
+            )
+    try:
+        AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as err:  # any failure here means the checkpoint has no usable tokenizer
+        raise QuailoraInputError(
+            f"model.path={config.model.path!r}: no usable tokenizer in {checkpoint}: {err}"
+        ) from None
+    check_text_source(config.data.train, "data.train")
+    check_text_source(config.data.validation, "data.validation")
+    if needs_gram(config.init.method):
+        check_text_source(config.calibration.dataset, "calibration.dataset")
+    if config.eval.lm_eval_tasks:
+        lm_eval_tasks(config.eval.lm_eval_tasks)
+    return TrialPlan(checkpoint, names, model_config.model_type, sum(p.numel() for p in model.parameters()))
