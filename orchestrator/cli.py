@@ -1,0 +1,176 @@
+"""The `quailora` command: plan, run, resume, report, status and schema of sweeps (plus `models` and `trial`).
+
+Bad input (YAML, schema, addresses) prints one line naming the field or address and exits 2
+before any Ray cluster or MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from quailora.errors import QuailoraInputError
+
+EXIT_BAD_INPUT = 2
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load(path: str):
+    from orchestrator.sweep_config import load_sweep
+
+    try:
+        return load_sweep(path)
+    except ValidationError as exc:
+        from orchestrator.expand import describe_validation_error
+
+        raise QuailoraInputError(describe_validation_error(exc, path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QuailoraInputError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator.expand import expand
+    from orchestrator.plan import describe, plan_trials, refuse_misfits
+
+    matrix = expand(_load(args.config))
+    planned = plan_trials(matrix)
+    print(describe(matrix, planned))
+    refuse_misfits(matrix, planned)
+    return 0
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.runner import run
+
+    return run(_load(args.config), args.address)
+
+
+@command("resume")
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.runner import resume
+
+    return resume(args.experiment, args.storage, args.address)
+
+
+@command("report")
+def _report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.experiment import ExperimentState
+    from orchestrator.preflight import check_tracking_uri
+    from orchestrator.report import publish_report
+
+    state = ExperimentState.load(args.experiment, args.storage)
+    check_tracking_uri(state.tracking_uri)
+    if not state.parent_run_id:
+        raise QuailoraInputError(f"experiment {args.experiment!r} has not started (no MLflow parent run)")
+    print(publish_report(MlflowClient(state.tracking_uri), state))
+    return 0
+
+
+@command("status")
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import check_ray_address
+    from orchestrator.status import cluster_summary, experiments_table
+
+    check_ray_address(args.address)
+    storage = args.storage or str(Path("runs").resolve())
+    table = experiments_table(storage)
+    print(table.to_markdown(index=False) if not table.empty else f"no experiments under {storage}")
+    if args.address:
+        print(cluster_summary(args.address))
+    return 0
+
+
+@command("schema")
+def _schema(args: argparse.Namespace) -> int:
+    from orchestrator.sweep_config import SweepConfig
+
+    text = json.dumps(SweepConfig.model_json_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quailora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "plan", help="print the trial matrix, resources and memory estimates; refuse what cannot fit"
+    )
+    p.add_argument("config")
+    p = sub.add_parser("run", help="run a sweep on an embedded local Ray or an existing cluster")
+    p.add_argument("config")
+    p.add_argument(
+        "--address", help="existing Ray cluster (host:port or ray://host:port); default: start a local one"
+    )
+    for name, text in [
+        ("resume", "continue a sweep without rerunning finished trials"),
+        ("report", "tables, plots and HTML of a sweep"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("experiment", help="experiment name (under --storage) or its directory")
+        p.add_argument("--storage", help="storage path the sweep used (default ./runs)")
+        if name == "resume":
+            p.add_argument("--address")
+    p = sub.add_parser(
+        "status", help="experiments under the storage path, and the Ray cluster if --address is given"
+    )
+    p.add_argument("--storage")
+    p.add_argument("--address")
+    p = sub.add_parser("schema", help="export the sweep config JSON Schema")
+    p.add_argument("--output", "-o")
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:
+    """`models` and `trial` subcommands of the other packages, when installed."""
+    for module in ("reference.commands", "trials.commands"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "func", None)
+    try:
+        return handler(args) or 0
+    except QuailoraInputError as exc:
+        print(f"quailora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as exc:
+        from orchestrator.expand import describe_validation_error
+
+        print(f"quailora {args.command}: error: {describe_validation_error(exc, exc.title)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

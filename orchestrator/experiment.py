@@ -1,0 +1,82 @@
+"""The sweep's own record next to Tune's experiment: its config, tracking URI and MLflow parent run.
+
+`resume`, `report` and `status` find everything from this one file, so they need only the
+experiment name (or path). Written through pyarrow's filesystem so a shared URI works like a local dir.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.fs
+
+from orchestrator.sweep_config import SweepConfig
+from quailora.errors import QuailoraInputError
+
+STATE_FILE = "quailora_sweep.json"
+
+
+def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+
+
+@dataclass
+class ExperimentState:
+    name: str
+    storage_path: str
+    tracking_uri: str
+    sweep: dict
+    parent_run_id: str | None = None
+
+    @property
+    def path(self) -> str:
+        """Tune's experiment directory (or URI)."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig.model_validate(self.sweep)
+
+    def save(self) -> None:
+        fs, root = _fs(self.path)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/{STATE_FILE}") as out:
+            out.write(json.dumps(asdict(self), indent=2).encode())
+
+    @classmethod
+    def for_sweep(cls, sweep: SweepConfig) -> ExperimentState:
+        return cls(
+            name=sweep.name,
+            storage_path=sweep.resolved_storage_path(),
+            tracking_uri=sweep.resolved_tracking_uri(),
+            sweep=sweep.model_dump(mode="json"),
+        )
+
+    @classmethod
+    def load(cls, experiment: str, storage_path: str | None = None) -> ExperimentState:
+        """`experiment` is a path/URI of the experiment dir, or a name under `storage_path` (default ./runs)."""
+        candidates = [experiment] if ("/" in experiment or "://" in experiment) else []
+        candidates.append(f"{storage_path or str(Path('runs').resolve())}/{experiment}")
+        for candidate in candidates:
+            fs, root = _fs(candidate)
+            if fs.get_file_info(f"{root}/{STATE_FILE}").type == pyarrow.fs.FileType.File:
+                with fs.open_input_stream(f"{root}/{STATE_FILE}") as f:
+                    return cls(**json.loads(f.read()))
+        raise QuailoraInputError(
+            f"experiment {experiment!r}: no {STATE_FILE} found in {', '.join(candidates)}"
+        )
+
+    @staticmethod
+    def list_under(storage_path: str) -> list[ExperimentState]:
+        fs, root = _fs(storage_path)
+        if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+            return []
+        found = []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+            if info.type == pyarrow.fs.FileType.Directory:
+                state = f"{info.path}/{STATE_FILE}"
+                if fs.get_file_info(state).type == pyarrow.fs.FileType.File:
+                    with fs.open_input_stream(state) as f:
+                        found.append(ExperimentState(**json.loads(f.read())))
+        return sorted(found, key=lambda s: s.name)

@@ -1,0 +1,109 @@
+"""Per-worker accelerator memory estimate of one trial, so `plan` can refuse what cannot fit.
+
+Terms (bytes), all stated so a reader can check them by hand:
+- quantized linear weights: 4-bit = 0.5 B/param + absmax (fp32 per block, or with double quant
+  1 B per block + fp32 per 256 blocks); LLM.int8 = 1 B/param + an fp32 scale per output row;
+  group-wise INT-k (quailora.quantizers.groupwise) = codes packed 32//k per int32 word along each row,
+  plus an fp16 scale and an fp32 zero per group.
+- other weights (embeddings, lm_head unless tied, norms) stay at `model.dtype`.
+- adapters r·(in+out) per targeted linear, in fp32, plus fp32 grads and Adam's two fp32 moments;
+  ZeRO-2/3 shard grads and optimizer state over the workers.
+- activations per layer b·s·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, eq. 2),
+  x2 for fp32 training; with gradient checkpointing 2·b·s·h per layer plus one full layer;
+  plus fp32 logits and their gradient 2·4·b·s·V.
+- calibration (calibrated inits only): one block's weights at model.dtype + fp32 Grams of its
+  distinct inputs + fp32 hidden states in and out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.model_shapes import ModelShape
+from trials.config import TrialConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CALIBRATED_INITS = frozenset({"quailora", "closed_form", "qalora_closed_form"})
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    quantized_weights: int
+    other_weights: int
+    adapters: int  # params + grads + optimizer state
+    activations: int
+    calibration: int
+
+    @property
+    def training(self) -> int:
+        return self.quantized_weights + self.other_weights + self.adapters + self.activations
+
+    @property
+    def peak(self) -> int:
+        return max(self.training, self.calibration)
+
+
+def quantized_linear_bytes(trial: TrialConfig, shape: ModelShape) -> int:
+    q = trial.quant
+    total = 0
+    for _, n_in, n_out in shape.linears():
+        params = n_in * n_out
+        if q.method in ("nf4", "fp4"):
+            blocks = params // q.blocksize
+            absmax = blocks * 1 + (blocks // 256) * 4 if q.double_quant else blocks * 4
+            total += params // 2 + absmax
+        elif q.method == "int8":
+            total += params + 4 * n_out
+        else:  # group-wise INT-k
+            words_per_row = -(-n_in // (32 // q.bits))
+            total += n_out * words_per_row * 4 + (params // q.group_size) * (2 + 4)
+    return total * shape.layers
+
+
+def _is_targeted(name: str, targets: list[str] | str) -> bool:
+    return targets == "all-linear" or any(name == t or name.endswith(t) for t in targets)
+
+
+def adapter_params(trial: TrialConfig, shape: ModelShape) -> int:
+    r = trial.lora.rank
+    per_block = sum(
+        r * (n_in + n_out)
+        for name, n_in, n_out in shape.linears()
+        if _is_targeted(name, trial.lora.target_modules)
+    )
+    return per_block * shape.layers
+
+
+def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
+    dtype = DTYPE_BYTES[trial.model.dtype]
+    h, s, b, L, V = shape.hidden, trial.data.seq_len, trial.train.batch_size, shape.layers, shape.vocab
+    embeddings = V * h * (1 if shape.tied_embeddings else 2)
+    norms = (2 * L + 1) * h
+    n_adapter = adapter_params(trial, shape)
+    workers = trial.resources.num_workers  # ZeRO-2 and ZeRO-3 both shard grads and optimizer state
+    adapters = 4 * n_adapter + (4 + 8) * n_adapter // workers
+
+    act_bytes = 4 if trial.train.precision == "fp32" else 2
+    full_layer = b * s * h * (34 + 5 * shape.heads * s // h) * act_bytes // 2
+    layers_act = (
+        (L * 2 * b * s * h * act_bytes // 2 + full_layer)
+        if trial.train.gradient_checkpointing
+        else L * full_layer
+    )
+    logits = 2 * 4 * b * s * V
+
+    calibration = 0
+    if trial.init.method in CALIBRATED_INITS:
+        block_weights = sum(n_in * n_out for _, n_in, n_out in shape.linears()) * dtype
+        grams = sum(4 * n * n for n in shape.distinct_inputs())
+        hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h
+        calibration = block_weights + grams + hidden_states
+
+    return MemoryEstimate(
+        quantized_weights=quantized_linear_bytes(trial, shape),
+        other_weights=(embeddings + norms) * dtype,
+        adapters=adapters,
+        activations=layers_act + logits,
+        calibration=calibration,
+    )

@@ -1,0 +1,85 @@
+"""`quailora plan`: the trial matrix with each trial's resources and memory estimate, and the fit check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import pandas as pd
+
+from orchestrator.expand import TrialMatrix
+from orchestrator.memory import GIB, MemoryEstimate, estimate
+from orchestrator.model_shapes import ModelShape, resolve_shape
+from quailora.errors import QuailoraInputError
+
+MIB = 1024**2
+
+
+@dataclass
+class PlannedTrial:
+    name: str
+    resources: dict
+    memory: MemoryEstimate
+    fits: bool
+
+
+@cache
+def _shape(model_path: str) -> ModelShape:
+    return resolve_shape(model_path)
+
+
+def plan_trials(matrix: TrialMatrix) -> list[PlannedTrial]:
+    limit = matrix.sweep.devices.memory_gb * GIB
+    planned = []
+    for point in matrix.points:
+        trial = point.trial_config()
+        mem = estimate(trial, _shape(trial.model.path))
+        planned.append(PlannedTrial(point.name, trial.resources.model_dump(), mem, mem.peak <= limit))
+    return planned
+
+
+def plan_table(planned: list[PlannedTrial]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "trial": p.name,
+                "workers": p.resources["num_workers"],
+                "cpu/worker": p.resources["cpus_per_worker"],
+                "gpu/worker": p.resources["gpus_per_worker"],
+                "quant weights MiB": p.memory.quantized_weights / MIB,
+                "other weights MiB": p.memory.other_weights / MIB,
+                "adapters+optim MiB": p.memory.adapters / MIB,
+                "activations MiB": p.memory.activations / MIB,
+                "calibration MiB": p.memory.calibration / MIB,
+                "peak GiB": p.memory.peak / GIB,
+                "fits": "yes" if p.fits else "NO",
+            }
+            for p in planned
+        ]
+    )
+
+
+def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
+    sweep = matrix.sweep
+    lines = [
+        f"sweep {sweep.name!r}: {matrix.num_trials} trials ({len(matrix.points)} grid points x "
+        f"{sweep.search.num_samples} samples, search={sweep.search.algorithm}), {len(matrix.dropped)} combinations dropped by drop_if",
+        f"devices: {sweep.devices.kind}, {sweep.devices.memory_gb:g} GiB per worker; storage {sweep.resolved_storage_path()}/{sweep.name}; "
+        f"tracking {sweep.resolved_tracking_uri()}",
+    ]
+    if matrix.sampled:
+        lines.append(
+            "sampled per trial: " + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
+        )
+    lines.append(plan_table(planned).to_markdown(index=False, floatfmt=".2f"))
+    return "\n".join(lines)
+
+
+def refuse_misfits(matrix: TrialMatrix, planned: list[PlannedTrial]) -> None:
+    bad = [p for p in planned if not p.fits]
+    if bad:
+        worst = max(bad, key=lambda p: p.memory.peak)
+        raise QuailoraInputError(
+            f"{len(bad)} trial(s) cannot fit devices.memory_gb={matrix.sweep.devices.memory_gb:g}: "
+            f"e.g. trial {worst.name!r} needs {worst.memory.peak / GIB:.2f} GiB per worker"
+        )

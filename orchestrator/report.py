@@ -1,0 +1,227 @@
+"""Sweep report: tables per model and bit width, the recovered fraction of the 4-to-8-bit gap, plots, one HTML page.
+
+recovered = (p4 - p4m) / (p4 - p8) with p4 the 4-bit gaussian (QLoRA) value, p4m another 4-bit method
+and p8 the 8-bit gaussian value, matched on model, rank and seed (methods.md); the same ratio with
+accuracies. Works on a plain records table so it can be tested without MLflow or Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report runs on cluster nodes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+BASELINE = "gaussian"
+MODEL_KEYS = ["family", "size"]
+MATCH_KEYS = [*MODEL_KEYS, "rank", "seed"]
+
+
+@dataclass
+class SweepReport:
+    tables: dict[str, pd.DataFrame]  # title -> per (method, rank) table
+    recovered: pd.DataFrame  # per model, method, rank: mean and std over seeds
+    figures: dict[str, bytes]  # file name -> PNG
+
+    def markdown(self) -> str:
+        parts = [
+            f"### {title}\n\n{table.to_markdown(index=False, floatfmt='.3f')}"
+            for title, table in self.tables.items()
+        ]
+        if self.recovered.empty:
+            parts.append(
+                "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank and seed)"
+            )
+        else:
+            parts.append(
+                "### Recovered fraction of the 4-to-8-bit gap\n\n"
+                + self.recovered.to_markdown(index=False, floatfmt=".3f")
+            )
+        return "\n\n".join(parts)
+
+    def html(self, title: str) -> str:
+        body = [f"<h1>{html.escape(title)}</h1>"]
+        for name, table in self.tables.items():
+            body += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="%.3f")]
+        body += [
+            "<h2>Recovered fraction of the 4-to-8-bit gap</h2>",
+            self.recovered.to_html(index=False, float_format="%.3f"),
+        ]
+        for name, png in self.figures.items():
+            data = base64.b64encode(png).decode()
+            body.append(
+                f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            )
+        style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+    def write(self, out_dir: Path, title: str) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, png in self.figures.items():
+            (out_dir / name).write_bytes(png)
+            written.append(out_dir / name)
+        for path, text in [
+            (out_dir / "report.md", self.markdown()),
+            (out_dir / "report.html", self.html(title)),
+        ]:
+            path.write_text(text)
+            written.append(path)
+        return written
+
+
+def _accuracy(records: pd.DataFrame) -> pd.Series:
+    acc_cols = [c for c in records.columns if c.startswith("lmeval_") and c.endswith("_acc")]
+    return records[acc_cols].mean(axis=1) if acc_cols else pd.Series(float("nan"), index=records.index)
+
+
+def normalize(records: pd.DataFrame) -> pd.DataFrame:
+    """Typed columns and one `accuracy` column (mean over lm-eval tasks)."""
+    df = records.copy()
+    for col in ("bits", "rank", "seed"):
+        df[col] = pd.to_numeric(df[col]).astype(int)
+    for col in ("family", "size", "method"):
+        df[col] = df[col].astype(str)
+    if "quantizer" not in df:
+        df["quantizer"] = ""
+    df["accuracy"] = _accuracy(df)
+    return df
+
+
+def method_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    cols = {"val_ppl_init": "ppl after init", "val_ppl_final": "ppl after fine-tuning",
+            "accuracy": "accuracy", "model_size_mb": "model MB"}  # fmt: skip
+    present = {k: v for k, v in cols.items() if k in df and df[k].notna().any()}
+    tables = {}
+    for (family, size, bits), group in df.groupby([*MODEL_KEYS, "bits"], sort=True):
+        table = group.groupby(["method", "quantizer", "rank"], as_index=False).agg(
+            seeds=("seed", "nunique"), **{label: (col, "mean") for col, label in present.items()}
+        )
+        tables[f"{family} {size}, {bits}-bit"] = table
+    return tables
+
+
+def recovered_fraction(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    """(p4 - p4m) / (p4 - p8) per model, method, rank and seed, from column `value`."""
+    base4 = df[(df.bits == 4) & (df.method == BASELINE)]
+    base8 = df[(df.bits == 8) & (df.method == BASELINE)]
+    base4 = base4.groupby([*MATCH_KEYS, "quantizer"], as_index=False)[value].mean()
+    base8 = base8.groupby(MATCH_KEYS, as_index=False)[value].mean().rename(columns={value: "p8"})
+    others = df[(df.bits == 4) & (df.method != BASELINE)][[*MATCH_KEYS, "quantizer", "method", value]]
+    # Same 4-bit quantizer as the method when the sweep has it (QA-LoRA's INT4), otherwise any 4-bit gaussian run.
+    same = others.merge(base4.rename(columns={value: "p4"}), on=[*MATCH_KEYS, "quantizer"], how="left")
+    any4 = base4.groupby(MATCH_KEYS, as_index=False)[value].mean().rename(columns={value: "p4_any"})
+    merged = same.merge(any4, on=MATCH_KEYS, how="left").merge(base8, on=MATCH_KEYS, how="inner")
+    merged["p4"] = merged["p4"].fillna(merged["p4_any"])
+    merged = merged.dropna(subset=["p4", "p8", value])
+    merged["recovered"] = (merged["p4"] - merged[value]) / (merged["p4"] - merged["p8"])
+    return merged[[*MATCH_KEYS, "method", "p4", value, "p8", "recovered"]]
+
+
+def summarize_recovered(df: pd.DataFrame) -> pd.DataFrame:
+    parts = []
+    for value, label in (("val_ppl_final", "perplexity"), ("accuracy", "accuracy")):
+        if value not in df or df[value].isna().all():
+            continue
+        per_seed = recovered_fraction(df, value)
+        if per_seed.empty:
+            continue
+        summary = per_seed.groupby([*MODEL_KEYS, "method", "rank"], as_index=False).agg(
+            recovered_mean=("recovered", "mean"),
+            recovered_std=("recovered", "std"),
+            seeds=("seed", "nunique"),
+        )
+        summary.insert(0, "metric", label)
+        parts.append(summary)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_ppl_vs_rank(df: pd.DataFrame) -> bytes:
+    groups = list(df.groupby([*MODEL_KEYS, "bits"], sort=True))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
+    for ax, ((family, size, bits), group) in zip(axes[0], groups, strict=True):
+        for (method, quant), lines in group.groupby(["method", "quantizer"]):
+            mean = lines.groupby("rank")["val_ppl_final"].mean()
+            ax.plot(mean.index, mean.values, marker="o", label=f"{method} ({quant})" if quant else method)
+        ax.set(
+            title=f"{family} {size}, {bits}-bit",
+            xlabel="LoRA rank",
+            ylabel="val perplexity after fine-tuning",
+        )
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def plot_recovered(summary: pd.DataFrame) -> bytes:
+    ppl = summary[summary.metric == "perplexity"]
+    per_family = ppl.groupby(["family", "method"], as_index=False).agg(
+        mean=("recovered_mean", "mean"), std=("recovered_mean", "std")
+    )
+    pivot_mean = per_family.pivot(index="family", columns="method", values="mean")
+    pivot_std = per_family.pivot(index="family", columns="method", values="std").fillna(0)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(pivot_mean) * max(1, len(pivot_mean.columns)) / 2, 3.5))
+    pivot_mean.plot.bar(yerr=pivot_std, ax=ax, rot=0)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set(ylabel="recovered fraction of 4→8-bit gap (ppl)", xlabel="family")
+    return _png(fig)
+
+
+def build_report(records: pd.DataFrame) -> SweepReport:
+    df = normalize(records)
+    recovered = summarize_recovered(df)
+    figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df["val_ppl_final"].notna().any() else {}
+    if not recovered.empty and (recovered.metric == "perplexity").any():
+        figures["recovered_per_family.png"] = plot_recovered(recovered)
+    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures)
+
+
+def records_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
+    """One row per finished child run: its tags (family, size, bits, method, rank, seed, quantizer) and metrics."""
+    from orchestrator.tracking import child_runs
+
+    rows = []
+    for run in child_runs(client, parent_run_id):
+        if run.info.status != "FINISHED":
+            continue
+        tags = run.data.tags
+        row = {k: tags.get(k) for k in ("family", "size", "bits", "method", "rank", "seed", "quantizer")}
+        row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def publish_report(client, state) -> str:
+    """Build the report from the sweep's MLflow child runs, write it next to the experiment, log it to the parent run."""
+    import tempfile
+
+    records = records_from_mlflow(client, state.parent_run_id)
+    if records.empty:
+        return f"sweep {state.name!r}: no finished trials yet"
+    report = build_report(records)
+    local = "://" not in state.path
+    out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
+    report.write(out_dir, title=f"quailora sweep {state.name}")
+    client.log_artifacts(state.parent_run_id, str(out_dir), artifact_path="report")
+    for row in report.recovered.itertuples():
+        key = f"recovered_{row.metric}_{row.family}_{row.size}_{row.method}_r{row.rank}"
+        client.log_metric(
+            state.parent_run_id,
+            "".join(c if c.isalnum() or c in "_-./" else "_" for c in key),
+            row.recovered_mean,
+        )
+    return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"

@@ -1,0 +1,85 @@
+"""`run` and `resume`: every check first, then Ray, the MLflow parent run, the Tuner, and the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from orchestrator.expand import TrialMatrix, expand
+from orchestrator.experiment import STATE_FILE, ExperimentState
+from orchestrator.plan import describe, plan_trials, refuse_misfits
+from orchestrator.preflight import check_ray_address, check_tracking_uri
+from orchestrator.sweep_config import SweepConfig
+from quailora.errors import QuailoraInputError
+from trials.validation import validate_trial
+
+
+def prepare(sweep: SweepConfig, address: str | None) -> TrialMatrix:
+    """All input checks; raises QuailoraInputError before any cluster or run exists."""
+    matrix = expand(sweep)
+    check_ray_address(address)
+    check_tracking_uri(sweep.resolved_tracking_uri())
+    planned = plan_trials(matrix)
+    print(describe(matrix, planned), flush=True)
+    refuse_misfits(matrix, planned)
+    for point in matrix.points:  # model, targets, data sources, tasks; builds a missing reference model
+        try:
+            validate_trial(point.trial_config())
+        except QuailoraInputError as exc:
+            raise QuailoraInputError(f"trial {point.name!r}: {exc}") from None
+    return matrix
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *, resume: bool) -> int:
+    """Run the Tuner under the parent MLflow run; returns the number of trials that ended in error."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import publish_report
+    from orchestrator.tracking import ensure_parent_run, finish_parent
+    from orchestrator.tuning import build_tuner, restore_tuner
+
+    client = MlflowClient(state.tracking_uri)
+    state.parent_run_id = ensure_parent_run(
+        client, state.name, state.tracking_uri, state.sweep, state.parent_run_id
+    )
+    state.save()
+    _init_ray(address)
+    try:
+        tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
+        errors = sum(r.error is not None for r in tuner.fit())
+    except BaseException:
+        finish_parent(client, state.parent_run_id, failed=True)
+        raise
+    finally:
+        ray.shutdown()
+    print(publish_report(client, state), flush=True)
+    finish_parent(client, state.parent_run_id, failed=errors > 0)
+    if errors:
+        print(f"{errors} trial(s) failed; `quailora resume {state.name}` retries them", file=sys.stderr)
+    return errors
+
+
+def run(sweep: SweepConfig, address: str | None) -> int:
+    state = ExperimentState.for_sweep(sweep)
+    if "://" not in state.path and (Path(state.path) / STATE_FILE).exists():
+        raise QuailoraInputError(
+            f"name={sweep.name!r}: experiment {state.path} already exists; `quailora resume {sweep.name}` continues it"
+        )
+    matrix = prepare(sweep, address)
+    return 1 if _execute(matrix, state, address, resume=False) else 0
+
+
+def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
+    state = ExperimentState.load(experiment, storage_path)
+    matrix = prepare(state.sweep_config(), address)
+    return 1 if _execute(matrix, state, address, resume=True) else 0

@@ -1,0 +1,201 @@
+"""Ray Tune side of a sweep: the search space, the trial driver that launches each trial's TorchTrainer, and the Tuner.
+
+Ray 2.60 runs Ray Train V2: the Tune trial is a light function ("driver") that starts a TorchTrainer
+whose workers reserve their own resources, so the driver asks only for `driver_cpus` and the
+concurrency limit keeps the cluster from being oversubscribed by waiting trainers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+
+from orchestrator.expand import TrialMatrix, TrialPoint
+from orchestrator.experiment import ExperimentState
+from orchestrator.sweep_config import (
+    ChoiceDomain,
+    LogUniformDomain,
+    RandIntDomain,
+    SweepConfig,
+    UniformDomain,
+)
+
+# Tune domain per sampled sweep domain; categorical choices travel as indices (Optuna needs plain values).
+TUNE_DOMAINS: dict[type, Callable[[Any], Any]] = {
+    ChoiceDomain: lambda d: tune.choice(list(range(len(d.choice)))),
+    UniformDomain: lambda d: tune.uniform(*d.uniform),
+    LogUniformDomain: lambda d: tune.loguniform(*d.loguniform),
+    RandIntDomain: lambda d: tune.randint(*d.randint),
+}
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def param_space(matrix: TrialMatrix) -> dict[str, Any]:
+    indices = list(range(len(matrix.points)))
+    point = tune.choice(indices) if matrix.sweep.search.algorithm == "optuna" else tune.grid_search(indices)
+    sampled = {_key(path): TUNE_DOMAINS[type(domain)](domain) for path, domain in matrix.sampled.items()}
+    return {"point": point, "sampled": sampled}
+
+
+def decode_sampled(matrix_sampled: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    values = {}
+    for path, domain in matrix_sampled.items():
+        value = config["sampled"][_key(path)]
+        values[path] = domain.choice[value] if isinstance(domain, ChoiceDomain) else value
+    return values
+
+
+def trial_driver(
+    config: dict[str, Any], *, points: list[TrialPoint], sampled: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """One Tune trial: run (or, after a retry, continue) the trial and report its final metrics to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.tracking import TRIAL_ID_TAG
+    from trials.run import run_trial
+
+    trial_id = tune.get_context().get_trial_id()
+    values = decode_sampled(sampled, config)
+    trial = points[config["point"]].trial_config(values)
+    if values:  # sampled trials share a grid name; the Tune id tells them apart
+        trial.name = f"{trial.name}_{trial_id}"
+    trial.tags = {**trial.tags, TRIAL_ID_TAG: trial_id, "seed": str(trial.seed)}
+
+    # A retry or resume reaches the same MLflow run (and Train checkpoint): run_trial keys them by the
+    # trial's config, which the stable Tune trial id in its tags makes unique to this trial.
+    metrics = run_trial(
+        trial,
+        tracking_uri=state["tracking_uri"],
+        experiment_name=state["name"],
+        storage_path=f"{state['storage_path'].rstrip('/')}/{state['name']}/train",
+        parent_run_id=state["parent_run_id"],
+        callbacks=[TuneReportCallback()],
+    )
+    tune.report(metrics)
+
+
+class ProgressCallback(tune.Callback):
+    """One line per trial event and a periodic summary, so a long sweep shows where it is."""
+
+    def __init__(self, names: list[str], total: int, every_s: float = 30.0) -> None:
+        self.names, self.total, self.every_s, self._last, self._done = names, total, every_s, 0.0, 0
+
+    def _say(self, text: str) -> None:
+        print(f"[quailora {time.strftime('%H:%M:%S')}] {text}", file=sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._say(f"started  {trial.trial_id} {self.names[trial.config['point']]}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._done += 1
+        ppl = (trial.last_result or {}).get("val_ppl_final")
+        shown = f" val_ppl_final={ppl:.3f}" if isinstance(ppl, float) else ""
+        self._say(
+            f"finished {trial.trial_id} {self.names[trial.config['point']]}{shown} ({self._done}/{self.total} this session)"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(f"error    {trial.trial_id}: {trial.error_file or 'see logs'}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._say(f"retrying {trial.trial_id} (failure {trial.run_metadata.num_failures})")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            counts: dict[str, int] = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            self._say(", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) + f" of {self.total}")
+
+
+def trial_cpus(point: TrialPoint) -> float:
+    res = point.config["resources"]
+    return res["num_workers"] * res["cpus_per_worker"]
+
+
+def default_concurrency(matrix: TrialMatrix) -> int:
+    """As many trials as the cluster's CPUs hold for the largest trial (driver included)."""
+    need = max(trial_cpus(p) for p in matrix.points) + matrix.sweep.driver_cpus
+    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / need))
+
+
+def _search_alg(sweep: SweepConfig, max_concurrent: int):
+    s = sweep.search
+    if s.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(
+            OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed), max_concurrent=max_concurrent
+        )
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=max_concurrent)
+
+
+def _scheduler(sweep: SweepConfig):
+    asha = sweep.search.asha
+    if asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        metric=asha.metric, mode=sweep.search.mode, time_attr=asha.time_attr, max_t=asha.max_t,
+        grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
+    )  # fmt: skip
+
+
+def make_trainable(matrix: TrialMatrix, state: ExperimentState):
+    driver = tune.with_parameters(
+        trial_driver,
+        points=matrix.points,
+        sampled=matrix.sampled,
+        state={k: getattr(state, k) for k in ("name", "storage_path", "tracking_uri", "parent_run_id")},
+    )
+    return tune.with_resources(driver, {**matrix.sweep.driver_resources, "cpu": matrix.sweep.driver_cpus})
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
+    # Intermediate results come from Train workers (train_loss, val_ppl); the sweep metric arrives at the end.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    sweep = matrix.sweep
+    concurrency = sweep.search.max_concurrent_trials or default_concurrency(matrix)
+    return tune.Tuner(
+        make_trainable(matrix, state),
+        param_space=param_space(matrix),
+        tune_config=tune.TuneConfig(
+            search_alg=_search_alg(
+                sweep, concurrency
+            ),  # the searcher enforces the limit (Tune ignores it otherwise)
+            scheduler=_scheduler(sweep),
+            num_samples=sweep.search.num_samples,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=state.storage_path,
+            failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
+            callbacks=[ProgressCallback([p.name for p in matrix.points], matrix.num_trials)],
+            verbose=0,
+        ),
+    )
+
+
+def restore_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
+    """Finished trials stay finished; unfinished and errored ones run again."""
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    return tune.Tuner.restore(state.path, trainable=make_trainable(matrix, state), resume_errored=True)

@@ -1,0 +1,122 @@
+"""Multi-node: real micro-model trials on a `ray.cluster_utils.Cluster` (several Ray nodes on one machine).
+
+The head node carries a `head` resource that only trial drivers ask for, so drivers (and the Train
+controllers Ray pins to their node) stay on the head while the trials' Train workers, which need a whole
+CPU, can only run on the worker nodes. Where each worker ran is read from the GCS actor table.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from orchestrator.cli import main
+from orchestrator.experiment import ExperimentState
+from orchestrator.tracking import child_runs
+
+pytestmark = pytest.mark.slow
+
+MICRO_BASE = {
+    "model": {"path": "reference:llama-micro"},
+    "calibration": {"num_sequences": 4, "seq_len": 32},
+    "data": {"seq_len": 32, "max_eval_sequences": 4},
+    "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 0},
+    "resources": {"num_workers": 1, "cpus_per_worker": 1},
+}
+NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024**2}
+TRAIN_WORKER = "RayTrainWorker"
+
+
+@pytest.fixture
+def cluster():
+    # Fast node-death detection, so a killed node fails its trial in seconds.
+    head = {**NODE_ARGS, "resources": {"head": 1}, "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}  # fmt: skip
+    c = Cluster(initialize_head=True, head_node_args=head)
+    workers = [c.add_node(**NODE_ARGS) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def _sweep(tmp_path: Path, name: str, space: dict, train: dict | None = None) -> str:
+    base = {**MICRO_BASE, "train": {**MICRO_BASE["train"], **(train or {})}}
+    sweep = {"name": name, "base": base, "space": space, "driver_cpus": 0.05,
+             "driver_resources": {"head": 0.01}, "search": {"max_concurrent_trials": 2, "max_failures": 1}}  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def _train_workers(c: Cluster, state: str | None = None) -> list[dict]:
+    actors = c.global_state.actor_table(None).values()
+    return [a for a in actors if a["ActorClassName"] == TRAIN_WORKER and state in (None, a["State"])]
+
+
+def _finished_children(name: str) -> list:
+    state = ExperimentState.load(name)
+    runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert math.isfinite(run.data.metrics["val_ppl_final"])
+    return runs
+
+
+def _logged_initial_ppl(name: str) -> bool:
+    try:
+        state = ExperimentState.load(name)
+        runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
+    except Exception:  # the sweep has not written its state or database yet
+        return False
+    return any("val_ppl_init" in run.data.metrics for run in runs)
+
+
+def test_trials_spread_across_nodes(cluster, tmp_path, monkeypatch):
+    c, workers = cluster
+    monkeypatch.chdir(tmp_path)
+    config = _sweep(tmp_path, "spread", {"lora.rank": {"grid": [4, 8]}})
+    assert main(["run", config, "--address", c.address]) == 0
+
+    assert len(_finished_children("spread")) == 2
+    used = {a["Address"]["NodeID"] for a in _train_workers(c)}
+    assert used == {w.node_id for w in workers}  # one trial's worker on each worker node, none on the head
+
+
+def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, monkeypatch, capsys):
+    c, workers = cluster
+    monkeypatch.chdir(tmp_path)
+    killed: list[str] = []
+
+    def kill_the_worker_node_once_training_started() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            alive = _train_workers(c, "ALIVE")
+            if alive and _logged_initial_ppl("node-failure"):  # the worker group is up and training
+                node = next(w for w in workers if w.node_id == alive[0]["Address"]["NodeID"])
+                killed.append(node.node_id)
+                c.remove_node(node, allow_graceful=False)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_worker_node_once_training_started, daemon=True)
+    killer.start()
+    # train.max_failures=0: the trial itself fails, so the sweep's Tune FailureConfig is what retries it.
+    config = _sweep(
+        tmp_path, "node-failure", {"lora.rank": {"grid": [4]}}, train={"max_failures": 0, "max_steps": 100}
+    )
+    assert main(["run", config, "--address", c.address]) == 0
+    killer.join(timeout=5)
+
+    assert killed, "no Train worker was seen alive"
+    assert "retrying" in capsys.readouterr().out  # Tune restarted the failed trial
+    runs = _finished_children("node-failure")
+    assert len(runs) == 1  # the retry reused the trial's MLflow run
+    nodes = [a["Address"]["NodeID"] for a in sorted(_train_workers(c), key=lambda a: a["StartTime"])]
+    assert nodes[0] == killed[0] and nodes[-1] != killed[0]  # the retry ran on the surviving node

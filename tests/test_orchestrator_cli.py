@@ -1,0 +1,150 @@
+"""CLI: plan output, JSON Schema export, and bad input -> one line naming the field/address, exit 2, nothing started."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.preflight import check_tracking_uri
+from quailora.errors import QuailoraInputError
+
+QUICK = {
+    "name": "cli-test",
+    "base": {"model": {"path": "reference:llama-micro"}},
+    "space": {"lora.rank": {"grid": [4, 8]}},
+}
+
+
+def _write(tmp_path: Path, data, name="sweep.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once closed
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _assert_one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+def _assert_nothing_started(tmp_path):
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()  # no experiment dir, no MLflow database
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("name: x\nbase: {model: {path: a}\n", ["malformed YAML at line", "sweep.yaml"]),
+        ({**QUICK, "spaces": {}}, ["spaces", "Extra inputs are not permitted"]),
+        ({**QUICK, "search": {"max_failures": "often"}}, ["search.max_failures", "'often'"]),
+        ({**QUICK, "space": {"lora.rank": {"grid": []}}}, ["space.lora.rank", "at least 1 item"]),
+        ({**QUICK, "space": {}}, ["space: the search space is empty"]),
+        (
+            {**QUICK, "space": {"lora.rank": {"grid": [4]}}, "drop_if": ["lora.rank == 4"]},
+            ["drop_if removed all"],
+        ),
+        ({**QUICK, "space": {"lora.rank": {"grid": ["big"]}}}, ["trial", "lora.rank", "'big'"]),
+        (
+            {**QUICK, "tracking_uri": f"http://127.0.0.1:{_closed_port()}"},
+            ["tracking_uri", "cannot connect"],
+        ),
+    ],
+)
+def test_run_bad_input_exits_2_before_starting_anything(tmp_path, capsys, content, fragments):
+    assert main(["run", _write(tmp_path, content)]) == 2
+    _assert_one_line_error(capsys, *fragments)
+    _assert_nothing_started(tmp_path)
+
+
+def test_unreachable_cluster_address(tmp_path, capsys):
+    port = _closed_port()
+    assert main(["run", _write(tmp_path, QUICK), "--address", f"127.0.0.1:{port}"]) == 2
+    _assert_one_line_error(capsys, "--address", f"127.0.0.1:{port}", "cannot connect")
+    _assert_nothing_started(tmp_path)
+
+
+def test_missing_config_and_unknown_experiment(tmp_path, capsys):
+    assert main(["plan", str(tmp_path / "nope.yaml")]) == 2
+    _assert_one_line_error(capsys, "nope.yaml", "does not exist")
+    assert main(["resume", "never-ran"]) == 2
+    _assert_one_line_error(capsys, "never-ran", "quailora_sweep.json")
+    _assert_nothing_started(tmp_path)
+
+
+def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):
+    sweep = {
+        "name": "llama7b",
+        "base": {"model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"},
+                 "lora": {"rank": 16}, "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"}},
+        "space": {"quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}},
+        "devices": {"kind": "gpu", "memory_gb": 9},
+    }  # fmt: skip
+    assert main(["plan", _write(tmp_path, sweep)]) == 2
+    out, err = capsys.readouterr()
+    assert "| quant=nf4-4 " in out, out
+    assert "7.69 | yes" in out and "10.62 | NO" in out
+    assert "1 trial(s) cannot fit devices.memory_gb=9" in err and "quant=int8-8" in err
+    sweep["devices"]["memory_gb"] = 11
+    assert main(["plan", _write(tmp_path, sweep)]) == 0
+    _assert_nothing_started(tmp_path)
+
+
+def test_schema_export(tmp_path):
+    out = tmp_path / "schema.json"
+    assert main(["schema", "-o", str(out)]) == 0
+    schema = json.loads(out.read_text())
+    assert schema["title"] == "SweepConfig" and schema["additionalProperties"] is False
+
+
+def test_status_with_no_experiments(tmp_path, capsys):
+    assert main(["status"]) == 0
+    assert "no experiments under" in capsys.readouterr().out
+
+
+class _HealthOnly(BaseHTTPRequestHandler):
+    """Answers like an MLflow server on /health and like some other web server elsewhere."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = HTTPServer(("127.0.0.1", 0), _HealthOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_tracking_uri_must_be_an_mlflow_server(http_server):
+    check_tracking_uri(http_server)  # /health answers 200
+    with pytest.raises(
+        QuailoraInputError, match=r"tracking_uri .*/not-mlflow.*HTTP 404 .*not an MLflow tracking server"
+    ):
+        check_tracking_uri(f"{http_server}/not-mlflow")

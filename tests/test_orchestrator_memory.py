@@ -1,0 +1,89 @@
+"""plan's memory estimate against hand-computed values for LLaMA-7B at 4 and 8 bits."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.memory import estimate
+from orchestrator.model_shapes import KNOWN_SHAPES, resolve_shape
+from trials.config import TrialConfig
+
+# LLaMA-7B: hidden h=4096, intermediate i=11008, 32 layers, vocab 32000, 32 heads, untied lm_head.
+# Trial: rank 16 on all linears, bf16 model, batch 1, sequence 512, bf16 training, 1 worker.
+LINEAR_PARAMS_PER_LAYER = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q,k,v,o + gate,up,down = 202_375_168
+LINEAR_PARAMS = 32 * LINEAR_PARAMS_PER_LAYER  # 6_476_005_376
+
+# NF4, blocksize 64, double quant: 0.5 B/param; per linear, 1 B per block + 4 B per 256 blocks.
+# q/k/v/o: 16_777_216/64 = 262_144 blocks -> 262_144 + 1024*4 = 266_240 B
+# gate/up/down: 45_088_768/64 = 704_512 blocks -> 704_512 + 2752*4 = 715_520 B
+NF4_BYTES = LINEAR_PARAMS // 2 + 32 * (4 * 266_240 + 3 * 715_520)  # 3_238_002_688 + 102_768_640
+# LLM.int8: 1 B/param + an fp32 scale per output row (4*4096 + 2*11008 + 4096 = 42_496 rows per layer).
+INT8_BYTES = LINEAR_PARAMS + 32 * 42_496 * 4  # 6_481_444_864
+# Embedding + lm_head (2 * 32000 * 4096) + 65 RMSNorm vectors of 4096, at 2 bytes.
+OTHER_BYTES = (2 * 32000 * 4096 + 65 * 4096) * 2  # 524_820_480
+# Adapters r*(in+out): 4 attention * 16*8192 + 3 MLP * 16*(4096+11008) = 1_249_280 per layer; 16 B each
+# (fp32 weight, fp32 grad, two fp32 Adam moments).
+ADAPTER_BYTES = 32 * (4 * 16 * 8192 + 3 * 16 * 15104) * 16  # 639_631_360
+# Activations: 32 layers * b*s*h*(34 + 5*a*s/h) = 512*4096*(34 + 20) bytes, + fp32 logits and grad 2*4*512*32000.
+ACTIVATION_BYTES = 32 * 512 * 4096 * 54 + 2 * 4 * 512 * 32000  # 3_754_950_656
+
+
+def _trial(method: str, bits: int, **override) -> TrialConfig:
+    fields = {
+        "model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"},
+        "quant": {"method": method, "bits": bits},
+        "lora": {"rank": 16},
+        "data": {"seq_len": 512},
+        "train": {"batch_size": 1, "precision": "bf16"},
+    }
+    for key, value in override.items():
+        fields[key] = {**fields.get(key, {}), **value}
+    return TrialConfig(**fields)
+
+
+@pytest.mark.parametrize(("method", "bits", "quant_bytes"), [("nf4", 4, NF4_BYTES), ("int8", 8, INT8_BYTES)])
+def test_llama7b_estimate_matches_hand_computation(method, bits, quant_bytes):
+    est = estimate(_trial(method, bits), resolve_shape("huggyllama/llama-7b"))
+    assert est.quantized_weights == quant_bytes
+    assert est.other_weights == OTHER_BYTES
+    assert est.adapters == ADAPTER_BYTES
+    assert est.activations == ACTIVATION_BYTES
+    assert est.peak == quant_bytes + OTHER_BYTES + ADAPTER_BYTES + ACTIVATION_BYTES
+    assert est.calibration == 0  # gaussian init needs no calibration pass
+
+
+def test_headline_numbers():
+    assert NF4_BYTES == 3_340_771_328
+    assert INT8_BYTES == 6_481_444_864
+    # 4-bit 7B trains in ~7.7 GiB, 8-bit in ~10.6 GiB with these settings.
+    assert round(estimate(_trial("nf4", 4), KNOWN_SHAPES["llama-7b"]).peak / 2**30, 2) == 7.69
+    assert round(estimate(_trial("int8", 8), KNOWN_SHAPES["llama-7b"]).peak / 2**30, 2) == 10.62
+
+
+def test_zero_shards_optimizer_state_and_checkpointing_shrinks_activations():
+    two = _trial("nf4", 4, resources={"num_workers": 2})
+    assert estimate(two, KNOWN_SHAPES["llama-7b"]).adapters == 32 * 1_249_280 * (4 + 12 // 2)
+    ckpt = _trial("nf4", 4, train={"gradient_checkpointing": True})
+    # 2*b*s*h per layer kept, plus one full layer recomputed, plus the logits.
+    assert (
+        estimate(ckpt, KNOWN_SHAPES["llama-7b"]).activations
+        == 32 * 2 * 512 * 4096 + 512 * 4096 * 54 + 2 * 4 * 512 * 32000
+    )
+
+
+def test_calibrated_init_adds_gram_phase():
+    trial = _trial("nf4", 4, init={"method": "quailora"})
+    est = estimate(trial, KNOWN_SHAPES["llama-7b"])
+    # One block in bf16 + Grams of inputs 4096 (qkv), 4096 (o), 4096 (gate/up), 11008 (down) in fp32
+    # + fp32 hidden states in and out for 32 sequences of 128 tokens.
+    expected = LINEAR_PARAMS_PER_LAYER * 2 + 4 * (3 * 4096**2 + 11008**2) + 2 * 4 * 32 * 128 * 4096
+    assert est.calibration == expected
+
+
+def test_groupwise_int_packs_codes_in_words():
+    trial = _trial("int", 3, quant={"group_size": 64})
+    est = estimate(trial, KNOWN_SHAPES["llama-7b"])
+    # 10 three-bit codes per int32 word: ceil(4096/10)=410 and ceil(11008/10)=1101 words per row;
+    # plus fp16 scale + fp32 zero (6 B) per group of 64.
+    words = 4 * 4096 * 410 + 2 * 11008 * 410 + 4096 * 1101
+    assert est.quantized_weights == 32 * (words * 4 + LINEAR_PARAMS_PER_LAYER // 64 * 6)

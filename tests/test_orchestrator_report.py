@@ -1,0 +1,81 @@
+"""Report tables, the recovered fraction, plots and the HTML page, from a table of trial records."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from orchestrator.report import build_report, normalize, recovered_fraction
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rec(method, bits, rank, seed, ppl, acc, quantizer=None, **extra):
+    quantizer = quantizer or ("nf4" if bits == 4 else "int8")
+    return {"family": "llama", "size": "1.2M", "bits": str(bits), "method": method, "rank": str(rank),
+            "seed": str(seed), "quantizer": quantizer, "val_ppl_init": ppl + 5, "val_ppl_final": ppl,
+            "lmeval_cloze_acc": acc, "model_size_mb": 1.0 if bits == 4 else 2.0, **extra}  # fmt: skip
+
+
+@pytest.fixture
+def records() -> pd.DataFrame:
+    rows = []
+    for rank in (4, 8):
+        for seed, shift in ((0, 0.0), (1, 1.0)):
+            p4, p8 = 20.0 + shift, 10.0 + shift
+            rows += [
+                _rec("gaussian", 4, rank, seed, p4, 0.40),
+                _rec("gaussian", 8, rank, seed, p8, 0.60),
+                # QuAILoRA recovers 75% (seed 0) and 85% (seed 1) of the perplexity gap, 50% of the accuracy gap.
+                _rec("quailora", 4, rank, seed, p4 - (7.5 if seed == 0 else 8.5), 0.50),
+                # QA-LoRA on group-wise INT4, compared with the INT4 gaussian run: (30 - 25) / (30 - p8).
+                _rec("gaussian", 4, rank, seed, 30.0 + shift, 0.30, quantizer="int"),
+                _rec("qalora_closed_form", 4, rank, seed, 25.0 + shift, 0.35, quantizer="int"),
+            ]
+    return pd.DataFrame(rows)
+
+
+def test_recovered_fraction_matches_paper_formula(records):
+    per_seed = recovered_fraction(normalize(records), "val_ppl_final")
+    quail = per_seed[per_seed.method == "quailora"].sort_values(["rank", "seed"])
+    assert quail.recovered.tolist() == pytest.approx([0.75, 0.85, 0.75, 0.85])
+    qalora = per_seed[per_seed.method == "qalora_closed_form"]
+    assert qalora.recovered.tolist() == pytest.approx([5 / 20] * 4)  # its own INT4 baseline, not NF4's
+
+
+def test_report_tables_plots_and_html(records, tmp_path):
+    report = build_report(records)
+    assert list(report.tables) == ["llama 1.2M, 4-bit", "llama 1.2M, 8-bit"]
+    four = report.tables["llama 1.2M, 4-bit"]
+    row = four[(four.method == "quailora") & (four["rank"] == 8)].iloc[0]
+    assert row["ppl after fine-tuning"] == pytest.approx(((20 - 7.5) + (21 - 8.5)) / 2)
+    assert row["ppl after init"] == pytest.approx(row["ppl after fine-tuning"] + 5)
+    assert row["seeds"] == 2 and row["model MB"] == 1.0
+    assert set(four.method) == {"gaussian", "quailora", "qalora_closed_form"}
+
+    rec = report.recovered.set_index(["metric", "method", "rank"])
+    assert rec.loc[("perplexity", "quailora", 4), "recovered_mean"] == pytest.approx(0.80)
+    assert rec.loc[("perplexity", "quailora", 4), "recovered_std"] == pytest.approx(math.sqrt(0.005))
+    assert rec.loc[("accuracy", "quailora", 8), "recovered_mean"] == pytest.approx(0.5)
+
+    assert set(report.figures) == {"ppl_vs_rank.png", "recovered_per_family.png"}
+    assert all(png.startswith(PNG_MAGIC) for png in report.figures.values())
+    written = report.write(tmp_path, "sweep t")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page  # self-contained
+    assert "0.800" in report.markdown()
+    assert {p.name for p in written} == {
+        "ppl_vs_rank.png",
+        "recovered_per_family.png",
+        "report.md",
+        "report.html",
+    }
+
+
+def test_no_recovered_without_both_baselines(records):
+    only4 = records[records.bits == "4"]
+    report = build_report(only4)
+    assert report.recovered.empty and "recovered_per_family.png" not in report.figures
+    assert "needs 4-bit and 8-bit gaussian trials" in report.markdown()
