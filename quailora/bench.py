@@ -4,13 +4,16 @@
     python -m quailora.bench --json --full   # adds LLaMA-7B and LLaMA-30B layer shapes
 
 peft's own SVD step (``peft.utils.loftq_utils._low_rank_decomposition``, a full SVD) runs as a peer row
-on the same matrices, so speed ratios come from one run. Errors are relative to the error of Q alone:
+on the same matrices, first in each group, so every row's ``peft_svd_seconds_ratio`` (its seconds over
+peft's) comes from one run. Errors are relative to the error of Q alone:
 uncalibrated ‖E − sBA‖²/‖E‖², calibrated tr((E − sBA)H(E − sBA)ᵀ)/tr(EHEᵀ).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import threading
@@ -34,9 +37,17 @@ DEFAULT_METHODS = ["gaussian", "svd", "quailora", "closed_form", "loftq"]
 QUANTIZER_FOR_BITS = {4: ("nf4", {}), 8: ("int8", {}), 3: ("int", {"bits": 3}), 2: ("int", {"bits": 2})}
 
 
+def _return_free_memory_to_os() -> None:
+    """glibc keeps freed tensors' pages; without trimming, a later row's growth would read as 0 MB."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
+        ctypes.CDLL(libc_name).malloc_trim(0)
+
+
 @contextmanager
 def peak_rss() -> Iterator[dict]:
     """Peak resident-set growth during the block, sampled every 2 ms (torch allocations are invisible to tracemalloc)."""
+    _return_free_memory_to_os()
     proc = psutil.Process(os.getpid())
     start = proc.memory_info().rss
     box = {"peak": start}
@@ -94,13 +105,16 @@ def bench_rows(
             base_unc = weight_error(error, torch.zeros(()))
             base_cal = calibrated_error(error, torch.zeros(()), gram)
             for rank in ranks:
-                rows = [
+                # The peer runs first so every method row can carry its speed ratio from the same run.
+                rows = [("peft_svd", lambda rank=rank, error=error: _peft_product(error, rank))]
+                rows += [
                     (m, _method_runner(m, weight, quantized, gram, rank, quantizer, iterations, solver))
                     for m in methods
                 ]
-                rows.append(("peft_svd", lambda rank=rank, error=error: _peft_product(error, rank)))
+                peer_seconds = None
                 for method, run in rows:
                     (product, moved_error), seconds, peak_mb = _timed(run)
+                    peer_seconds = peer_seconds or seconds
                     yield {
                         "method": method,
                         "shape": [out_features, in_features],
@@ -110,6 +124,7 @@ def bench_rows(
                         "rel_error": weight_error(moved_error, product) / base_unc,
                         "rel_calibrated_error": calibrated_error(moved_error, product, gram) / base_cal,
                         "seconds": round(seconds, 4),
+                        "peft_svd_seconds_ratio": round(seconds / peer_seconds, 3),
                         "peak_mb": round(peak_mb, 1),
                         "threads": torch.get_num_threads(),
                     }
@@ -158,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         shapes = shapes + FULL_SHAPES
     if not args.json:
         print(
-            f"{'method':<12} {'shape':>12} {'rank':>4} {'bits':>4} {'rel_err':>8} {'rel_cal':>8} {'sec':>8} {'MB':>8}"
+            f"{'method':<12} {'shape':>12} {'rank':>4} {'bits':>4} {'rel_err':>8} {'rel_cal':>8} {'sec':>8} "
+            f"{'/peft':>6} {'MB':>8}"
         )
     for row in bench_rows(
         shapes, args.ranks, args.bits, args.methods, iterations=args.iterations, solver=args.solver
@@ -169,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             shape = "x".join(map(str, row["shape"]))
             print(
                 f"{row['method']:<12} {shape:>12} {row['rank']:>4} {row['bits']:>4} {row['rel_error']:8.4f} "
-                f"{row['rel_calibrated_error']:8.4f} {row['seconds']:8.3f} {row['peak_mb']:8.1f}",
+                f"{row['rel_calibrated_error']:8.4f} {row['seconds']:8.3f} {row['peft_svd_seconds_ratio']:6.2f} "
+                f"{row['peak_mb']:8.1f}",
                 flush=True,
             )
 
