@@ -25,15 +25,18 @@ import psutil
 import torch
 from peft.utils.loftq_utils import _low_rank_decomposition
 
-from quailora.api import initialize
-from quailora.initializers import needs_gram
+from quailora.api import initialize, method_options, validate_options
+from quailora.errors import QuailoraInputError
+from quailora.initializers import INITIALIZERS, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
-from quailora.quantizers import QUANTIZERS, get_quantizer
+from quailora.qalora.pooling import expand
+from quailora.quantizers import get_quantizer
 
 DEFAULT_SHAPES = [(512, 512), (1024, 2816), (2816, 1024)]
 # (out, in) of LLaMA-7B (4096 hidden, 11008 MLP) and LLaMA-30B (6656 hidden, 17920 MLP) projections.
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (6656, 6656), (17920, 6656), (6656, 17920)]
-DEFAULT_METHODS = ["gaussian", "svd", "quailora", "closed_form", "loftq"]
+# Every registered LoRA method; the QA-LoRA ones (pooled adapters, they take group_size) via --methods.
+DEFAULT_METHODS = [m for m in INITIALIZERS if "group_size" not in method_options(INITIALIZERS.get(m))]
 QUANTIZER_FOR_BITS = {4: ("nf4", {}), 8: ("int8", {}), 3: ("int", {"bits": 3}), 2: ("int", {"bits": 2})}
 
 
@@ -90,15 +93,35 @@ def _timed(fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return product, seconds, mem["peak_mb"]
 
 
+def method_options_for(method: str, *, iterations: int, solver: str, group_size: int) -> dict:
+    """The bench's knobs that this method accepts (from its signature, so a new method needs no edit here)."""
+    knobs = {"iterations": iterations, "solver": solver, "group_size": group_size}
+    accepted = method_options(INITIALIZERS.get(method, where="--methods"))
+    return {k: v for k, v in knobs.items() if k in accepted}
+
+
 def bench_rows(
-    shapes, ranks, bits_list, methods, *, iterations: int = 20, solver: str = "auto"
+    shapes: list[tuple[int, int]],
+    ranks: list[int],
+    bits_list: list[int],
+    methods: list[str],
+    *,
+    iterations: int = 20,
+    solver: str = "auto",
+    group_size: int = 64,
 ) -> Iterator[dict]:
+    options = {
+        m: method_options_for(m, iterations=iterations, solver=solver, group_size=group_size) for m in methods
+    }
+    for m, opts in options.items():  # every method and option checked before the first matrix is built
+        validate_options(m, opts, where="--methods")
+    for bits in bits_list:
+        if bits not in QUANTIZER_FOR_BITS:
+            raise QuailoraInputError(f"--bits {bits}: choose from {sorted(QUANTIZER_FOR_BITS)}")
     for out_features, in_features in shapes:
         weight, gram = synthetic_layer(out_features, in_features)
         for bits in bits_list:
             name, opts = QUANTIZER_FOR_BITS[bits]
-            if name not in QUANTIZERS:
-                continue
             quantizer = get_quantizer(name, **opts)
             quantized = quantizer.fake_quantize(weight)
             error = weight - quantized
@@ -108,7 +131,7 @@ def bench_rows(
                 # The peer runs first so every method row can carry its speed ratio from the same run.
                 rows = [("peft_svd", lambda rank=rank, error=error: _peft_product(error, rank))]
                 rows += [
-                    (m, _method_runner(m, weight, quantized, gram, rank, quantizer, iterations, solver))
+                    (m, _method_runner(m, weight, quantized, gram, rank, quantizer, options[m]))
                     for m in methods
                 ]
                 peer_seconds = None
@@ -130,11 +153,7 @@ def bench_rows(
                     }
 
 
-def _method_runner(method, weight, quantized, gram, rank, quantizer, iterations, solver):
-    options = {"solver": solver} if method != "gaussian" else {}
-    if method in ("quailora", "loftq"):
-        options["iterations"] = iterations if method == "quailora" else 5
-
+def _method_runner(method, weight, quantized, gram, rank, quantizer, options):
     def run():
         result = initialize(
             weight,
@@ -145,7 +164,10 @@ def _method_runner(method, weight, quantized, gram, rank, quantizer, iterations,
             quantizer=quantizer,
             **options,
         )
-        return adapter_product(result.lora_A, result.lora_B, 1.0), weight - result.quantized
+        product = adapter_product(result.lora_A, result.lora_B, 1.0)
+        if "group_size" in options:  # QA-LoRA: the pooled update acts as B·A·P on the full input
+            product = expand(product, options["group_size"])
+        return product, weight - result.quantized
 
     return run
 
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--bits", type=int, nargs="*", default=[4], choices=sorted(QUANTIZER_FOR_BITS))
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
-    parser.add_argument("--iterations", type=int, default=20, help="ALS iterations for quailora")
+    parser.add_argument("--iterations", type=int, default=20, help="iterations of quailora's ALS and loftq")
+    parser.add_argument("--group-size", type=int, default=64, help="QA-LoRA pooling group (qalora_* methods)")
     parser.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized"])
     args = parser.parse_args(argv)
     shapes = (
@@ -177,7 +200,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{'/peft':>6} {'MB':>8}"
         )
     for row in bench_rows(
-        shapes, args.ranks, args.bits, args.methods, iterations=args.iterations, solver=args.solver
+        shapes,
+        args.ranks,
+        args.bits,
+        args.methods,
+        iterations=args.iterations,
+        solver=args.solver,
+        group_size=args.group_size,
     ):
         if args.json:
             print(json.dumps(row), flush=True)

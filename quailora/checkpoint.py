@@ -54,25 +54,33 @@ class SafetensorsWeights:
         return iter(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._file_of
+        return isinstance(name, str) and self._resolve(name) is not None
 
-    def _file(self, name: str) -> Path:
-        try:
-            return self._file_of[name]
-        except KeyError:
-            raise QuailoraInputError(
-                f"tensor {name!r} is not in checkpoint {str(self.checkpoint_dir)!r}"
-            ) from None
+    def _resolve(self, name: str) -> str | None:
+        """The stored key for a model key. Checkpoints saved from the bare base model (e.g. bigscience's
+        BLOOM) lack the causal-LM wrapper's prefix ("transformer.", "model."), as transformers tolerates."""
+        if name in self._file_of:
+            return name
+        bare = name.partition(".")[2]
+        return bare if bare in self._file_of else None
+
+    def _file(self, name: str) -> tuple[str, Path]:
+        key = self._resolve(name)
+        if key is None:
+            raise QuailoraInputError(f"tensor {name!r} is not in checkpoint {str(self.checkpoint_dir)!r}")
+        return key, self._file_of[key]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from the file header, without reading its data."""
-        with safe_open(self._file(name), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        key, path = self._file(name)
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor as a float32 copy: safetensors hands out views of the memory-mapped file."""
-        with safe_open(self._file(name), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32, copy=True)
+        key, path = self._file(name)
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32, copy=True)
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix`` (a module path), keyed relative to it, as ``load_state_dict`` wants.
@@ -80,10 +88,14 @@ class SafetensorsWeights:
         Read one by one through ``get``, so the file's mapped pages are released after each tensor and
         the peak stays at one copy of the module plus one tensor.
         """
-        prefix = prefix.rstrip(".") + "."
-        names = [name for name in self._file_of if name.startswith(prefix)]
-        if not names:
-            raise QuailoraInputError(
-                f"no tensor under {prefix[:-1]!r} in checkpoint {str(self.checkpoint_dir)!r}"
-            )
+        module = prefix.rstrip(".")
+        for prefix in (
+            module + ".",
+            module.partition(".")[2] + ".",
+        ):  # the second: a bare base-model checkpoint
+            names = [name for name in self._file_of if name.startswith(prefix)] if prefix != "." else []
+            if names:
+                break
+        else:
+            raise QuailoraInputError(f"no tensor under {module!r} in checkpoint {str(self.checkpoint_dir)!r}")
         return {name[len(prefix) :]: self.get(name) for name in names}

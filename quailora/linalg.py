@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from quailora.errors import QuailoraInputError
+
 SvdSolver = Literal["auto", "exact", "randomized"]
 # Above this size a full SVD costs minutes on a CPU; randomized SVD with power iterations is used instead.
 EXACT_SVD_MAX_DIM = 4096
@@ -40,6 +42,16 @@ def damp(gram: torch.Tensor, damping: float) -> torch.Tensor:
         return gram
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return gram + damping * gram.diagonal().mean() * eye
+
+
+def damped_cholesky(gram: torch.Tensor, damping: float, *, name: str, what: str = "Gram H") -> torch.Tensor:
+    """Lower L with L Lᵀ = damp(H); a layer whose H is not positive definite gets an error naming it."""
+    chol, info = torch.linalg.cholesky_ex(damp(gram, damping))
+    if info:
+        raise QuailoraInputError(
+            f"layer {name}: {what} is not positive definite with damping={damping}; raise init.options.damping"
+        )
+    return chol
 
 
 def split_svd(

@@ -8,7 +8,7 @@ Workers can each compute a disjoint share (``names=``) and exchange the small re
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +16,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from quailora.api import initialize
+from quailora.api import initialize, method_options, validate_options
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, needs_gram
@@ -28,7 +28,7 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 class WeightSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
-    def keys(self) -> Iterable[str]: ...
+    def __contains__(self, name: object) -> bool: ...
 
 
 class GramSource(Protocol):
@@ -108,26 +108,36 @@ def compute_adapters(
     names: list[str] | None = None,
     quantizer: Quantizer | None = None,
     adapter_name: str = "default",
+    seed: int = 0,
     **options,
 ) -> dict[str, LayerUpdate]:
-    """Initialize the given LoRA layers (all by default). Checks every layer before computing any."""
-    INITIALIZERS.get(method, where="init.method")
+    """Initialize the given LoRA layers (all by default). Checks every layer before computing any.
+
+    Methods that draw random numbers get a seed per layer derived from ``seed`` and the layer's name, so
+    same-shaped layers differ, the trial seed reaches every layer, and any worker split gives the same result.
+    """
+    fn = INITIALIZERS.get(method, where="init.method")
+    seeded = "seed" in method_options(fn)
     modules = dict(model.named_modules())
     names = lora_layer_names(model, adapter_name) if names is None else names
     calibrated = needs_gram(method)
-    known = set(weights.keys())
     gram_names = set(grams.names()) if grams is not None else set()
     for name in names:
         if not isinstance(modules.get(name), LoraLayer):
             raise QuailoraInputError(f"layer {name}: not a LoRA layer of this model")
         base_layer_kind(modules[name].get_base_layer(), name)
         key = f"{checkpoint_name(name)}.weight"
-        if key not in known:
+        if key not in weights:
             raise QuailoraInputError(f"layer {name}: full-precision weight {key!r} is not in the checkpoint")
         if calibrated and checkpoint_name(name) not in gram_names:
             raise QuailoraInputError(
                 f"layer {name}: method {method!r} needs a Gram for {checkpoint_name(name)!r}; none was collected"
             )
+        validate_options(
+            method,
+            _layer_options(modules[name], options, adapter_name, seeded, seed, name),
+            where=f"layer {name}",
+        )
 
     updates = {}
     for name in names:
@@ -136,9 +146,7 @@ def compute_adapters(
         kind = base_layer_kind(base, name)
         quantized = kind.dequantize(base)
         weight = weights.get(f"{checkpoint_name(name)}.weight").to(quantized.device)
-        layer_options = dict(options)
-        if hasattr(module, "qalora_group_size"):  # QA-LoRA: A acts on pooled inputs, the layer knows the pool
-            layer_options.setdefault("group_size", module.qalora_group_size[adapter_name])
+        layer_options = _layer_options(module, options, adapter_name, seeded, seed, name)
         result = initialize(
             weight,
             quantized,
@@ -152,6 +160,22 @@ def compute_adapters(
         )
         updates[name] = LayerUpdate(result.lora_A, result.lora_B, result.base_weight, result.history)
     return updates
+
+
+def _layer_options(
+    module: nn.Module, options: dict, adapter_name: str, seeded: bool, seed: int, name: str
+) -> dict:
+    layer_options = dict(options)
+    if hasattr(module, "qalora_group_size"):  # QA-LoRA: A acts on pooled inputs, the layer knows the pool
+        layer_options.setdefault("group_size", module.qalora_group_size[adapter_name])
+    if seeded:
+        layer_options.setdefault("seed", layer_seed(seed, name))
+    return layer_options
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A stable 31-bit seed per (trial seed, layer name); crc32 rather than hash(), which is salted per process."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
 def apply_adapters(model: nn.Module, updates: dict[str, LayerUpdate], adapter_name: str = "default") -> None:

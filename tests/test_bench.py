@@ -1,14 +1,41 @@
 """The benchmark's rows: the peer comes first, and our `svd` matches peft's SVD step on the same matrix."""
 
-from quailora.bench import bench_rows
+import pytest
+
+from quailora.bench import DEFAULT_METHODS, bench_rows
+from quailora.errors import QuailoraInputError
 
 
 def test_bench_rows_carry_peer_ratio_and_agree_with_peft():
-    rows = list(bench_rows([(96, 64)], [8], [4], ["gaussian", "svd", "closed_form"], solver="exact"))
-    assert [r["method"] for r in rows] == ["peft_svd", "gaussian", "svd", "closed_form"]
+    methods = ["gaussian", "svd", "closed_form", "qalora_closed_form"]
+    rows = list(bench_rows([(96, 64)], [4], [4], methods, solver="exact", group_size=8))
+    assert [r["method"] for r in rows] == ["peft_svd", *methods]
     by = {r["method"]: r for r in rows}
-    assert by["peft_svd"]["peft_svd_seconds_ratio"] == 1.0
+    peer = by["peft_svd"]["seconds"]
+    for row in rows[1:]:
+        assert row["peft_svd_seconds_ratio"] == pytest.approx(row["seconds"] / peer, rel=0.05, abs=2e-3)
     assert abs(by["svd"]["rel_error"] - by["peft_svd"]["rel_error"]) < 1e-4
     assert by["gaussian"]["rel_error"] == 1.0  # B = 0: the adapter starts as a no-op
     assert by["closed_form"]["rel_calibrated_error"] < by["svd"]["rel_calibrated_error"] < 1.0
+    # The pooled adapter reaches fewer updates than plain LoRA, but still lowers the calibrated error.
+    assert by["closed_form"]["rel_calibrated_error"] < by["qalora_closed_form"]["rel_calibrated_error"] < 1.0
     assert all(r["peak_mb"] >= 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_default_methods_come_from_the_registry():
+    assert {"gaussian", "svd", "quailora", "closed_form", "loftq"} <= set(DEFAULT_METHODS)
+    assert not any(m.startswith("qalora") for m in DEFAULT_METHODS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"methods": ["svdd"]}, "'svdd'"),
+        ({"solver": "fast"}, "solver='fast'"),
+        ({"bits_list": [5]}, "--bits 5"),
+    ],
+)
+def test_bad_arguments_fail_before_any_row(kwargs, needle):
+    args = {"shapes": [(96, 64)], "ranks": [4], "bits_list": [4], "methods": ["svd"]} | kwargs
+    with pytest.raises(QuailoraInputError, match=needle.replace("[", r"\[")):
+        next(bench_rows(**args))

@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+import quailora
 from quailora.base_layers import base_layer_kind, exact_cpu_4bit
 from quailora.checkpoint import SafetensorsWeights
 from quailora.errors import QuailoraInputError
@@ -87,9 +88,8 @@ def test_layer_outputs_equal_q_plus_adapter(checkpoint, quant, method, lora):
     names = lora_layer_names(model)
     assert len(names) == 2 * 7
     options = {"iterations": 2} if method in ("quailora", "loftq") else {}
-    updates = initialize_peft_model(
-        model, method, SafetensorsWeights(checkpoint), FullModelGrams(checkpoint, tokens), **options
-    )
+    grams = FullModelGrams(checkpoint, tokens)
+    updates = initialize_peft_model(model, method, SafetensorsWeights(checkpoint), grams, **options)
     assert set(updates) == set(names)
     weights = SafetensorsWeights(checkpoint)
     modules = dict(model.named_modules())
@@ -111,6 +111,39 @@ def test_layer_outputs_equal_q_plus_adapter(checkpoint, quant, method, lora):
         # The adapter moves Q towards W.
         w = weights.get(f"{checkpoint_name(name)}.weight")
         assert (w - q - scaling * b @ a).norm() < (w - q).norm()
+        if method != "loftq":  # loftq also moves Q, so the one-layer call sees a different start
+            gram = grams.get(checkpoint_name(name)) if method in ("quailora", "closed_form") else None
+            ref_a, ref_b = quailora.initialize(w, q, 8, method, gram=gram, scaling=scaling, **options)
+            assert torch.allclose(scaling * b @ a, scaling * ref_b @ ref_a, atol=1e-5), name
+
+
+def test_random_inits_differ_per_layer_and_follow_the_seed(checkpoint):
+    model = _peft_model(checkpoint, "nf4")
+    names = lora_layer_names(model)
+    same_shape = [n for n in names if n.endswith(("q_proj", "o_proj"))]
+    weights = SafetensorsWeights(checkpoint)
+    first = compute_adapters(model, "gaussian", weights, names=same_shape, seed=1)
+    again = compute_adapters(model, "gaussian", weights, names=same_shape[::-1], seed=1)
+    other = compute_adapters(model, "gaussian", weights, names=same_shape, seed=2)
+    a = [first[n].lora_A for n in same_shape]
+    assert all(not torch.equal(a[0], x) for x in a[1:])  # no two same-width layers share lora_A
+    assert all(torch.equal(first[n].lora_A, again[n].lora_A) for n in same_shape)  # order/split independent
+    assert all(not torch.equal(first[n].lora_A, other[n].lora_A) for n in same_shape)
+
+
+def test_bare_base_model_checkpoint_keys_resolve(checkpoint, tmp_path):
+    """Checkpoints saved from the bare base model (bigscience BLOOM) lack the wrapper's prefix."""
+    from safetensors.torch import save_file
+
+    full = SafetensorsWeights(checkpoint)
+    save_file({k.removeprefix("model."): full.get(k) for k in full}, tmp_path / "model.safetensors")
+    bare = SafetensorsWeights(tmp_path)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert key in bare and "model.layers.9.mlp.down_proj.weight" not in bare
+    assert torch.equal(bare.get(key), SafetensorsWeights(checkpoint).get(key))
+    assert set(bare.state_dict("model.layers.0")) == set(
+        SafetensorsWeights(checkpoint).state_dict("model.layers.0")
+    )
 
 
 def test_loftq_requantizes_base_layer(checkpoint):

@@ -7,6 +7,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from quailora.api import validate_options
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, InitProblem
 from quailora.linalg import calibrated_error
@@ -301,6 +302,7 @@ def test_initialized_layer_realises_the_predicted_objective():
 )
 def test_initializer_input_errors_are_named(options, match):
     with pytest.raises(QuailoraInputError, match=match):
+        validate_options("qalora_closed_form", options)  # what quailora.initialize checks first
         INITIALIZERS.get("qalora_closed_form")(init_problem(group=16), **options)
     with pytest.raises(QuailoraInputError, match=r"rank=40 exceeds"):
         INITIALIZERS.get("qalora_zero")(init_problem(rank=40), group_size=16)

@@ -60,8 +60,12 @@ def initialize_distributed(
 
     start = time.perf_counter()
     names = my_layers(lora_layer_names(model), rank, world_size)
+    options = {
+        "seed": config.seed,
+        **config.init.options,
+    }  # init.options.seed, if given, overrides the trial's
     updates = compute_adapters(
-        model, config.init.method, SafetensorsWeights(checkpoint), grams, names=names, **config.init.options
+        model, config.init.method, SafetensorsWeights(checkpoint), grams, names=names, **options
     )
     shares: list[dict] = [{} for _ in range(world_size)]
     dist.all_gather_object(shares, updates)

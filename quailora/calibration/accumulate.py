@@ -57,6 +57,7 @@ class GramAccumulator:
         return {key: total.div_(self.rows[key]).to(torch.float32) for key, total in self.sums.items()}
 
     def remove(self) -> None:
+        """Stop accumulating. Idempotent, so a propagation may stop early and the caller still cleans up."""
         for handle in self._handles:
             handle.remove()
         self._seen.clear()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from quailora.errors import QuailoraInputError
 from quailora.quantizers.base import Quantizer
 from quailora.registry import Registry
 
@@ -64,3 +66,35 @@ def calibrated(fn: Initializer) -> Initializer:
 
 def needs_gram(method: str) -> bool:
     return getattr(INITIALIZERS.get(method, where="init.method"), "needs_gram", False)
+
+
+def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """peft's default lora_A (nn.init.kaiming_uniform_, a=sqrt(5): bound 1/sqrt(width)) from a seeded generator."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bound = 1.0 / math.sqrt(width)
+    return torch.empty(rank, width, device=device).uniform_(-bound, bound, generator=gen)
+
+
+def pooled_width(problem: InitProblem, group_size: int) -> int:
+    """n / L after checking that the pooled (QA-LoRA) problem is well posed."""
+    out_features, in_features = problem.weight.shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise QuailoraInputError(
+            f"layer {problem.name}: group_size={group_size!r} must be a positive integer"
+        )
+    if in_features % group_size:
+        raise QuailoraInputError(
+            f"layer {problem.name}: in_features={in_features} is not divisible by group_size={group_size}"
+        )
+    quant_group = getattr(problem.quantizer, "group_size", None)
+    if quant_group is not None and group_size % quant_group:
+        raise QuailoraInputError(
+            f"layer {problem.name}: group_size={group_size} must be a multiple of the quantizer's "
+            f"group_size={quant_group}, or the update cannot merge into the zero points"
+        )
+    width = in_features // group_size
+    if problem.rank > min(out_features, width):
+        raise QuailoraInputError(
+            f"layer {problem.name}: rank={problem.rank} exceeds min(out={out_features}, in/group_size={width})"
+        )
+    return width

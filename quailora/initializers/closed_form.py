@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
-from quailora.linalg import SvdSolver, balanced_factors, damp, truncated_svd
+from quailora.linalg import SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 
 
 @INITIALIZERS.register("closed_form")
@@ -22,7 +22,7 @@ def closed_form(
     oversample: int = 8,
     seed: int = 0,
 ) -> Initialization:
-    chol = torch.linalg.cholesky(damp(problem.gram, damping))
+    chol = damped_cholesky(problem.gram, damping, name=problem.name)
     u, s, vh = truncated_svd(
         problem.error @ chol, problem.rank, solver=solver, niter=niter, oversample=oversample, seed=seed
     )

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
+from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, kaiming_uniform
 
 
 @INITIALIZERS.register("gaussian")
 def gaussian(problem: InitProblem, *, seed: int = 0) -> Initialization:
     out_features, in_features = problem.weight.shape
-    gen = torch.Generator(device=problem.weight.device).manual_seed(seed)
-    lora_a = torch.empty(problem.rank, in_features, device=problem.weight.device)
-    # Same bound as nn.init.kaiming_uniform_(a=sqrt(5)), which peft uses, but with our own generator.
-    bound = 1.0 / math.sqrt(in_features)
-    lora_a.uniform_(-bound, bound, generator=gen)
-    lora_b = torch.zeros(out_features, problem.rank, device=problem.weight.device)
+    device = problem.weight.device
+    lora_a = kaiming_uniform(problem.rank, in_features, seed, device)
+    lora_b = torch.zeros(out_features, problem.rank, device=device)
     return Initialization(lora_a, lora_b, problem.quantized)
