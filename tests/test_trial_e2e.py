@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
+from ray.train import UserCallback
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -25,6 +27,23 @@ from trials.tracking import TRIAL_KEY_TAG, flat_params, trial_key
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "e2e"
+
+
+class RecordReports(UserCallback):
+    """Appends what each Ray Train report carries (rank 0's metrics) to a JSON-lines file: the callback
+    runs in Ray Train's controller actor, not in the test process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        record = {
+            "step": metrics[0]["step"],
+            "val_ppl": metrics[0].get("val_ppl"),
+            "checkpoint": checkpoint is not None,
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _free_port() -> int:
@@ -65,31 +84,58 @@ def mlflow_server(tmp_path_factory):
 def trial(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("trial")
     checkpoint = make_trial_checkpoint(root / "ckpt")
-    config = micro_trial_config(checkpoint, make_texts(root), train={"eval_every": 2})
+    # Eval at 2 and 4, a checkpoint at 3: one report of each kind before the final one (the eval at the
+    # last step is not reported on its own: the final report follows).
+    config = micro_trial_config(checkpoint, make_texts(root), train={"eval_every": 2, "checkpoint_every": 3})
+    reports = root / "reports.jsonl"
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
     try:
         began = time.perf_counter()
         metrics = run_trial(
-            config, tracking_uri=mlflow_server, experiment_name=EXPERIMENT, storage_path=str(root / "ray")
+            config,
+            tracking_uri=mlflow_server,
+            experiment_name=EXPERIMENT,
+            storage_path=str(root / "ray"),
+            callbacks=[RecordReports(reports)],
         )
         seconds = time.perf_counter() - began
         client = MlflowClient(mlflow_server)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([experiment.experiment_id])
         yield {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
-               "root": root, "checkpoint": checkpoint, "uri": mlflow_server}  # fmt: skip
+               "root": root, "checkpoint": checkpoint, "uri": mlflow_server, "reports": reports}  # fmt: skip
     finally:
         ray.shutdown()
 
 
 def test_two_worker_trial_finishes_quickly_with_every_metric(trial):
     assert trial["seconds"] < 120
-    metrics = trial["metrics"]
-    for name in ("val_ppl_init", "val_ppl_final", "calib_seconds", "init_seconds", "train_seconds",
-                 "tokens_per_second", "peak_memory_mb", "model_size_mb"):  # fmt: skip
-        assert name in metrics and metrics[name] == metrics[name], name
+    metrics, config = trial["metrics"], trial["config"]
+    assert set(metrics) == {"val_ppl_init", "val_ppl_final", "calib_seconds", "init_seconds", "train_seconds",
+                            "tokens_per_second", "init_peak_memory_mb", "train_peak_memory_mb",
+                            "model_size_mb"}  # fmt: skip
+    assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
-    assert metrics["tokens_per_second"] > 0 and metrics["model_size_mb"] > 0
+    assert metrics["init_seconds"] > 0 and 0 < metrics["train_seconds"] < trial["seconds"]
+    train = config.train
+    tokens = train.max_steps * train.grad_accum * train.batch_size * config.data.seq_len * 2  # 2 workers
+    assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(tokens)
+    # per worker process: more than the model, less than the whole machine
+    assert 0 < metrics["model_size_mb"] < metrics["init_peak_memory_mb"] < 64 * 1024
+    assert 0 < metrics["train_peak_memory_mb"] < 64 * 1024
+
+
+def test_eval_points_reach_ray_train_and_checkpoints_keep_their_steps(trial):
+    reports = [json.loads(line) for line in trial["reports"].read_text().splitlines()]
+    assert [(r["step"], r["val_ppl"] is not None, r["checkpoint"]) for r in reports] == [
+        (2, True, False), (3, False, True), (4, False, True),
+    ]  # fmt: skip
+    run = trial["runs"][0]
+    logged = {m.step: m.value for m in trial["client"].get_metric_history(run.info.run_id, "val_ppl")}
+    assert set(logged) == {2, 4}
+    assert {r["step"]: r["val_ppl"] for r in reports if r["val_ppl"] is not None} == pytest.approx(
+        {2: logged[2]}
+    )
 
 
 def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
@@ -98,6 +144,9 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
     run = trial["runs"][0]
     assert run.info.status == "FINISHED"
     assert run.data.params == flat_params(config)
+    expected = {"quant.method": "nf4", "lora.rank": "4", "init.method": "svd", "train.max_steps": "4",
+                "train.eval_every": "2", "resources.num_workers": "2"}  # fmt: skip
+    assert {k: run.data.params[k] for k in expected} == expected
     tags = run.data.tags
     assert (tags["family"], tags["bits"], tags["method"], tags["rank"]) == ("llama", "4", "svd", "4")
     assert tags["size"] and tags[TRIAL_KEY_TAG] == trial_key(config)
@@ -113,6 +162,12 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
         ).read_text()
     )
     assert ds["zero_optimization_stage"] == 2 and ds["world_size"] == 2 and ds["train_batch_size"] == 2 * 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 1)
+    assert ds["bf16_enabled"] is False and ds["fp16_enabled"] is False and ds["gradient_clipping"] == 1.0
+    # Resolved, not the dict given: DeepSpeed's defaults are there, which the given dict leaves out.
+    assert ds["zero_optimization"]["stage"] == 2 and "reduce_bucket_size" in ds["zero_optimization"]
+    assert "reduce_bucket_size" not in ds["user_config"]["zero_optimization"]
+    assert ds["optimizer"]["params"]["lr"] == config.train.learning_rate
 
 
 def test_logged_adapter_reloads_through_plain_peft_with_the_same_logits(trial):

@@ -1,4 +1,5 @@
-"""A trial that dies after a checkpoint resumes from it; a non-finite loss stops a trial with its reason.
+"""A trial that dies after a checkpoint resumes from it (its throughput figures cumulative over both
+attempts); a non-finite loss stops a trial with its reason.
 
 Both log to the embedded default store (local SQLite + local artifacts), the setting `quailora trial` uses.
 """
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.config import TrialConfig
 from trials.run import TrialStoppedError, run_trial
 from trials.tracking import FAILURE_TAG, default_tracking_uri
 
@@ -23,6 +25,29 @@ class DieAfterFirstCheckpoint(UserCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is not None:
             raise RuntimeError("simulated crash after a checkpoint")
+
+
+class DieAfterFinalCheckpoint(UserCallback):
+    """Takes the trial down once the checkpoint of its last step is persisted, before the run finishes."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is not None and metrics[0]["step"] == self.max_steps:
+            raise RuntimeError("simulated crash after the final checkpoint")
+
+
+def _tokens(config: TrialConfig) -> int:
+    """Tokens a whole trial trains on: steps x accumulation x micro-batch x sequence x workers."""
+    train = config.train
+    return (
+        train.max_steps
+        * train.grad_accum
+        * train.batch_size
+        * config.data.seq_len
+        * config.resources.num_workers
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +85,25 @@ def test_killed_trial_resumes_from_its_last_checkpoint(setup):
     assert crashed.info.status == "FAILED" and "simulated crash" in crashed.data.tags[FAILURE_TAG]
     assert {m.step for m in client.get_metric_history(crashed.info.run_id, "train_loss")} >= {1, 2}
 
+    # The second attempt dies too, after its final checkpoint: the third trains nothing and still reports
+    # the training both earlier attempts did, carried in the checkpoint.
+    with pytest.raises(Exception, match="simulated crash after the final checkpoint"):
+        run_trial(config, tracking_uri=uri, experiment_name="recovery", storage_path=storage,
+                  callbacks=[DieAfterFinalCheckpoint(config.train.max_steps)])  # fmt: skip
+    second = client.get_metric_history(_only_run(client, "recovery").info.run_id, "resumed_from_step")
+    assert [m.value for m in second] == [2]
     metrics = run_trial(config, tracking_uri=uri, experiment_name="recovery", storage_path=storage)
     run = _only_run(client, "recovery")
     assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags
-    assert run.data.metrics["resumed_from_step"] == 2
+    assert run.data.metrics["resumed_from_step"] == 4
     # (The crashed attempt's workers may log a step or two past the checkpoint before they are stopped.)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps.count(1) == steps.count(2) == 1, "steps before the checkpoint were trained again"
     assert steps[-2:] == [3, 4]
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and metrics["model_size_mb"] > 0
+    # Steps 1-2 ran in the first attempt, 3-4 in the second: their tokens come back with the checkpoint.
+    assert metrics["train_seconds"] > 0
+    assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(_tokens(config))
     assert len(list((root / "ray").rglob("grams.index.json"))) == 1
 
 

@@ -36,8 +36,26 @@ def test_good_config_lists_every_linear_layer_but_the_head(setup):
         ({"lora": {"rank": 65}}, "lora.rank=65 exceeds layer"),
         ({"lora": {"target_modules": ["q_proj", "wq"]}}, "'wq' matches no linear module"),
         ({"init": {"method": "magic"}}, "unknown initialization method 'magic'"),
-        ({"init": {"method": "svd", "options": {"bogus": 1}}}, "init.options ['bogus']"),
+        (
+            {"init": {"method": "svd", "options": {"bogus": 1}}},
+            "init.options (method 'svd'): method 'svd' has no option(s) ['bogus']",
+        ),
         ({"init": {"method": "qalora_zero"}}, "needs quant.method='int'"),
+        (
+            {"init": {"method": "svd", "options": {"niter": "4"}}},
+            "(method 'svd'): option niter='4' must be an integer",
+        ),
+        (
+            {"init": {"method": "svd", "options": {"solver": "qr"}}},
+            "(method 'svd'): option solver='qr' must be one of",
+        ),
+        (
+            {
+                "quant": {"method": "int", "bits": 4, "group_size": 16},
+                "init": {"method": "qalora_zero", "options": {"group_size": 32}},
+            },
+            "init.options.group_size=32 differs from quant.group_size=16",
+        ),
         ({"quant": {"method": "nf4", "bits": 4, "blocksize": 128}}, "quant.blocksize=128"),
         ({"quant": {"method": "int", "bits": 4, "group_size": 48}}, "not divisible by quant.group_size=48"),
         (
@@ -64,6 +82,15 @@ def test_bit_width_the_quantizer_cannot_do(setup, method, bits):
         ValidationError, match=f"quant.bits={bits} is not possible with quant.method='{method}'"
     ):
         micro_trial_config(*setup, quant={"method": method, "bits": bits})
+
+
+def test_init_options_of_the_declared_types_pass(setup):
+    config = micro_trial_config(
+        *setup,
+        quant={"method": "int", "bits": 4, "group_size": 16},
+        init={"method": "qalora_closed_form", "options": {"group_size": 16, "damping": 1, "solver": "exact"}},
+    )
+    validate_trial(config)  # an int where a float is declared is fine; group_size may repeat quant's
 
 
 def test_calibration_settings_matter_only_to_calibrated_methods(setup):

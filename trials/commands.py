@@ -31,21 +31,13 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 
 
 def run_trial_command(args: argparse.Namespace) -> int:
-    import ray
-
-    from trials.run import TrialStoppedError, run_trial
+    from trials.run import TrialStoppedError, ensure_ray, run_trial
     from trials.tracking import default_tracking_uri
 
     config = load_trial_config(args.config)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        # A private local instance unless told otherwise: a plain ray.init() would join any cluster
-        # another process on this machine happens to have started.
-        if args.ray_address:
-            ray.init(address=args.ray_address)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    ensure_ray(args.ray_address, args.num_cpus)
     try:
         metrics = run_trial(
             config,

@@ -26,14 +26,14 @@ from trials.worker import train_trial
 
 # The metrics a trial returns (the sweep report reads these names), plus any lmeval_<task>_acc.
 RESULT_METRICS = (
-    "val_ppl_fp",
     "val_ppl_init",
     "val_ppl_final",
     "calib_seconds",
     "init_seconds",
     "train_seconds",
     "tokens_per_second",
-    "peak_memory_mb",
+    "init_peak_memory_mb",
+    "train_peak_memory_mb",
     "model_size_mb",
 )
 
@@ -50,6 +50,18 @@ def _result_metrics(metrics: dict) -> dict[str, float]:
     }
 
 
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (else RAY_ADDRESS) if given, otherwise start a private local instance: a bare
+    ray.init() would join whichever cluster another process on this machine started last."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
 def _gram_dir(storage_path: str, run_name: str) -> Path:
     """Grams live beside the checkpoints when storage is a local/shared path; else in a node-local temp dir."""
     if "://" in storage_path:
@@ -57,7 +69,7 @@ def _gram_dir(storage_path: str, run_name: str) -> Path:
     return Path(storage_path) / run_name / "grams"
 
 
-def _scaling(config: TrialConfig) -> ScalingConfig:
+def scaling_config(config: TrialConfig) -> ScalingConfig:
     resources = {"CPU": config.resources.cpus_per_worker}
     if config.resources.use_gpu:
         resources["GPU"] = config.resources.gpus_per_worker or 1
@@ -97,13 +109,7 @@ def run_trial(
 
     storage_path = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     run_name = f"{config.name}_{trial_key(config)}"
-    if not ray.is_initialized():
-        # RAY_ADDRESS joins a cluster; otherwise a private local instance (a bare ray.init() would join
-        # whichever cluster another process on this machine started last).
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(address="local", include_dashboard=False)
+    ensure_ray()
     trainer = TorchTrainer(
         train_trial,
         train_loop_config={
@@ -114,7 +120,7 @@ def run_trial(
             "run_id": run_id,
             "gram_dir": str(_gram_dir(storage_path, run_name)),
         },
-        scaling_config=_scaling(config),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -81,10 +81,10 @@ def trial_tags(config: TrialConfig, family: str, num_parameters: int) -> dict[st
 
 
 def find_run(client: MlflowClient, experiment_id: str, key: str, parent_run_id: str | None):
-    """The live run of this trial (same key, same parent), if a previous attempt created one."""
-    query = f"tags.`{TRIAL_KEY_TAG}` = '{key}'"
-    if parent_run_id:
-        query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    """The run of this trial (same key, same parent), if a previous attempt created one. A standalone
+    trial matches only runs without a parent, so it never adopts a sweep's child run of the same config."""
+    parent = f"= '{parent_run_id}'" if parent_run_id else "IS NULL"
+    query = f"tags.`{TRIAL_KEY_TAG}` = '{key}' and tags.`{PARENT_TAG}` {parent}"
     runs = client.search_runs(
         [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
     )

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from quailora.api import validate_options
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, needs_gram
+from quailora.initializers import needs_gram
 from quailora.peft_init import validate_lora_targets
 from trials.adapters import adapter_family, check_adapter_family
 from trials.config import TrialConfig
@@ -30,17 +30,18 @@ class TrialPlan:
 
 
 def _check_init(config: TrialConfig) -> None:
-    initializer = INITIALIZERS.get(config.init.method, where="init.method")
-    accepted = {
-        p.name
-        for p in inspect.signature(initializer).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = sorted(set(config.init.options) - accepted)
-    if unknown:
-        raise QuailoraInputError(
-            f"init.options {unknown} are not options of method {config.init.method!r}; it accepts {sorted(accepted)}"
-        )
+    """init.options must be the method's options, in their domains. A QA-LoRA method's group_size is its
+    adapter's pooling group, quant.group_size: any other value would fail only mid-compute."""
+    method = config.init.method
+    options = dict(config.init.options)
+    if adapter_family(method) == "qalora":
+        group_size = options.setdefault("group_size", config.quant.group_size)
+        if group_size != config.quant.group_size:
+            raise QuailoraInputError(
+                f"init.options.group_size={group_size!r} differs from quant.group_size={config.quant.group_size}, "
+                f"the pooling group of the adapter method {method!r} initializes; leave it out"
+            )
+    validate_options(method, options, where=f"init.options (method {method!r})")
 
 
 def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:

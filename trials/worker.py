@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import resource
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import deepspeed
@@ -54,6 +55,15 @@ class RankZeroTracker:
             mark_failed(self.client, self.run_id, reason)
 
 
+@dataclass
+class TrainProgress:
+    """How far training got, saved in every checkpoint so a resumed trial reports cumulative figures."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    tokens: int = 0
+
+
 def micro_batch(
     blocks: torch.Tensor, seed: int, index: int, rank: int, world_size: int, batch_size: int
 ) -> torch.Tensor:
@@ -69,10 +79,27 @@ def micro_batch(
     return blocks[torch.stack(rows)]
 
 
+def _synchronize(device: torch.device) -> None:
+    """CUDA kernels run asynchronously: wait for them so a timer read covers the compute queued before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory phase, so training's peak is not hidden behind initialization's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS; where refused, the peak spans the process
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak since the last reset: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def _all_max(value: float, device: torch.device) -> float:
@@ -107,36 +134,51 @@ def _save_adapter_and_probe(
 
 
 def _log_deepspeed_config(engine, tracker: RankZeroTracker) -> None:
+    """Log what the engine runs with: DeepSpeed keeps the given dict as is (``user_config``) and puts the
+    resolved values, defaults filled in and batch sizes derived, in the engine's config attributes."""
+    ds = engine._config
     resolved = {
-        "config": engine._config._param_dict,  # the dict after DeepSpeed filled in its defaults
         "train_batch_size": engine.train_batch_size(),
         "train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        "gradient_clipping": engine.gradient_clipping(),
         "zero_optimization_stage": engine.zero_optimization_stage(),
+        "zero_optimization": ds.zero_config.model_dump(),
         "bf16_enabled": engine.bfloat16_enabled(),
+        "fp16_enabled": engine.fp16_enabled(),
+        "bf16": ds.bfloat16_config.model_dump(),
+        "fp16": ds.float16_config.model_dump(),
+        "optimizer": {"type": engine.optimizer_name(), "params": engine.optimizer_params()},
+        "scheduler": {"type": engine.scheduler_name(), "params": engine.scheduler_params()},
         "world_size": dist.get_world_size(),
+        "user_config": ds._param_dict,
     }
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "deepspeed_config.json").write_text(json.dumps(resolved, indent=2, default=str))
         tracker.artifacts(tmp, "")
 
 
-def _report_checkpoint(engine, step: int, metrics: dict[str, float]) -> None:
+def _report_checkpoint(engine, progress: TrainProgress, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # Only the adapter and optimizer: the frozen quantized base is rebuilt from the model checkpoint.
         engine.save_checkpoint(
-            tmp, tag=CHECKPOINT_TAG, client_state={"step": step}, exclude_frozen_parameters=True
+            tmp, tag=CHECKPOINT_TAG, client_state=asdict(progress), exclude_frozen_parameters=True
         )
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(
+            {**metrics, "step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+        )
 
 
-def _resume_step(engine) -> int:
+def _resume_progress(engine) -> TrainProgress:
+    """The progress saved with the last checkpoint (a field older checkpoints lack keeps its default)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return TrainProgress()
     with checkpoint.as_directory() as path:
         _, client_state = engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_module_strict=False)
-    return int(client_state["step"])
+    return TrainProgress(
+        **{f.name: client_state[f.name] for f in fields(TrainProgress) if f.name in client_state}
+    )
 
 
 def train_trial(loop_config: dict) -> None:
@@ -149,6 +191,7 @@ def train_trial(loop_config: dict) -> None:
     dtype = torch.bfloat16 if bf16 else getattr(torch, config.model.dtype)
     tracker = RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     batch_size = config.train.batch_size
+    _reset_peak_memory(device)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     train_blocks = tokenize_blocks(
@@ -181,7 +224,10 @@ def train_trial(loop_config: dict) -> None:
     timings = initialize_distributed(model, config, checkpoint, calib_ids, Path(loop_config["gram_dir"]))
     summary: dict[str, float] = {**timings, "model_size_mb": model_size_mb}
     summary["val_ppl_init"] = perplexity(model, val_blocks, batch_size, device)
+    summary["init_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
     tracker.metrics(dict(summary), 0)
+    logged_at_start = set(summary)
+    _reset_peak_memory(device)  # from here on: fine-tuning and the final evaluation
 
     model.train()
     engine, _, _, _ = deepspeed.initialize(
@@ -191,11 +237,12 @@ def train_trial(loop_config: dict) -> None:
         dist_init_required=False,  # Ray Train already created the process group
     )
     _log_deepspeed_config(engine, tracker)
-    start_step = _resume_step(engine)
-    summary["resumed_from_step"] = start_step
+    progress = _resume_progress(engine)
+    summary["resumed_from_step"] = progress.step
 
-    train_seconds, tokens, stop_reason = 0.0, 0, None
-    for step in range(start_step + 1, config.train.max_steps + 1):
+    stop_reason = None
+    for step in range(progress.step + 1, config.train.max_steps + 1):
+        _synchronize(device)
         began = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.train.grad_accum):
@@ -211,8 +258,10 @@ def train_trial(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-            tokens += ids.numel() * world_size
-        train_seconds += time.perf_counter() - began
+            progress.tokens += ids.numel() * world_size
+        _synchronize(device)
+        progress.train_seconds += time.perf_counter() - began
+        progress.step = step
         train_loss = _all_mean(loss_sum / config.train.grad_accum)
         if not math.isfinite(train_loss):
             stop_reason = f"non-finite loss: train_loss={train_loss} at step {step}"
@@ -227,15 +276,19 @@ def train_trial(loop_config: dict) -> None:
             and step % config.train.checkpoint_every == 0
             and step < config.train.max_steps
         ):
-            _report_checkpoint(engine, step, values)
+            _report_checkpoint(engine, progress, values)
+        elif "val_ppl" in values and step < config.train.max_steps:
+            # Eval points reach Ray Tune, whose ASHA stops trials on val_ppl. Not the last step: the final
+            # report follows at once, and ASHA would stop a trial whose step reached max_t before it.
+            ray.train.report({**values, "step": step})
 
     if stop_reason:
         tracker.metrics({STOP_METRIC: 1.0}, int(summary["stopped_at_step"]))
         tracker.failed(stop_reason)
         ray.train.report(summary)  # no checkpoint: the weights are not finite any more
         return
-    summary["train_seconds"] = train_seconds
-    summary["tokens_per_second"] = tokens / train_seconds if train_seconds else 0.0
+    summary["train_seconds"] = progress.train_seconds
+    summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     if config.eval.perplexity:
         summary["val_ppl_final"] = perplexity(engine.module, val_blocks, batch_size, device)
     if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
@@ -247,9 +300,8 @@ def train_trial(loop_config: dict) -> None:
         dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
         summary.update(accuracies[0])
     _save_adapter_and_probe(engine, config, val_blocks[: min(2, len(val_blocks))].to(device), tracker)
-    summary["peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
-    logged_at_start = ("calib_seconds", "init_seconds", "model_size_mb", "val_ppl_init")
+    summary["train_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
     tracker.metrics({k: v for k, v in summary.items() if k not in logged_at_start}, config.train.max_steps)
     # Ray Train's Result carries the metrics of the last checkpoint, so the final report comes with one
     # (a restart after this point re-evaluates instead of re-training).
-    _report_checkpoint(engine, config.train.max_steps, summary)
+    _report_checkpoint(engine, progress, summary)

@@ -1,0 +1,38 @@
+"""Which MLflow run a trial reuses, and the worker's peak-memory phases (no Ray, no DeepSpeed engine)."""
+
+from __future__ import annotations
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.tracking import PARENT_TAG, default_tracking_uri, find_run, open_trial_run, trial_key
+from trials.worker import _peak_memory_mb, _reset_peak_memory
+
+
+def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
+    config = micro_trial_config(make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path))
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(experiment_id).info.run_id
+    child = open_trial_run(client, experiment_id, config, {}, parent)
+    assert child.data.tags[PARENT_TAG] == parent
+
+    assert find_run(client, experiment_id, trial_key(config), None) is None
+    standalone = open_trial_run(client, experiment_id, config, {}, None)
+    assert standalone.info.run_id != child.info.run_id and PARENT_TAG not in standalone.data.tags
+    assert find_run(client, experiment_id, trial_key(config), None).info.run_id == standalone.info.run_id
+    assert find_run(client, experiment_id, trial_key(config), parent).info.run_id == child.info.run_id
+    other_sweep = client.create_run(experiment_id).info.run_id
+    assert find_run(client, experiment_id, trial_key(config), other_sweep) is None
+
+
+def test_peak_memory_phase_starts_after_a_reset():
+    cpu = torch.device("cpu")
+    _reset_peak_memory(cpu)
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+    del block
+    init_peak = _peak_memory_mb(cpu)
+    _reset_peak_memory(cpu)
+    assert init_peak - _peak_memory_mb(cpu) > 200
