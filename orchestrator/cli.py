@@ -7,6 +7,7 @@ before any Ray cluster or MLflow run exists.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from quailora.errors import QuailoraInputError
 
 EXIT_BAD_INPUT = 2
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+# Modules of the other packages whose `register(subparsers)` adds their subcommands (`models`, `trial`).
+OPTIONAL_COMMANDS = ("reference.commands", "trials.commands")
 
 
 def command(
@@ -93,9 +96,10 @@ def _report(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from orchestrator.preflight import check_ray_address
     from orchestrator.status import cluster_summary, experiments_table
+    from orchestrator.sweep_config import default_storage_path
 
     check_ray_address(args.address)
-    storage = args.storage or str(Path("runs").resolve())
+    storage = args.storage or default_storage_path()
     table = experiments_table(storage)
     print(table.to_markdown(index=False) if not table.empty else f"no experiments under {storage}")
     if args.address:
@@ -148,11 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
-    """`models` and `trial` subcommands of the other packages, when installed."""
-    for module in ("reference.commands", "trials.commands"):
+    """The subcommands of OPTIONAL_COMMANDS whose package is installed.
+
+    Only the package (or its commands module) being absent is skipped; any other ImportError is a broken
+    install or a bug inside the package, and is raised rather than silently dropping its subcommands.
+    """
+    for module in OPTIONAL_COMMANDS:
         try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name not in (module, module.split(".")[0]):
+                raise
             continue
         mod.register(sub)
 

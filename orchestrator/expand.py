@@ -1,18 +1,22 @@
 """Sweep -> trial matrix: the grid's cartesian product, minus dropped combinations, each validated.
 
-Sampled (random/Optuna) fields are left to Ray Tune, but every grid point is validated with each
-sampled field at both ends of its range, so a bad bound fails here and not inside a running trial.
+`drop_if` runs before validation, so it can drop combinations that are not valid trials. Sampled
+(random/Optuna) fields are left to Ray Tune, but every grid point is validated at every corner of the
+sampled fields (each at both ends of its range, together), so a bad bound fails here and not inside a
+running trial; `plan` sizes each trial at its worst corner.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from orchestrator.drop_rules import DropRule
 from orchestrator.sweep_config import (
@@ -56,6 +60,11 @@ class TrialMatrix:
             return self.sweep.search.num_samples
         return len(self.points) * self.sweep.search.num_samples
 
+    def corner_trials(self, point: TrialPoint) -> Iterator[TrialConfig]:
+        """The point's trial at every corner of the sampled fields: what any sampled trial lies between."""
+        for values in corners(self.sampled):
+            yield point.trial_config(values)
+
 
 def describe_validation_error(exc: ValidationError, where: str) -> str:
     """One line naming the first failing field path and its value."""
@@ -80,6 +89,11 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
         node[leaf] = copy.deepcopy(value)
 
 
+def _sub_model(info: FieldInfo) -> type[BaseModel] | None:
+    ann = info.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
 def check_field_path(path: str, *, where: str) -> type[BaseModel] | None:
     """Reject paths that name no TrialConfig field; free-form dicts (tags, init.options) accept any key.
 
@@ -94,9 +108,23 @@ def check_field_path(path: str, *, where: str) -> type[BaseModel] | None:
             raise QuailoraInputError(
                 f"{where}: {path!r} names no trial field ({part!r} is not one of {', '.join(model.model_fields)})"
             )
-        ann = info.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _sub_model(info)
     return model
+
+
+def with_defaults(model: type[BaseModel], tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`tree` with each omitted field's default filled in, unvalidated: what drop_if sees of a combination
+    that may not be a valid trial (dropping such combinations is what drop_if is for)."""
+    filled = dict(tree)
+    for name, info in model.model_fields.items():
+        sub = _sub_model(info)
+        if name in tree:
+            if sub and isinstance(tree[name], Mapping):
+                filled[name] = with_defaults(sub, tree[name])
+        elif not info.is_required():
+            default = info.get_default(call_default_factory=True)
+            filled[name] = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+    return filled
 
 
 def _token(path: str, value: Any) -> str:
@@ -129,6 +157,24 @@ def _corner_values(domain: Any) -> list[Any]:
     raise TypeError(domain)
 
 
+def corners(sampled: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the sampled fields' bounding values ([{}] when nothing is sampled)."""
+    bounds = [_corner_values(domain) for domain in sampled.values()]
+    return [dict(zip(sampled, values, strict=True)) for values in itertools.product(*bounds)]
+
+
+def _refuse_duplicate_names(points: list[TrialPoint]) -> None:
+    """Names key MLflow runs, Train directories and progress lines; two combinations must not share one."""
+    counts = Counter(p.name for p in points)
+    clashes = {name: [p.grid_values for p in points if p.name == name] for name, n in counts.items() if n > 1}
+    if clashes:
+        shown = "; ".join(f"{name!r} from {values}" for name, values in clashes.items())
+        raise QuailoraInputError(
+            f"{len(clashes)} trial name(s) come from more than one grid combination: {shown} "
+            "(a name shows each value's last path component and no booleans; make the values differ there)"
+        )
+
+
 def expand(sweep: SweepConfig) -> TrialMatrix:
     """Every grid combination that survives `drop_if`, each validated as a TrialConfig (raises QuailoraInputError)."""
     for path in sweep.space:
@@ -155,27 +201,25 @@ def expand(sweep: SweepConfig) -> TrialMatrix:
         name = "_".join(tokens) or sweep.name
         tree["name"] = name
         tree.setdefault("tags", {})["sweep"] = sweep.name
+        if any(rule.matches(with_defaults(TrialConfig, tree)) for rule in rules):
+            dropped.append(grid_values)
+            continue
         where = f"trial {name!r}" if grid_values else "base"
         try:
             full = TrialConfig.model_validate(tree).model_dump(mode="json")
         except ValidationError as exc:
             raise QuailoraInputError(describe_validation_error(exc, where)) from None
-        if any(rule.matches(full) for rule in rules):
-            dropped.append(grid_values)
-            continue
         point = TrialPoint(name=name, grid_values=grid_values, config=full)
-        for path, domain in sampled.items():
-            check_field_path(path, where=f"space.{path}")
-            for value in _corner_values(domain):
-                try:
-                    point.trial_config({path: value})
-                except ValidationError as exc:
-                    raise QuailoraInputError(
-                        describe_validation_error(exc, f"{where} with space.{path}={value!r}")
-                    ) from None
+        for values in corners(sampled):
+            try:
+                point.trial_config(values)
+            except ValidationError as exc:
+                at = ", ".join(f"space.{path}={value!r}" for path, value in values.items())
+                raise QuailoraInputError(describe_validation_error(exc, f"{where} with {at}")) from None
         points.append(point)
     if not points:
         raise QuailoraInputError(
             f"sweep {sweep.name!r}: drop_if removed all {len(dropped)} combinations; nothing to run"
         )
+    _refuse_duplicate_names(points)
     return TrialMatrix(sweep=sweep, points=points, sampled=sampled, dropped=dropped)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from orchestrator.sweep_config import SweepConfig
+from orchestrator.sweep_config import SweepConfig, default_storage_path
 from quailora.errors import QuailoraInputError
 
 STATE_FILE = "quailora_sweep.json"
@@ -57,7 +57,7 @@ class ExperimentState:
     def load(cls, experiment: str, storage_path: str | None = None) -> ExperimentState:
         """`experiment` is a path/URI of the experiment dir, or a name under `storage_path` (default ./runs)."""
         candidates = [experiment] if ("/" in experiment or "://" in experiment) else []
-        candidates.append(f"{storage_path or str(Path('runs').resolve())}/{experiment}")
+        candidates.append(f"{storage_path or default_storage_path()}/{experiment}")
         for candidate in candidates:
             fs, root = _fs(candidate)
             if fs.get_file_info(f"{root}/{STATE_FILE}").type == pyarrow.fs.FileType.File:

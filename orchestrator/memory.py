@@ -9,10 +9,11 @@ Terms (bytes), all stated so a reader can check them by hand:
 - adapters r·(in+out) per targeted linear, in fp32, plus fp32 grads and Adam's two fp32 moments;
   ZeRO-2/3 shard grads and optimizer state over the workers.
 - activations per layer b·s·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, eq. 2),
-  x2 for fp32 training; with gradient checkpointing 2·b·s·h per layer plus one full layer;
-  plus fp32 logits and their gradient 2·4·b·s·V.
-- calibration (calibrated inits only): one block's weights at model.dtype + fp32 Grams of its
-  distinct inputs + fp32 hidden states in and out.
+  x2 for fp32 training (precision "auto" is fp32 on CPU workers, trials.deepspeed_config.use_bf16);
+  with gradient checkpointing 2·b·s·h per layer plus one full layer; plus fp32 logits and their
+  gradient 2·4·b·s·V.
+- calibration (inits that need the Gram, quailora.initializers.needs_gram): one block's weights at
+  model.dtype + fp32 Grams of its distinct inputs + fp32 hidden states in and out.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.model_shapes import ModelShape
+from quailora.initializers import needs_gram
 from trials.config import TrialConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CALIBRATED_INITS = frozenset({"quailora", "closed_form", "qalora_closed_form"})
 GIB = 1024**3
 
 
@@ -75,6 +76,13 @@ def adapter_params(trial: TrialConfig, shape: ModelShape) -> int:
     return per_block * shape.layers
 
 
+def activation_bytes(trial: TrialConfig) -> int:
+    """2 when the trial trains in bf16. "auto" is fp32 on CPU workers and costed as bf16 on GPU workers
+    (plan cannot see the GPUs; use_bf16 falls back to fp32 on ones without bf16)."""
+    bf16 = trial.train.precision == "bf16" or (trial.train.precision == "auto" and trial.resources.use_gpu)
+    return 2 if bf16 else 4
+
+
 def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     dtype = DTYPE_BYTES[trial.model.dtype]
     h, s, b, L, V = shape.hidden, trial.data.seq_len, trial.train.batch_size, shape.layers, shape.vocab
@@ -84,7 +92,7 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     workers = trial.resources.num_workers  # ZeRO-2 and ZeRO-3 both shard grads and optimizer state
     adapters = 4 * n_adapter + (4 + 8) * n_adapter // workers
 
-    act_bytes = 4 if trial.train.precision == "fp32" else 2
+    act_bytes = activation_bytes(trial)
     full_layer = b * s * h * (34 + 5 * shape.heads * s // h) * act_bytes // 2
     layers_act = (
         (L * 2 * b * s * h * act_bytes // 2 + full_layer)
@@ -94,7 +102,7 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     logits = 2 * 4 * b * s * V
 
     calibration = 0
-    if trial.init.method in CALIBRATED_INITS:
+    if needs_gram(trial.init.method):
         block_weights = sum(n_in * n_out for _, n_in, n_out in shape.linears()) * dtype
         grams = sum(4 * n * n for n in shape.distinct_inputs())
         hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h

@@ -29,11 +29,14 @@ def _shape(model_path: str) -> ModelShape:
 
 
 def plan_trials(matrix: TrialMatrix) -> list[PlannedTrial]:
+    """Each grid point at the worst corner of its sampled fields, since Tune may draw any value in between."""
     limit = matrix.sweep.devices.memory_gb * GIB
     planned = []
     for point in matrix.points:
-        trial = point.trial_config()
-        mem = estimate(trial, _shape(trial.model.path))
+        mem, trial = max(
+            ((estimate(t, _shape(t.model.path)), t) for t in matrix.corner_trials(point)),
+            key=lambda pair: pair[0].peak,
+        )
         planned.append(PlannedTrial(point.name, trial.resources.model_dump(), mem, mem.peak <= limit))
     return planned
 
@@ -69,7 +72,8 @@ def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
     ]
     if matrix.sampled:
         lines.append(
-            "sampled per trial: " + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
+            "sampled per trial (memory at the worst corner): "
+            + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
         )
     lines.append(plan_table(planned).to_markdown(index=False, floatfmt=".2f"))
     return "\n".join(lines)

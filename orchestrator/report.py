@@ -1,8 +1,10 @@
 """Sweep report: tables per model and bit width, the recovered fraction of the 4-to-8-bit gap, plots, one HTML page.
 
 recovered = (p4 - p4m) / (p4 - p8) with p4 the 4-bit gaussian (QLoRA) value, p4m another 4-bit method
-and p8 the 8-bit gaussian value, matched on model, rank and seed (methods.md); the same ratio with
-accuracies. Works on a plain records table so it can be tested without MLflow or Ray.
+and p8 the 8-bit gaussian value (methods.md), matched on model, rank, seed and every other grid-swept
+field except the method's own (init.*, quant.*); n/a where p4 == p8. The same ratio with accuracies.
+Sampled (random/Optuna) fields differ per trial, so they are not matched. Works on a plain records
+table so it can be tested without MLflow or Ray.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,10 @@ import pandas as pd  # noqa: E402
 
 BASELINE = "gaussian"
 MODEL_KEYS = ["family", "size"]
-MATCH_KEYS = [*MODEL_KEYS, "rank", "seed"]
+MATCH_KEYS = [*MODEL_KEYS, "rank", "seed"]  # from trial tags; the other swept fields come from run params
+METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-bit gaussian peers
+TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
+NA = "n/a"
 
 
 @dataclass
@@ -37,12 +43,15 @@ class SweepReport:
         ]
         if self.recovered.empty:
             parts.append(
-                "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank and seed)"
+                "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
             )
         else:
             parts.append(
                 "### Recovered fraction of the 4-to-8-bit gap\n\n"
-                + self.recovered.to_markdown(index=False, floatfmt=".3f")
+                # tabulate writes missingval only for None, not NaN
+                + self.recovered.astype(object)
+                .where(self.recovered.notna(), None)
+                .to_markdown(index=False, floatfmt=".3f", missingval=NA)
             )
         return "\n\n".join(parts)
 
@@ -52,7 +61,7 @@ class SweepReport:
             body += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="%.3f")]
         body += [
             "<h2>Recovered fraction of the 4-to-8-bit gap</h2>",
-            self.recovered.to_html(index=False, float_format="%.3f"),
+            self.recovered.to_html(index=False, float_format="%.3f", na_rep=NA),
         ]
         for name, png in self.figures.items():
             data = base64.b64encode(png).decode()
@@ -108,32 +117,50 @@ def method_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def recovered_fraction(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """(p4 - p4m) / (p4 - p8) per model, method, rank and seed, from column `value`."""
+def _under(param: str, paths: Sequence[str]) -> bool:
+    return any(param == p or param.startswith(p + ".") for p in paths)
+
+
+def match_keys(df: pd.DataFrame, swept: Sequence[str]) -> list[str]:
+    """MATCH_KEYS plus the columns of the other grid-swept fields (`swept` paths), except the method's own."""
+    extra = [
+        c
+        for c in df.columns
+        if _under(c, swept) and c.split(".")[0] not in METHOD_SECTIONS and c not in TAGGED_PARAMS
+    ]
+    return [*MATCH_KEYS, *extra]
+
+
+def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
+    """(p4 - p4m) / (p4 - p8) per combination of `keys` and method, from column `value`; NaN where p4 == p8."""
+    keys = list(keys)
     base4 = df[(df.bits == 4) & (df.method == BASELINE)]
     base8 = df[(df.bits == 8) & (df.method == BASELINE)]
-    base4 = base4.groupby([*MATCH_KEYS, "quantizer"], as_index=False)[value].mean()
-    base8 = base8.groupby(MATCH_KEYS, as_index=False)[value].mean().rename(columns={value: "p8"})
-    others = df[(df.bits == 4) & (df.method != BASELINE)][[*MATCH_KEYS, "quantizer", "method", value]]
+    base4 = base4.groupby([*keys, "quantizer"], as_index=False)[value].mean()
+    base8 = base8.groupby(keys, as_index=False)[value].mean().rename(columns={value: "p8"})
+    others = df[(df.bits == 4) & (df.method != BASELINE)][[*keys, "quantizer", "method", value]]
     # Same 4-bit quantizer as the method when the sweep has it (QA-LoRA's INT4), otherwise any 4-bit gaussian run.
-    same = others.merge(base4.rename(columns={value: "p4"}), on=[*MATCH_KEYS, "quantizer"], how="left")
-    any4 = base4.groupby(MATCH_KEYS, as_index=False)[value].mean().rename(columns={value: "p4_any"})
-    merged = same.merge(any4, on=MATCH_KEYS, how="left").merge(base8, on=MATCH_KEYS, how="inner")
+    same = others.merge(base4.rename(columns={value: "p4"}), on=[*keys, "quantizer"], how="left")
+    any4 = base4.groupby(keys, as_index=False)[value].mean().rename(columns={value: "p4_any"})
+    merged = same.merge(any4, on=keys, how="left").merge(base8, on=keys, how="inner")
     merged["p4"] = merged["p4"].fillna(merged["p4_any"])
     merged = merged.dropna(subset=["p4", "p8", value])
-    merged["recovered"] = (merged["p4"] - merged[value]) / (merged["p4"] - merged["p8"])
-    return merged[[*MATCH_KEYS, "method", "p4", value, "p8", "recovered"]]
+    gap = merged["p4"] - merged["p8"]
+    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(gap != 0)  # no gap: nothing to recover
+    return merged[[*keys, "method", "p4", value, "p8", "recovered"]]
 
 
-def summarize_recovered(df: pd.DataFrame) -> pd.DataFrame:
+def summarize_recovered(df: pd.DataFrame, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
+    """Mean and std over seeds of the recovered fraction, per model, method, rank and other matched field."""
+    by = [*MODEL_KEYS, "method", *(k for k in keys if k not in (*MODEL_KEYS, "seed"))]
     parts = []
     for value, label in (("val_ppl_final", "perplexity"), ("accuracy", "accuracy")):
         if value not in df or df[value].isna().all():
             continue
-        per_seed = recovered_fraction(df, value)
+        per_seed = recovered_fraction(df, value, keys)
         if per_seed.empty:
             continue
-        summary = per_seed.groupby([*MODEL_KEYS, "method", "rank"], as_index=False).agg(
+        summary = per_seed.groupby(by, as_index=False, dropna=False).agg(
             recovered_mean=("recovered", "mean"),
             recovered_std=("recovered", "std"),
             seeds=("seed", "nunique"),
@@ -181,17 +208,19 @@ def plot_recovered(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def build_report(records: pd.DataFrame) -> SweepReport:
+def build_report(records: pd.DataFrame, swept: Sequence[str] = ()) -> SweepReport:
+    """`swept`: the sweep's grid-swept field paths; the recovered fraction matches runs on them (see match_keys)."""
     df = normalize(records)
-    recovered = summarize_recovered(df)
+    recovered = summarize_recovered(df, match_keys(df, swept))
     figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df["val_ppl_final"].notna().any() else {}
     if not recovered.empty and (recovered.metric == "perplexity").any():
         figures["recovered_per_family.png"] = plot_recovered(recovered)
     return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures)
 
 
-def records_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
-    """One row per finished child run: its tags (family, size, bits, method, rank, seed, quantizer) and metrics."""
+def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per finished child run: its tags (family, size, bits, method, rank, seed, quantizer), its params
+    under the `swept` field paths, and its metrics."""
     from orchestrator.tracking import child_runs
 
     rows = []
@@ -200,6 +229,7 @@ def records_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
             continue
         tags = run.data.tags
         row = {k: tags.get(k) for k in ("family", "size", "bits", "method", "rank", "seed", "quantizer")}
+        row.update({k: v for k, v in run.data.params.items() if _under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -209,19 +239,26 @@ def publish_report(client, state) -> str:
     """Build the report from the sweep's MLflow child runs, write it next to the experiment, log it to the parent run."""
     import tempfile
 
-    records = records_from_mlflow(client, state.parent_run_id)
+    from orchestrator.sweep_config import GridDomain
+
+    swept = [path for path, domain in state.sweep_config().space.items() if isinstance(domain, GridDomain)]
+    records = records_from_mlflow(client, state.parent_run_id, swept)
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet"
-    report = build_report(records)
+    report = build_report(records, swept)
     local = "://" not in state.path
     out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
     report.write(out_dir, title=f"quailora sweep {state.name}")
     client.log_artifacts(state.parent_run_id, str(out_dir), artifact_path="report")
-    for row in report.recovered.itertuples():
-        key = f"recovered_{row.metric}_{row.family}_{row.size}_{row.method}_r{row.rank}"
+    extra = match_keys(records, swept)[len(MATCH_KEYS) :]
+    for row in report.recovered.to_dict("records"):
+        if pd.isna(row["recovered_mean"]):  # no 4-to-8-bit gap: n/a in the report, no metric
+            continue
+        key = f"recovered_{row['metric']}_{row['family']}_{row['size']}_{row['method']}_r{row['rank']}"
+        key += "".join(f"_{c}-{row[c]}" for c in extra)
         client.log_metric(
             state.parent_run_id,
             "".join(c if c.isalnum() or c in "_-./" else "_" for c in key),
-            row.recovered_mean,
+            row["recovered_mean"],
         )
     return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"

@@ -31,12 +31,14 @@ def prepare(sweep: SweepConfig, address: str | None) -> TrialMatrix:
 
 
 def _init_ray(address: str | None) -> None:
+    """Join `address`, or start a private local instance: a bare ray.init() would join a cluster that
+    RAY_ADDRESS names or that another process on this machine started."""
     import ray
 
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *, resume: bool) -> int:
@@ -45,7 +47,7 @@ def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import publish_report
-    from orchestrator.tracking import ensure_parent_run, finish_parent
+    from orchestrator.tracking import end_stopped_runs, ensure_parent_run, finish_parent
     from orchestrator.tuning import build_tuner, restore_tuner
 
     client = MlflowClient(state.tracking_uri)
@@ -56,12 +58,15 @@ def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *
     _init_ray(address)
     try:
         tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
-        errors = sum(r.error is not None for r in tuner.fit())
+        results = list(tuner.fit())
     except BaseException:
         finish_parent(client, state.parent_run_id, failed=True)
         raise
     finally:
         ray.shutdown()
+    errors = sum(r.error is not None for r in results)
+    ended = {r.metrics["trial_id"] for r in results if r.error is None and r.metrics}
+    end_stopped_runs(client, state.parent_run_id, ended)
     print(publish_report(client, state), flush=True)
     finish_parent(client, state.parent_run_id, failed=errors > 0)
     if errors:
@@ -80,6 +85,13 @@ def run(sweep: SweepConfig, address: str | None) -> int:
 
 
 def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
+    from ray.tune import Tuner
+
     state = ExperimentState.load(experiment, storage_path)
+    if not Tuner.can_restore(state.path):
+        raise QuailoraInputError(
+            f"experiment {state.path}: no Tune state to resume (the sweep stopped before its Tuner started); "
+            f"remove the directory and `quailora run` the sweep again"
+        )
     matrix = prepare(state.sweep_config(), address)
     return 1 if _execute(matrix, state, address, resume=True) else 0

@@ -36,7 +36,8 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
                 "sweep": parent.info.status if parent else "NOT STARTED",
                 "finished": counts.get("FINISHED", 0),
                 "running": counts.get("RUNNING", 0),
-                "failed": counts.get("FAILED", 0) + counts.get("KILLED", 0),
+                "failed": counts.get("FAILED", 0),
+                "stopped early": counts.get("KILLED", 0),  # by the scheduler (ASHA), see end_stopped_runs
                 "path": state.path,
             }
         )

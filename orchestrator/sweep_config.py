@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from quailora.errors import QuailoraInputError
 
+# Relative to the working directory; the one default of storage_path, tracking_uri and every --storage.
+DEFAULT_STORAGE = "runs"
+
+
+def default_storage_path() -> str:
+    return str(Path(DEFAULT_STORAGE).resolve())
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -95,10 +102,11 @@ CATEGORICAL_DOMAINS = (GridDomain, ChoiceDomain)
 
 
 class AshaSpec(_Strict):
-    """Asynchronous successive halving over the trial's reported iterations (eval points)."""
+    """Asynchronous successive halving at the trial's eval points, measured in optimizer steps."""
 
     metric: str = "val_ppl"  # reported at every eval point (train.eval_every), unlike the final sweep metric
-    time_attr: str = "training_iteration"
+    # Every report carries "step"; Tune's training_iteration would also count checkpoint-only reports.
+    time_attr: str = "step"
     max_t: int = Field(100, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
@@ -176,13 +184,13 @@ class SweepConfig(_Strict):
 
     def resolved_storage_path(self) -> str:
         """Where Tune writes the experiment `<storage>/<name>`; local paths become absolute."""
-        root = self.storage_path or "runs"
+        root = self.storage_path or DEFAULT_STORAGE
         return root if "://" in root else str(Path(root).expanduser().resolve())
 
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        return f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+        from trials.tracking import default_tracking_uri  # imports mlflow, which plan and schema never need
+
+        return self.tracking_uri or default_tracking_uri(DEFAULT_STORAGE)
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

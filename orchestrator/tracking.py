@@ -10,10 +10,10 @@ import json
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from trials.tracking import ensure_experiment
+from trials.tracking import PARENT_TAG, ensure_experiment
 
 TRIAL_ID_TAG = "tune_trial_id"
-PARENT_TAG = "mlflow.parentRunId"
+STOPPED_EARLY_TAG = "quailora.stopped_early"
 
 
 def ensure_parent_run(
@@ -35,6 +35,24 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
     return client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000
     )
+
+
+def end_stopped_runs(client: MlflowClient, parent_run_id: str, trial_ids: set[str]) -> int:
+    """KILLED, tagged stopped early: the runs of trials the scheduler (ASHA) stopped.
+
+    Tune stops such a trial by killing its driver mid-training, so nothing in the trial ends its run;
+    `trial_ids` are Tune trials that ended without error, so any of their runs still RUNNING was stopped.
+    Returns how many runs were ended.
+    """
+    stopped = [
+        run
+        for run in child_runs(client, parent_run_id)
+        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_ID_TAG) in trial_ids
+    ]
+    for run in stopped:
+        client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(stopped)
 
 
 def finish_parent(client: MlflowClient, parent_run_id: str, *, failed: bool) -> None:

@@ -11,7 +11,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -27,6 +28,7 @@ from orchestrator.sweep_config import (
     SweepConfig,
     UniformDomain,
 )
+from quailora.errors import QuailoraInputError
 
 # Tune domain per sampled sweep domain; categorical choices travel as indices (Optuna needs plain values).
 TUNE_DOMAINS: dict[type, Callable[[Any], Any]] = {
@@ -120,15 +122,71 @@ class ProgressCallback(tune.Callback):
             self._say(", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) + f" of {self.total}")
 
 
-def trial_cpus(point: TrialPoint) -> float:
-    res = point.config["resources"]
-    return res["num_workers"] * res["cpus_per_worker"]
+def trial_demands(matrix: TrialMatrix) -> list[tuple[str, int, dict[str, float]]]:
+    """(trial name, workers, Ray resources per worker) at every sampled corner, as the trial's TorchTrainer reserves them."""
+    from trials.run import scaling_config
+
+    scalings = [(p.name, scaling_config(t)) for p in matrix.points for t in matrix.corner_trials(p)]
+    return [(name, s.num_workers, s.resources_per_worker) for name, s in scalings]
 
 
-def default_concurrency(matrix: TrialMatrix) -> int:
-    """As many trials as the cluster's CPUs hold for the largest trial (driver included)."""
-    need = max(trial_cpus(p) for p in matrix.points) + matrix.sweep.driver_cpus
-    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / need))
+def _driver_bundle(sweep: SweepConfig) -> dict[str, float]:
+    return {**sweep.driver_resources, "CPU": sweep.driver_cpus}
+
+
+def _whole_trial(workers: int, worker: Mapping[str, float], driver: Mapping[str, float]) -> dict[str, float]:
+    total = Counter(driver)
+    total.update({key: workers * amount for key, amount in worker.items()})
+    return dict(total)
+
+
+def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
+    return all(node.get(key, 0.0) >= amount for key, amount in bundle.items())
+
+
+def _show(resources: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if not k.startswith("node:")) + "}"
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def check_fits_cluster(matrix: TrialMatrix, nodes: list[Mapping[str, float]]) -> None:
+    """Refuse a trial Tune would keep pending forever: its driver or one of its workers fits no node,
+    or all of it together needs more than the whole cluster has."""
+    driver = _driver_bundle(matrix.sweep)
+    cluster: Counter[str] = Counter()
+    for node in nodes:
+        cluster.update(node)
+    shown = ", ".join(_show(n) for n in nodes)
+    for name, workers, worker in trial_demands(matrix):
+        checks = [
+            ("its driver", driver, nodes, "any node has"),
+            ("one of its workers", worker, nodes, "any node has"),
+            (
+                "all its workers and driver",
+                _whole_trial(workers, worker, driver),
+                [cluster],
+                "the cluster has",
+            ),
+        ]
+        for what, bundle, candidates, limit in checks:
+            if not any(_fits(bundle, node) for node in candidates):
+                raise QuailoraInputError(
+                    f"trial {name!r}: {what} need(s) {_show(bundle)}, more than {limit} (nodes: {shown})"
+                )
+
+
+def default_concurrency(matrix: TrialMatrix, cluster: Mapping[str, float]) -> int:
+    """As many trials as the cluster's CPUs, GPUs and custom resources hold for the largest trial (driver included)."""
+    driver = _driver_bundle(matrix.sweep)
+    need: dict[str, float] = {}
+    for _, workers, worker in trial_demands(matrix):
+        for key, amount in _whole_trial(workers, worker, driver).items():
+            need[key] = max(need.get(key, 0.0), amount)
+    fit = min(math.floor(cluster.get(key, 0.0) / amount) for key, amount in need.items() if amount > 0)
+    return max(1, fit)
 
 
 def _search_alg(sweep: SweepConfig, max_concurrent: int):
@@ -173,7 +231,8 @@ def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
     # Intermediate results come from Train workers (train_loss, val_ppl); the sweep metric arrives at the end.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     sweep = matrix.sweep
-    concurrency = sweep.search.max_concurrent_trials or default_concurrency(matrix)
+    check_fits_cluster(matrix, alive_nodes())
+    concurrency = sweep.search.max_concurrent_trials or default_concurrency(matrix, ray.cluster_resources())
     return tune.Tuner(
         make_trainable(matrix, state),
         param_space=param_space(matrix),
@@ -197,5 +256,6 @@ def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
 
 def restore_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
     """Finished trials stay finished; unfinished and errored ones run again."""
+    check_fits_cluster(matrix, alive_nodes())
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     return tune.Tuner.restore(state.path, trainable=make_trainable(matrix, state), resume_errored=True)

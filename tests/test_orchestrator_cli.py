@@ -12,8 +12,11 @@ import pytest
 import ray
 import yaml
 
+from orchestrator import cli
 from orchestrator.cli import main
+from orchestrator.experiment import ExperimentState
 from orchestrator.preflight import check_tracking_uri
+from orchestrator.sweep_config import SweepConfig
 from quailora.errors import QuailoraInputError
 
 QUICK = {
@@ -90,6 +93,34 @@ def test_missing_config_and_unknown_experiment(tmp_path, capsys):
     assert main(["resume", "never-ran"]) == 2
     _assert_one_line_error(capsys, "never-ran", "quailora_sweep.json")
     _assert_nothing_started(tmp_path)
+
+
+def test_resume_without_tune_state_is_one_line_error(tmp_path, capsys):
+    # The sweep's record exists (written before Ray starts) but its Tuner never saved any state.
+    ExperimentState.for_sweep(SweepConfig.model_validate(QUICK)).save()
+    assert main(["resume", "cli-test"]) == 2
+    _assert_one_line_error(capsys, "runs/cli-test", "no Tune state to resume")
+    assert not ray.is_initialized()
+
+
+def test_optional_commands_skip_only_an_absent_package(tmp_path, monkeypatch):
+    package = tmp_path / "broken_optional"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "commands.py").write_text("import a_dependency_that_is_not_installed\n")
+    with monkeypatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        patch.setattr(cli, "OPTIONAL_COMMANDS", ("absent_optional_package.commands",))
+        assert "plan" in _subcommands(cli.build_parser())  # not installed: its subcommands are left out
+        patch.setattr(cli, "OPTIONAL_COMMANDS", ("broken_optional.commands",))
+        with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+            cli.build_parser()  # installed but broken: raised, not hidden
+    assert {"models", "trial"} <= _subcommands(cli.build_parser())
+
+
+def _subcommands(parser) -> set[str]:
+    (sub,) = (a for a in parser._actions if a.dest == "command")
+    return set(sub.choices)
 
 
 def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):

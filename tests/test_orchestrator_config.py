@@ -9,11 +9,30 @@ from pydantic import ValidationError
 
 from orchestrator.drop_rules import DropRule
 from orchestrator.expand import expand
+from orchestrator.plan import plan_trials
 from orchestrator.sweep_config import SweepConfig, load_sweep
 from quailora.errors import QuailoraInputError
+from trials.commands import load_trial_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = {"model": {"path": "reference:llama-micro"}}
+# Every YAML in configs/: the init methods each sweep compares, and the single-trial configs.
+SHIPPED_SWEEPS = {
+    "quickstart": {"gaussian", "quailora"},
+    "paper_replication": {"gaussian", "quailora", "loftq"},
+    "rank_bits_sweep": {
+        "gaussian",
+        "svd",
+        "quailora",
+        "closed_form",
+        "loftq",
+        "qalora_zero",
+        "qalora_closed_form",
+    },
+    "cross_family_benchmark": {"gaussian", "quailora", "closed_form"},
+    "reference_replication": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
+}
+SHIPPED_TRIALS = {"trial_micro"}
 
 
 def _sweep(**fields) -> SweepConfig:
@@ -93,6 +112,57 @@ def test_bad_trial_fields_name_the_field(fields, match):
         expand(_sweep(**fields))
 
 
+def test_drop_if_drops_combinations_that_are_not_valid_trials():
+    # nf4 at 8 bits and int8 at 4 bits fail TrialConfig; drop_if must drop them, not abort the sweep.
+    sweep = _sweep(
+        space={"quant.method": {"grid": ["nf4", "int8"]}, "quant.bits": {"grid": [4, 8]}},
+        drop_if=["quant.method == 'nf4' and quant.bits == 8", "quant.method == 'int8' and quant.bits == 4"],
+    )
+    matrix = expand(sweep)
+    assert [(p.config["quant"]["method"], p.config["quant"]["bits"]) for p in matrix.points] == [
+        ("nf4", 4),
+        ("int8", 8),
+    ]
+    assert matrix.dropped == [
+        {"quant.method": "nf4", "quant.bits": 8},
+        {"quant.method": "int8", "quant.bits": 4},
+    ]
+    # Rules see defaults of fields the sweep never sets (quant.blocksize), and a kept invalid combination still fails.
+    with pytest.raises(QuailoraInputError, match=r"quant.bits=8 is not possible"):
+        expand(sweep.model_copy(update={"drop_if": ["quant.blocksize != 64"]}))
+
+
+def test_sampled_fields_are_validated_together_at_their_corners():
+    # Over an int/4 base each sampled value is valid alone; Tune may still draw nf4 with 2 bits.
+    sweep = _sweep(
+        base={**BASE, "quant": {"method": "int", "bits": 4}},
+        space={"quant.method": {"choice": ["int", "nf4"]}, "quant.bits": {"choice": [4, 2]}},
+        search={"algorithm": "random"},
+    )
+    with pytest.raises(
+        QuailoraInputError, match=r"space.quant.method='nf4', space.quant.bits=2: .*not possible"
+    ):
+        expand(sweep)
+
+
+def test_duplicate_trial_names_are_refused_naming_them():
+    # Booleans are left out of names, so these two quant configs would both be 'quant=nf4-4'.
+    sweep = _sweep(
+        space={
+            "quant": {
+                "grid": [
+                    {"method": "nf4", "bits": 4, "double_quant": True},
+                    {"method": "nf4", "bits": 4, "double_quant": False},
+                ]
+            }
+        }
+    )
+    with pytest.raises(
+        QuailoraInputError, match=r"1 trial name\(s\) come from more than one grid combination: 'quant=nf4-4'"
+    ):
+        expand(sweep)
+
+
 def test_drop_if_cannot_use_sampled_fields():
     sweep = _sweep(space={"train.learning_rate": {"uniform": [1e-4, 1e-3]}}, drop_if=["train.learning_rate > 5e-4"],
                    search={"algorithm": "random"})  # fmt: skip
@@ -101,12 +171,24 @@ def test_drop_if_cannot_use_sampled_fields():
 
 
 @pytest.mark.parametrize(
-    ("raw", "loc"),
+    ("raw", "loc", "msg"),
     [
-        ({"name": "t", "base": BASE, "bogus": 1}, "bogus"),
-        ({"name": "t", "base": BASE, "search": {"num_samples": "many"}}, "search.num_samples"),
-        ({"name": "t", "base": BASE, "space": {"lora.rank": {"grid": []}}}, "space.lora.rank.grid.grid"),
-        ({"name": "t", "base": BASE, "space": {"lora.rank": {"gird": [1]}}}, "space.lora.rank"),
+        ({"name": "t", "base": BASE, "bogus": 1}, "bogus", "Extra inputs"),
+        (
+            {"name": "t", "base": BASE, "search": {"num_samples": "many"}},
+            "search.num_samples",
+            "valid integer",
+        ),
+        (
+            {"name": "t", "base": BASE, "space": {"lora.rank": {"grid": []}}},
+            "space.lora.rank.grid.grid",
+            "at least 1",
+        ),
+        (
+            {"name": "t", "base": BASE, "space": {"lora.rank": {"gird": [1]}}},
+            "space.lora.rank",
+            "exactly one key",
+        ),
         (
             {
                 "name": "t",
@@ -114,19 +196,24 @@ def test_drop_if_cannot_use_sampled_fields():
                 "space": {"train.learning_rate": {"loguniform": [0, 1]}},
                 "search": {"algorithm": "random"},
             },
-            "loguniform",
+            "space.train.learning_rate.loguniform.loguniform",
+            "must be > 0",
         ),
+        # A model-level check has no loc; its message names the field.
         (
             {"name": "t", "base": BASE, "space": {"lora.rank": {"choice": [4, 8]}}},
             "",
-        ),  # grid search cannot sample
-        ({"name": "a b", "base": BASE}, "name"),
+            "space.lora.rank: search.algorithm='grid' allows only 'grid' domains",
+        ),
+        ({"name": "a b", "base": BASE}, "name", "should match pattern"),
     ],
 )
-def test_schema_rejects_bad_sweeps(raw, loc):
+def test_schema_rejects_bad_sweeps(raw, loc, msg):
     with pytest.raises(ValidationError) as info:
         SweepConfig.model_validate(raw)
-    assert loc in ".".join(str(p) for p in info.value.errors()[0]["loc"]) or loc == ""
+    first = info.value.errors()[0]
+    assert ".".join(str(p) for p in first["loc"]) == loc
+    assert msg in first["msg"]
 
 
 def test_drop_rule_evaluator():
@@ -146,12 +233,24 @@ def test_json_schema_export_has_domains():
     assert {"GridDomain", "LogUniformDomain", "SearchSpec"} <= set(schema["$defs"])
 
 
-@pytest.mark.parametrize(
-    "name", ["quickstart", "paper_replication", "rank_bits_sweep", "cross_family_benchmark"]
-)
-def test_shipped_configs_expand(name):
+def test_every_shipped_config_is_tested():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SHIPPED_SWEEPS) | SHIPPED_TRIALS
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_SWEEPS))
+def test_shipped_sweeps_fit_and_compare_each_method_with_both_baselines(name):
     matrix = expand(load_sweep(CONFIGS / f"{name}.yaml"))
-    assert matrix.num_trials >= 6
+    planned = plan_trials(matrix)
+    assert [p.name for p in planned if not p.fits] == []
+    methods = {(p.config["quant"]["bits"], p.config["init"]["method"]) for p in matrix.points}
+    assert {m for _, m in methods} == SHIPPED_SWEEPS[name]
+    # The recovered fraction needs the 4-bit and 8-bit gaussian runs; 8 bits is only the baseline.
+    assert (4, "gaussian") in methods and {m for bits, m in methods if bits == 8} == {"gaussian"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_TRIALS))
+def test_shipped_trial_configs_load(name):
+    assert load_trial_config(CONFIGS / f"{name}.yaml").name
 
 
 def test_quickstart_is_the_six_trial_comparison():

@@ -39,6 +39,13 @@ def _sweep(tmp_path: Path, name: str, space: dict, **extra) -> str:
     return str(path)
 
 
+STARTED = "] started "  # ProgressCallback's line when Tune starts a trial
+
+
+def _started_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if STARTED in line]
+
+
 def _children(state: ExperimentState):
     return child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
 
@@ -71,13 +78,15 @@ def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeyp
 
     before = {r.info.run_id: r.info.end_time for r in runs}
     assert main(["resume", "e2e"]) == 0
+    assert STARTED not in capsys.readouterr().out  # Tune restored both trials as finished and started none
     after = {r.info.run_id: r.info.end_time for r in _children(state)}
-    assert after == before  # no new run, nothing trained again
+    assert after == before  # the same two runs, neither ended again
 
 
 def test_resume_after_driver_is_killed(tmp_path):
     config = _sweep(tmp_path, "killed", {"lora.rank": {"grid": [4, 8]}}, search={"max_concurrent_trials": 1})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # Tune saves its experiment state at every step, so a trial it has seen finish is recorded before the kill.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     cli = [sys.executable, "-m", "orchestrator.cli"]
     log = (tmp_path / "run.log").open("w")
     # Own process group: killing it takes the driver and its embedded Ray down together, like a crash.
@@ -88,15 +97,10 @@ def test_resume_after_driver_is_killed(tmp_path):
         first = None
         while first is None and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(2)
-            try:
-                state = ExperimentState.load(str(tmp_path / "runs" / "killed"))
-                first = (
-                    next((r for r in _children(state) if r.info.status == "FINISHED"), None)
-                    if state.parent_run_id
-                    else None
-                )
-            except Exception:  # the state file or database may not exist yet
+            if "] finished " not in (tmp_path / "run.log").read_text():  # Tune has not seen one finish yet
                 continue
+            state = ExperimentState.load(str(tmp_path / "runs" / "killed"))
+            first = next(r for r in _children(state) if r.info.status == "FINISHED")
         assert first is not None, (tmp_path / "run.log").read_text()[-3000:]
         assert driver.poll() is None, "the sweep ended before it could be killed"
     finally:
@@ -110,6 +114,9 @@ def test_resume_after_driver_is_killed(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     runs = _children(state)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    # Only the unfinished trial was started again; the finished one kept its run, untouched.
+    (started,) = _started_lines(resumed.stdout)
+    assert first.info.run_name not in started, started
     again = next(r for r in runs if r.info.run_id == first.info.run_id)
-    assert again.info.end_time == first.info.end_time  # the finished trial was not run again
+    assert again.info.end_time == first.info.end_time
     assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.expand import expand
 from orchestrator.memory import estimate
 from orchestrator.model_shapes import KNOWN_SHAPES, resolve_shape
+from orchestrator.plan import plan_trials
+from orchestrator.sweep_config import SweepConfig
 from trials.config import TrialConfig
 
 # LLaMA-7B: hidden h=4096, intermediate i=11008, 32 layers, vocab 32000, 32 heads, untied lm_head.
@@ -87,3 +90,35 @@ def test_groupwise_int_packs_codes_in_words():
     # plus fp16 scale + fp32 zero (6 B) per group of 64.
     words = 4 * 4096 * 410 + 2 * 11008 * 410 + 4096 * 1101
     assert est.quantized_weights == 32 * (words * 4 + LINEAR_PARAMS_PER_LAYER // 64 * 6)
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_gpu():
+    shape = KNOWN_SHAPES["llama-7b"]
+    fp32 = estimate(_trial("nf4", 4, train={"precision": "fp32"}), shape).activations
+    auto_cpu = estimate(_trial("nf4", 4, train={"precision": "auto"}), shape).activations
+    auto_gpu = estimate(
+        _trial("nf4", 4, train={"precision": "auto"}, resources={"use_gpu": True, "gpus_per_worker": 1}),
+        shape,
+    ).activations
+    assert (
+        auto_cpu == fp32 == 32 * 512 * 4096 * 54 * 2 + 2 * 4 * 512 * 32000
+    )  # layers x2, logits already fp32
+    assert auto_gpu == ACTIVATION_BYTES
+
+
+def test_plan_sizes_sampled_fields_at_their_worst_corner():
+    sweep = SweepConfig.model_validate(
+        {
+            "name": "sampled",
+            "base": {"model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"}, "quant": {"method": "nf4", "bits": 4},
+                     "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"}},
+            "space": {"seed": {"grid": [0]}, "lora.rank": {"randint": [4, 17]},
+                      "model.path": {"choice": ["opt-1.3b", "huggyllama/llama-7b"]}},
+            "search": {"algorithm": "random"},
+            "devices": {"memory_gb": 7.5},  # the base point (rank 8) needs 7.39 GiB
+        }
+    )  # fmt: skip
+    (planned,) = plan_trials(expand(sweep))
+    # rank 16 (randint's high end is exclusive) on llama-7b: the hand-computed 4-bit total, 7.69 GiB.
+    assert planned.memory.peak == NF4_BYTES + OTHER_BYTES + ADAPTER_BYTES + ACTIVATION_BYTES
+    assert not planned.fits

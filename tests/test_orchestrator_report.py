@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator.report import build_report, normalize, recovered_fraction
+from orchestrator.report import build_report, match_keys, normalize, recovered_fraction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -79,3 +79,34 @@ def test_no_recovered_without_both_baselines(records):
     report = build_report(only4)
     assert report.recovered.empty and "recovered_per_family.png" not in report.figures
     assert "needs 4-bit and 8-bit gaussian trials" in report.markdown()
+
+
+def test_recovered_fraction_matches_every_swept_field_but_the_methods_own():
+    swept = ["lora.alpha", "init.method", "quant"]  # grid paths of the sweep
+
+    def rec(method, bits, alpha, ppl):
+        extra = {"lora.alpha": alpha, "init.method": method, "quant.method": "nf4" if bits == 4 else "int8"}
+        return _rec(method, bits, 8, 0, ppl, 0.5, **extra)
+
+    rows = [
+        rec("gaussian", 4, "16", 20.0), rec("gaussian", 8, "16", 10.0), rec("quailora", 4, "16", 15.0),
+        rec("gaussian", 4, "32", 30.0), rec("gaussian", 8, "32", 10.0), rec("quailora", 4, "32", 15.0),
+        rec("gaussian", 4, "64", 10.0), rec("gaussian", 8, "64", 10.0), rec("quailora", 4, "64", 9.0),
+        rec("quailora", 8, "16", 1.0),  # not a baseline: the 8-bit peer is the 8-bit gaussian run
+    ]  # fmt: skip
+    df = normalize(pd.DataFrame(rows))
+    keys = match_keys(df, swept)
+    assert keys == ["family", "size", "rank", "seed", "lora.alpha"]  # init.* and quant.* are the method's own
+    per_seed = recovered_fraction(df, "val_ppl_final", keys).set_index("lora.alpha")
+    # Matched on alpha: (20-15)/(20-10) and (30-15)/(30-10); matching on rank and seed only would average
+    # the baselines into one 0.667 for both. No gap at alpha 64: n/a, not inf.
+    assert per_seed.loc["16", "recovered"] == pytest.approx(0.5)
+    assert per_seed.loc["32", "recovered"] == pytest.approx(0.75)
+    assert math.isnan(per_seed.loc["64", "recovered"])
+
+    report = build_report(pd.DataFrame(rows), swept)
+    ppl = report.recovered[report.recovered.metric == "perplexity"].set_index("lora.alpha")
+    assert ppl.recovered_mean.loc[["16", "32"]].tolist() == pytest.approx([0.5, 0.75])
+    table = report.markdown().split("### Recovered fraction")[1]
+    assert "n/a" in table and "inf" not in table and "nan" not in table
+    assert "n/a" in report.html("t")
