@@ -20,7 +20,7 @@ from reference.tasks import task_cache_dir, task_dir, tasks_recipe
 from reference.tokenizer import load_tokenizer, tokenizer_dir, tokenizer_recipe
 
 REFERENCE_PREFIX = "reference:"
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 # "org/name" or "name": what the hub accepts as a repository id.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
