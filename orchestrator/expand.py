@@ -127,19 +127,23 @@ def with_defaults(model: type[BaseModel], tree: Mapping[str, Any]) -> dict[str, 
     return filled
 
 
-def _token(path: str, value: Any) -> str:
-    """A short, slash-free label for a name: 'rank=8', 'quant=nf4-4', 'path=llama-7b'."""
-    if isinstance(value, Mapping):  # in schema field order, so YAML key order does not change names
+def _shown(path: str, value: Any) -> str:
+    """A value as a name shows it; mappings (a quant, an init with options) flattened in schema field order,
+    so YAML key order does not change names."""
+    if isinstance(value, Mapping):
         model = check_field_path(path, where=f"space.{path}")
         order = list(model.model_fields) if model else sorted(value)
-        shown = "-".join(
-            str(value[k])
+        return "-".join(
+            _shown(f"{path}.{k}", value[k])
             for k in sorted(value, key=lambda k: order.index(k) if k in order else len(order))
             if not isinstance(value[k], bool)
         )
-    else:
-        shown = str(value).rstrip("/").rsplit("/", 1)[-1].removeprefix("reference:")
-    return f"{path.rsplit('.', 1)[-1]}={shown}".replace("\n", " ")
+    return str(value).rstrip("/").rsplit("/", 1)[-1].removeprefix("reference:")
+
+
+def _token(path: str, value: Any) -> str:
+    """A short, slash-free label for a name: 'rank=8', 'quant=nf4-4', 'init=quailora-kaiming_a', 'path=llama-7b'."""
+    return f"{path.rsplit('.', 1)[-1]}={_shown(path, value)}".replace("\n", " ")
 
 
 def _corner_values(domain: Any) -> list[Any]:

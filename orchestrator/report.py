@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,10 +230,18 @@ def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
             continue
         tags = run.data.tags
         row = {k: tags.get(k) for k in ("family", "size", "bits", "method", "rank", "seed", "quantizer")}
+        row["method"] = method_label(row["method"], run.data.params.get("init.options"))
         row.update({k: v for k, v in run.data.params.items() if _under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def method_label(method: str | None, options_param: str | None) -> str | None:
+    """The method with its init options ('quailora split-kaiming_a'): runs that differ in options are different
+    arms. Spaces and dashes only, as MLflow metric names (recovered_...) allow."""
+    options = json.loads(options_param) if options_param else {}
+    return " ".join([str(method), *(f"{k}-{v}" for k, v in sorted(options.items()))]) if options else method
 
 
 def publish_report(client, state) -> str:

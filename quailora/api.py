@@ -11,7 +11,7 @@ import torch
 
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, Initialization, Initializer, InitProblem, needs_gram
-from quailora.linalg import SvdSolver
+from quailora.linalg import FactorSplit, SvdSolver
 from quailora.quantizers.base import Quantizer
 
 
@@ -109,6 +109,7 @@ OPTION_DOMAINS: dict[str, tuple[Callable[[object], bool], str]] = {
     "damping": (_finite_nonnegative, "a finite number >= 0"),
     "tol": (_finite_nonnegative, "a finite number >= 0"),
     "solver": (lambda v: v in get_args(SvdSolver), f"one of {list(get_args(SvdSolver))}"),
+    "split": (lambda v: v in get_args(FactorSplit), f"one of {list(get_args(FactorSplit))}"),
 }
 
 

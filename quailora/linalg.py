@@ -54,21 +54,41 @@ def damped_cholesky(gram: torch.Tensor, damping: float, *, name: str, what: str 
     return chol
 
 
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float) -> Factors:
+    root = (s.clamp_min(0) / scaling).sqrt()
+    return root[:, None] * vh, u * root
+
+
+def _kaiming_a(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float) -> Factors:
+    # Rows of norm 1/√3: what peft's Kaiming-uniform A (bound 1/√in) has in expectation, whatever the width.
+    return vh / 3**0.5, u * (s.clamp_min(0) * 3**0.5 / scaling)
+
+
+FactorSplit = Literal["balanced", "kaiming_a"]
+# How U·S·Vh is shared between B and A. The product (the init's quality) is the same; fine-tuning is not:
+# with "balanced" (QuAILoRA's even split) both factors are as small as the quantization error, so a step
+# on B moves the product less than from QLoRA's init; "kaiming_a" gives A the magnitude QLoRA's A has.
+SPLITS = {"balanced": _balanced, "kaiming_a": _kaiming_a}
+
+
 def split_svd(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """peft's (lora_A, lora_B) with s·B·A = U diag(S) Vh, singular values split evenly between B and A."""
-    root = s.clamp_min(0).sqrt()
-    inv = scaling**-0.5
-    return (root[:, None] * vh) * inv, (u * root) * inv
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float, split: FactorSplit = "balanced"
+) -> Factors:
+    """peft's (lora_A, lora_B) with scaling·B·A = U diag(S) Vh, the factors shared as ``split`` says."""
+    return SPLITS[split](u, s, vh, scaling)
 
 
-def balanced_factors(m: torch.Tensor, a: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-split a rank-r product M·A (M: m x r, A: r x n) evenly, in O((m+n) r²) via two thin QRs."""
+def balanced_factors(
+    m: torch.Tensor, a: torch.Tensor, scaling: float, split: FactorSplit = "balanced"
+) -> Factors:
+    """Re-split a rank-r product M·A (M: m x r, A: r x n) as ``split`` says, in O((m+n) r²) via two thin QRs."""
     qm, rm = torch.linalg.qr(m)
     qa, ra = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(rm @ ra.T)
-    return split_svd(qm @ u, s, vh @ qa.T, scaling)
+    return split_svd(qm @ u, s, vh @ qa.T, scaling, split)
 
 
 def weight_error(error: torch.Tensor, product: torch.Tensor) -> float:

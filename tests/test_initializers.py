@@ -68,6 +68,17 @@ def test_splits_are_balanced(problem):
         assert torch.allclose(b.T @ b, a @ a.T, atol=1e-4 * float((a @ a.T).abs().max())), method
 
 
+@pytest.mark.parametrize("method", ["svd", "quailora", "closed_form", "loftq"])
+def test_kaiming_a_split_keeps_the_product_and_gives_a_qloras_magnitude(problem, method):
+    a, b = _init(problem, method)
+    ka, kb = _init(problem, method, split="kaiming_a")
+    assert torch.allclose(SCALING * kb @ ka, SCALING * b @ a, atol=1e-5)
+    # Rows of norm 1/√3, the expected row norm of peft's Kaiming-uniform A; orthogonal to each other.
+    assert torch.allclose(ka @ ka.T, torch.eye(RANK) / 3, atol=1e-5)
+    gaussian = _init(problem, "gaussian").lora_A
+    assert float(gaussian.norm(dim=1).mean()) == pytest.approx(3**-0.5, rel=0.1)
+
+
 def test_als_never_increases_and_reaches_closed_form(problem):
     weight, quantized, gram = problem
     result = _init(problem, "quailora", iterations=30)
@@ -137,6 +148,7 @@ def test_loftq_lowers_its_error_and_rebuilds_q(problem):
         ({"method": "quailora", "iterations": 0}, "iterations=0"),
         ({"solver": "randomised"}, "solver='randomised'"),
         ({"damping": -0.1}, "damping=-0.1"),
+        ({"split": "even"}, "split='even'"),
         ({"niter": -1}, "niter=-1"),
         ({"method": "closed_form", "oversample": 2.5}, "oversample=2.5"),
         ({"method": "qalora_zero", "gram": None}, "needs option(s) ['group_size']"),

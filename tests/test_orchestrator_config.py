@@ -145,6 +145,17 @@ def test_sampled_fields_are_validated_together_at_their_corners():
         expand(sweep)
 
 
+def test_init_options_in_a_grid_flatten_into_the_name():
+    sweep = _sweep(
+        space={
+            "init": {
+                "grid": [{"method": "quailora"}, {"method": "quailora", "options": {"split": "kaiming_a"}}]
+            }
+        }
+    )
+    assert [p.name for p in expand(sweep).points] == ["init=quailora", "init=quailora-kaiming_a"]
+
+
 def test_duplicate_trial_names_are_refused_naming_them():
     # Booleans are left out of names, so these two quant configs would both be 'quant=nf4-4'.
     sweep = _sweep(

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator.report import build_report, match_keys, normalize, recovered_fraction
+from orchestrator.report import build_report, match_keys, method_label, normalize, recovered_fraction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,3 +110,11 @@ def test_recovered_fraction_matches_every_swept_field_but_the_methods_own():
     table = report.markdown().split("### Recovered fraction")[1]
     assert "n/a" in table and "inf" not in table and "nan" not in table
     assert "n/a" in report.html("t")
+
+
+def test_init_options_make_a_separate_method_arm():
+    assert (
+        method_label("quailora", '{"split": "kaiming_a", "iterations": 3}')
+        == "quailora iterations-3 split-kaiming_a"
+    )
+    assert method_label("gaussian", "{}") == method_label("gaussian", None) == "gaussian"

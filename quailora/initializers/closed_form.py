@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
-from quailora.linalg import SvdSolver, balanced_factors, damped_cholesky, truncated_svd
+from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 
 
 @INITIALIZERS.register("closed_form")
@@ -21,6 +21,7 @@ def closed_form(
     niter: int = 4,
     oversample: int = 8,
     seed: int = 0,
+    split: FactorSplit = "balanced",
 ) -> Initialization:
     chol = damped_cholesky(problem.gram, damping, name=problem.name)
     u, s, vh = truncated_svd(
@@ -30,5 +31,5 @@ def closed_form(
     m = u * root
     # A = Σ½ Vᵀ L⁻¹, i.e. Lᵀ Aᵀ = V Σ½: a triangular solve, no inverse formed.
     a = torch.linalg.solve_triangular(chol.T, (vh.T * root), upper=True).T
-    lora_a, lora_b = balanced_factors(m, a, problem.scaling)
+    lora_a, lora_b = balanced_factors(m, a, problem.scaling, split)
     return Initialization(lora_a, lora_b, problem.quantized)

@@ -11,7 +11,7 @@ import torch
 
 from quailora.errors import QuailoraInputError
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
-from quailora.linalg import SvdSolver, split_svd, truncated_svd
+from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
 
 
 @INITIALIZERS.register("loftq")
@@ -23,6 +23,7 @@ def loftq(
     niter: int = 4,
     oversample: int = 8,
     seed: int = 0,
+    split: FactorSplit = "balanced",
 ) -> Initialization:
     if problem.quantizer is None:
         raise QuailoraInputError(f"layer {problem.name}: method 'loftq' re-quantizes, so it needs quantizer=")
@@ -41,5 +42,5 @@ def loftq(
         )
         low_rank = (u * s) @ vh
         history.append(float((w - q - low_rank).norm()) / norm)
-    lora_a, lora_b = split_svd(u, s, vh, problem.scaling)
+    lora_a, lora_b = split_svd(u, s, vh, problem.scaling, split)
     return Initialization(lora_a, lora_b, q, history, base_weight=target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated, pooled_width
-from quailora.linalg import SvdSolver, balanced_factors, damped_cholesky, truncated_svd
+from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 from quailora.qalora.pooling import pool_gram
 
 
@@ -25,6 +25,7 @@ def qalora_closed_form(
     niter: int = 4,
     oversample: int = 8,
     seed: int = 0,
+    split: FactorSplit = "balanced",
 ) -> Initialization:
     pooled_width(problem, group_size)
     g, h_pt = pool_gram(problem.gram, group_size)
@@ -37,5 +38,5 @@ def qalora_closed_form(
     m = u * root
     # A = Σ½ Vᵀ R⁻ᵀ = Σ½ Vᵀ L⁻¹: solve X L = Σ½ Vᵀ.
     a = torch.linalg.solve_triangular(chol, root[:, None] * vh, upper=False, left=False)
-    lora_a, lora_b = balanced_factors(m, a, problem.scaling)
+    lora_a, lora_b = balanced_factors(m, a, problem.scaling, split)
     return Initialization(lora_a, lora_b, problem.quantized)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
-from quailora.linalg import SvdSolver, balanced_factors, damp, truncated_svd
+from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damp, truncated_svd
 
 
 @INITIALIZERS.register("quailora")
@@ -25,6 +25,7 @@ def quailora(
     niter: int = 4,
     oversample: int = 8,
     seed: int = 0,
+    split: FactorSplit = "balanced",
 ) -> Initialization:
     e = problem.error
     h = damp(problem.gram, damping)
@@ -44,7 +45,7 @@ def quailora(
         history.append(_objective(base, e, m, a, h_at))
         if tol > 0 and history[-2] - history[-1] <= tol * history[-2]:
             break
-    lora_a, lora_b = balanced_factors(m, a, problem.scaling)
+    lora_a, lora_b = balanced_factors(m, a, problem.scaling, split)
     return Initialization(lora_a, lora_b, problem.quantized, history)
 
 
