@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,17 +46,24 @@ def lm_eval_tasks(names: list[str]):
     ``reference:<task>`` names the project's tasks, generated from local text (no hub); other names are
     stock lm-eval tasks. Raises QuailoraInputError for a task neither knows.
     """
-    from lm_eval.tasks import TaskManager  # indexing every task takes seconds: only when asked for
-
     from reference.tasks import resolve_task, task_dir
 
     tasks = [resolve_task(name) for name in names]
     uses_reference = any(name.startswith("reference:") for name in names)
-    manager = TaskManager(include_path=str(task_dir())) if uses_reference else TaskManager()
+    manager = _task_manager(str(task_dir()) if uses_reference else None)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
         raise QuailoraInputError(f"eval.lm_eval_tasks: unknown task(s) {unknown}")
     return tasks, manager
+
+
+@functools.cache
+def _task_manager(include_path: str | None):
+    """One TaskManager per process: building one indexes every lm-eval task YAML (seconds), and a sweep
+    validates each of its trials before starting any."""
+    from lm_eval.tasks import TaskManager  # imported only when lm-eval tasks are asked for
+
+    return TaskManager(include_path=include_path)
 
 
 def lm_eval_accuracies(
