@@ -155,7 +155,12 @@ def summarize_recovered(df: pd.DataFrame, keys: Sequence[str] = MATCH_KEYS) -> p
     """Mean and std over seeds of the recovered fraction, per model, method, rank and other matched field."""
     by = [*MODEL_KEYS, "method", *(k for k in keys if k not in (*MODEL_KEYS, "seed"))]
     parts = []
-    for value, label in (("val_ppl_final", "perplexity"), ("accuracy", "accuracy")):
+    # perplexity_init: the initialization's own share of the gap, before fine-tuning changes it.
+    for value, label in (
+        ("val_ppl_final", "perplexity"),
+        ("val_ppl_init", "perplexity_init"),
+        ("accuracy", "accuracy"),
+    ):
         if value not in df or df[value].isna().all():
             continue
         per_seed = recovered_fraction(df, value, keys)

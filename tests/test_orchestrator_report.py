@@ -118,3 +118,12 @@ def test_init_options_make_a_separate_method_arm():
         == "quailora iterations-3 split-kaiming_a"
     )
     assert method_label("gaussian", "{}") == method_label("gaussian", None) == "gaussian"
+
+
+def test_recovered_fraction_after_init_is_reported_too(records):
+    from orchestrator.report import summarize_recovered
+
+    summary = summarize_recovered(normalize(records))
+    assert set(summary.metric) == {"perplexity", "perplexity_init", "accuracy"}
+    init = summary[(summary.metric == "perplexity_init") & (summary.method == "quailora")]
+    assert init.recovered_mean.tolist() == pytest.approx([0.8, 0.8])  # val_ppl_init = final + 5 in every run
