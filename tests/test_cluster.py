@@ -20,16 +20,12 @@ from ray.cluster_utils import Cluster
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
+from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
 pytestmark = pytest.mark.slow
 
-MICRO_BASE = {
-    "model": {"path": "reference:llama-micro"},
-    "calibration": {"num_sequences": 4, "seq_len": 32},
-    "data": {"seq_len": 32, "max_eval_sequences": 4},
-    "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 0},
-    "resources": {"num_workers": 1, "cpus_per_worker": 1},
-}
+# The e2e sweep's micro trial, with a whole CPU per worker: each worker node has one.
+MICRO_BASE = {**E2E_MICRO_BASE, "resources": {"num_workers": 1, "cpus_per_worker": 1}}
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024**2}
 TRAIN_WORKER = "RayTrainWorker"
 
