@@ -85,12 +85,13 @@ def synthetic_layer(out_features: int, in_features: int, seed: int = 0) -> tuple
     return weight, gram
 
 
-def _timed(fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, float, float]:
+def _timed(solve: Callable[[], object]) -> tuple[object, float, float]:
+    """Seconds and peak memory of the solve alone; scoring its result (two out x in products) is not counted."""
     with peak_rss() as mem:
         start = time.perf_counter()
-        product = fn()
+        result = solve()
         seconds = time.perf_counter() - start
-    return product, seconds, mem["peak_mb"]
+    return result, seconds, mem["peak_mb"]
 
 
 def method_options_for(method: str, *, iterations: int, solver: str, group_size: int) -> dict:
@@ -129,14 +130,16 @@ def bench_rows(
             base_cal = calibrated_error(error, torch.zeros(()), gram)
             for rank in ranks:
                 # The peer runs first so every method row can carry its speed ratio from the same run.
-                rows = [("peft_svd", lambda rank=rank, error=error: _peft_product(error, rank))]
+                rows = [("peft_svd", *_peft_runner(error, rank))]
                 rows += [
-                    (m, _method_runner(m, weight, quantized, gram, rank, quantizer, options[m]))
+                    (m, *_method_runner(m, weight, quantized, gram, rank, quantizer, options[m]))
                     for m in methods
                 ]
                 peer_seconds = None
-                for method, run in rows:
-                    (product, moved_error), seconds, peak_mb = _timed(run)
+                for method, solve, score in rows:
+                    result, seconds, peak_mb = _timed(solve)
+                    product, moved_error = score(result)
+                    del result
                     peer_seconds = peer_seconds or seconds
                     yield {
                         "method": method,
@@ -154,8 +157,10 @@ def bench_rows(
 
 
 def _method_runner(method, weight, quantized, gram, rank, quantizer, options):
-    def run():
-        result = initialize(
+    """(solve, score): the initialization itself, and its product and error matrix for the error columns."""
+
+    def solve():
+        return initialize(
             weight,
             quantized,
             rank,
@@ -164,17 +169,21 @@ def _method_runner(method, weight, quantized, gram, rank, quantizer, options):
             quantizer=quantizer,
             **options,
         )
+
+    def score(result):
         product = adapter_product(result.lora_A, result.lora_B, 1.0)
         if "group_size" in options:  # QA-LoRA: the pooled update acts as B·A·P on the full input
             product = expand(product, options["group_size"])
         return product, weight - result.quantized
 
-    return run
+    return solve, score
 
 
-def _peft_product(error: torch.Tensor, rank: int):
-    out = _low_rank_decomposition(error, reduced_rank=rank)
-    return out["L"] @ out["R"], error
+def _peft_runner(error: torch.Tensor, rank: int):
+    def score(out):
+        return out["L"] @ out["R"], error
+
+    return (lambda: _low_rank_decomposition(error, reduced_rank=rank)), score
 
 
 def main(argv: list[str] | None = None) -> None:
