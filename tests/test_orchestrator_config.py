@@ -31,6 +31,8 @@ SHIPPED_SWEEPS = {
     },
     "cross_family_benchmark": {"gaussian", "quailora", "closed_form"},
     "reference_replication": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
+    "reference_controls": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
+    "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
 }
 SHIPPED_TRIALS = {"trial_micro"}
 
