@@ -66,7 +66,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out
     dist.all_gather_object(shares, adapters)
     wall = time.perf_counter() - start
     gathered = sum(len(share) for share in shares)
-    walls: list[float] = [0.0] * world_size
+    walls: list[tuple[float, float] | None] = [None] * world_size
     dist.all_gather_object(walls, (wall, solved))
     if rank == 0:
         out["result"] = {"walls": walls, "gathered": gathered}
