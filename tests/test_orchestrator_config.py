@@ -31,7 +31,7 @@ SHIPPED_SWEEPS = {
     },
     "cross_family_benchmark": {"gaussian", "quailora", "closed_form"},
     "reference_replication": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
-    "reference_controls": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
+    "reference_controls": {"gaussian", "svd", "quailora", "closed_form", "loftq", "qalora_closed_form"},
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
 }
 SHIPPED_TRIALS = {"trial_micro"}
