@@ -24,17 +24,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from quailora.api import initialize, validate_options
-from quailora.bench import QUANTIZER_FOR_BITS, method_options_for, synthetic_layer
+from quailora.bench import (
+    QUANTIZER_FOR_BITS,
+    decoder_shapes,
+    method_options_for,
+    quantizer_for_bits,
+    synthetic_layer,
+)
 from quailora.calibration import partition_layers
 from quailora.initializers import needs_gram
-from quailora.quantizers import get_quantizer
-
-
-def decoder_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of a LLaMA decoder layer's seven projections."""
-    square = (hidden, hidden)
-    return {"q": square, "k": square, "v": square, "o": square, "gate": (mlp, hidden), "up": (mlp, hidden),
-            "down": (hidden, mlp)}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -47,7 +45,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    quantizer = get_quantizer(QUANTIZER_FOR_BITS[args.bits][0], **QUANTIZER_FOR_BITS[args.bits][1])
+    quantizer = quantizer_for_bits(args.bits)
     mine = partition_layers(list(range(args.layers)), world_size)[rank]
     problems = []
     for layer in mine:

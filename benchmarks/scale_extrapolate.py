@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from quailora.bench import decoder_shapes
 from quailora.calibration import partition_layers
 
 
 def layer_counts(hidden: int, mlp: int) -> dict[tuple[int, int], int]:
     """(out, in) -> how many of a LLaMA decoder layer's projections have that shape."""
-    counts: dict[tuple[int, int], int] = defaultdict(int)
-    for shape in [(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]:
-        counts[shape] += 1
-    return dict(counts)
+    return dict(Counter(decoder_shapes(hidden, mlp).values()))
 
 
 def per_layer(rows: list[dict], hidden: int, mlp: int) -> dict[tuple[str, int, int], dict]:

@@ -31,6 +31,7 @@ from quailora.initializers import INITIALIZERS, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer
+from quailora.quantizers.base import Quantizer
 
 DEFAULT_SHAPES = [(512, 512), (1024, 2816), (2816, 1024)]
 # (out, in) of LLaMA-7B (4096 hidden, 11008 MLP) and LLaMA-30B (6656 hidden, 17920 MLP) projections.
@@ -38,6 +39,18 @@ FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (6656, 6656), (17920,
 # Every registered LoRA method; the QA-LoRA ones (pooled adapters, they take group_size) via --methods.
 DEFAULT_METHODS = [m for m in INITIALIZERS if "group_size" not in method_options(INITIALIZERS.get(m))]
 QUANTIZER_FOR_BITS = {4: ("nf4", {}), 8: ("int8", {}), 3: ("int", {"bits": 3}), 2: ("int", {"bits": 2})}
+
+
+def quantizer_for_bits(bits: int) -> Quantizer:
+    name, opts = QUANTIZER_FOR_BITS[bits]
+    return get_quantizer(name, **opts)
+
+
+def decoder_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of a LLaMA decoder layer's seven projections: what a worker solves per layer."""
+    square = (hidden, hidden)
+    return {"q": square, "k": square, "v": square, "o": square, "gate": (mlp, hidden), "up": (mlp, hidden),
+            "down": (hidden, mlp)}  # fmt: skip
 
 
 def _return_free_memory_to_os() -> None:
@@ -122,8 +135,7 @@ def bench_rows(
     for out_features, in_features in shapes:
         weight, gram = synthetic_layer(out_features, in_features)
         for bits in bits_list:
-            name, opts = QUANTIZER_FOR_BITS[bits]
-            quantizer = get_quantizer(name, **opts)
+            quantizer = quantizer_for_bits(bits)
             quantized = quantizer.fake_quantize(weight)
             error = weight - quantized
             base_unc = weight_error(error, torch.zeros(()))
