@@ -5,7 +5,7 @@
 Each worker is a process in a gloo group, like a trial's Ray Train workers: it takes its share of
 decoder layers from ``quailora.calibration.partition_layers``, solves their seven projections (q, k, v,
 o, gate, up, down) with ``quailora.initialize``, and the adapters are all-gathered to every worker, as
-``trials/initialization.py`` does. Every worker gets ``--threads`` threads, so k workers use k times the
+``trials/stages.py`` does. Every worker gets ``--threads`` threads, so k workers use k times the
 cores of one: the speed-up is what adding workers buys. Synthetic weights and Grams
 (``quailora.bench.synthetic_layer``) are built before the clock starts.
 """

@@ -6,6 +6,7 @@ Unknown fields are errors (a typo in a sweep must not silently run the wrong exp
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -153,6 +154,11 @@ class SweepConfig(_Strict):
     driver_resources: dict[str, float] = Field(default_factory=dict)
     storage_path: str | None = None  # default: ./runs ; a local dir or a pyarrow URI (s3://, gs://, ...)
     tracking_uri: str | None = None  # default: sqlite:///<abs>/runs/mlflow.db
+    # The stage cache (quantized bases, Grams, init adapters) that trials share, within and across sweeps.
+    # Default: <storage_path>/cache. On a cluster: a directory every node mounts (with flock support).
+    cache_path: str | None = None
+    # False: each trial computes its stages privately (reused only by its own restarts), as a baseline.
+    share_stages: bool = True
 
     @field_validator("space")
     @classmethod
@@ -186,6 +192,16 @@ class SweepConfig(_Strict):
         """Where Tune writes the experiment `<storage>/<name>`; local paths become absolute."""
         root = self.storage_path or DEFAULT_STORAGE
         return root if "://" in root else str(Path(root).expanduser().resolve())
+
+    def resolved_cache_path(self) -> str | None:
+        """The shared stage cache, None when stages are not shared. A URI storage has no directory to hold
+        it: then the default is node-local, which suits one node (set cache_path for a cluster)."""
+        if not self.share_stages:
+            return None
+        if self.cache_path:
+            return str(Path(self.cache_path).expanduser().resolve())
+        storage = self.resolved_storage_path()
+        return str(Path(tempfile.gettempdir()) / "quailora_cache") if "://" in storage else f"{storage}/cache"
 
     def resolved_tracking_uri(self) -> str:
         from trials.tracking import default_tracking_uri  # imports mlflow, which plan and schema never need

@@ -83,6 +83,7 @@ def trial_driver(
         storage_path=f"{state['storage_path'].rstrip('/')}/{state['name']}/train",
         parent_run_id=state["parent_run_id"],
         callbacks=[TuneReportCallback()],
+        cache_path=state["cache_path"],
     )
     tune.report(metrics)
 
@@ -218,7 +219,10 @@ def make_trainable(matrix: TrialMatrix, state: ExperimentState):
         trial_driver,
         points=matrix.points,
         sampled=matrix.sampled,
-        state={k: getattr(state, k) for k in ("name", "storage_path", "tracking_uri", "parent_run_id")},
+        state={
+            **{k: getattr(state, k) for k in ("name", "storage_path", "tracking_uri", "parent_run_id")},
+            "cache_path": matrix.sweep.resolved_cache_path(),
+        },
     )
     return tune.with_resources(driver, {**matrix.sweep.driver_resources, "cpu": matrix.sweep.driver_cpus})
 

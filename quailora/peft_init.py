@@ -7,19 +7,22 @@ Workers can each compute a disjoint share (``names=``) and exchange the small re
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quailora.api import initialize, method_options, validate_options
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, needs_gram
+from quailora.initializers import INITIALIZERS, needs_gram, rebuilt_base
 from quailora.quantizers.base import Quantizer
 
 _PEFT_PREFIX = "base_model.model."
@@ -38,12 +41,19 @@ class GramSource(Protocol):
 
 @dataclass
 class LayerUpdate:
-    """What one layer's initialization changes: peft's A and B, and the base weight when the method moves Q."""
+    """What one layer's initialization changes: peft's A and B, and, for methods that move Q (loftq), the
+    thin factors (L, R) such that the base layer is re-quantized from W − L·R. All small: r x (in + out)."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
-    base_weight: torch.Tensor | None = None  # re-quantize the base layer from this (loftq)
+    base_residual: tuple[torch.Tensor, torch.Tensor] | None = None
     history: list[float] = field(default_factory=list)
+
+    def cpu(self) -> LayerUpdate:
+        """A copy on the CPU: what may be pickled to other processes (a CUDA tensor would unpickle onto
+        the sender's device, creating a context on a peer's GPU) or written to the cache."""
+        residual = tuple(t.cpu() for t in self.base_residual) if self.base_residual else None
+        return LayerUpdate(self.lora_A.cpu(), self.lora_B.cpu(), residual, list(self.history))
 
 
 def checkpoint_name(peft_name: str) -> str:
@@ -158,7 +168,7 @@ def compute_adapters(
             quantizer=quantizer or kind.quantizer(base),
             **layer_options,
         )
-        updates[name] = LayerUpdate(result.lora_A, result.lora_B, result.base_weight, result.history)
+        updates[name] = LayerUpdate(result.lora_A, result.lora_B, result.base_residual, result.history)
     return updates
 
 
@@ -178,9 +188,17 @@ def layer_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
-def apply_adapters(model: nn.Module, updates: dict[str, LayerUpdate], adapter_name: str = "default") -> None:
-    """Write computed adapters (and re-quantized base weights) into the model, in place."""
+def apply_adapters(
+    model: nn.Module,
+    updates: dict[str, LayerUpdate],
+    adapter_name: str = "default",
+    weights: WeightSource | None = None,
+) -> None:
+    """Write computed adapters into the model, in place; a method that moved Q re-quantizes the base layer
+    from W − L·R, W read from ``weights`` one layer at a time (needed only then)."""
     modules = dict(model.named_modules())
+    if weights is None and any(u.base_residual is not None for u in updates.values()):
+        raise QuailoraInputError("apply_adapters: these updates re-quantize base layers; pass weights=")
     with torch.no_grad():
         for name, update in updates.items():
             module = modules[name]
@@ -193,9 +211,12 @@ def apply_adapters(model: nn.Module, updates: dict[str, LayerUpdate], adapter_na
                         f"layer {name}: adapter shape {tuple(value.shape)} != parameter shape {tuple(param.shape)}"
                     )
                 param.copy_(value.to(device=param.device, dtype=param.dtype))
-            if update.base_weight is not None:
+            if update.base_residual is not None:
                 base = module.get_base_layer()
-                base_layer_kind(base, name).requantize(base, update.base_weight)
+                weight = weights.get(f"{checkpoint_name(name)}.weight").to(
+                    module.lora_A[adapter_name].weight.device
+                )
+                base_layer_kind(base, name).requantize(base, rebuilt_base(weight, update.base_residual))
 
 
 def initialize_peft_model(
@@ -209,5 +230,40 @@ def initialize_peft_model(
 ) -> dict[str, LayerUpdate]:
     """compute_adapters on every LoRA layer, then apply_adapters. Returns the per-layer updates."""
     updates = compute_adapters(model, method, weights, grams, adapter_name=adapter_name, **options)
-    apply_adapters(model, updates, adapter_name)
+    apply_adapters(model, updates, adapter_name, weights)
+    return updates
+
+
+ADAPTERS_FILE = "adapters.safetensors"
+HISTORY_FILE = "history.json"
+_FIELDS = ("lora_A", "lora_B", "base_left", "base_right")
+
+
+def save_updates(updates: dict[str, LayerUpdate], out_dir: str | Path) -> None:
+    """Write per-layer updates as one safetensors file (``<layer>::lora_A`` ...) plus their histories."""
+    out = Path(out_dir)
+    tensors = {}
+    for name, update in updates.items():
+        residual = update.base_residual or (None, None)
+        for field_name, tensor in zip(_FIELDS, (update.lora_A, update.lora_B, *residual), strict=True):
+            if tensor is not None:
+                tensors[f"{name}::{field_name}"] = tensor.detach().to("cpu").contiguous()
+    save_file(tensors, out / ADAPTERS_FILE)
+    (out / HISTORY_FILE).write_text(json.dumps({name: u.history for name, u in updates.items()}))
+
+
+def load_updates(in_dir: str | Path) -> dict[str, LayerUpdate]:
+    """The updates ``save_updates`` wrote, on the CPU."""
+    src = Path(in_dir)
+    tensors = load_file(src / ADAPTERS_FILE)
+    histories = json.loads((src / HISTORY_FILE).read_text())
+    updates = {}
+    for name, history in histories.items():
+        left, right = tensors.get(f"{name}::base_left"), tensors.get(f"{name}::base_right")
+        updates[name] = LayerUpdate(
+            tensors[f"{name}::lora_A"],
+            tensors[f"{name}::lora_B"],
+            (left, right) if left is not None else None,
+            history,
+        )
     return updates

@@ -4,6 +4,7 @@ import torch
 
 import quailora
 from quailora.errors import QuailoraInputError
+from quailora.initializers import rebuilt_base
 from quailora.linalg import adapter_product, calibrated_error, damp, weight_error
 from tests.layer_problems import layer_problem
 
@@ -129,10 +130,14 @@ def test_loftq_lowers_its_error_and_rebuilds_q(problem):
     result = _init(problem, "loftq", iterations=4)
     assert len(result.history) == 4
     assert result.history[-1] < result.history[0]
-    # The returned Q is exactly the quantization of base_weight, so a quantized layer can be rebuilt from it.
-    assert torch.equal(quailora.get_quantizer("nf4").fake_quantize(result.base_weight), result.quantized)
+    # The returned Q is exactly the quantization of W − L·R, so a quantized layer can be rebuilt from W and
+    # the thin factors (out x r, r x in) alone.
+    left, right = result.base_residual
+    assert left.shape == (weight.shape[0], RANK) and right.shape == (RANK, weight.shape[1])
+    rebuilt = rebuilt_base(weight, result.base_residual)
+    assert torch.equal(quailora.get_quantizer("nf4").fake_quantize(rebuilt), result.quantized)
     one = _init(problem, "loftq", iterations=1)
-    assert one.base_weight is None and torch.equal(one.quantized, quantized)
+    assert one.base_residual is None and torch.equal(one.quantized, quantized)
 
 
 @pytest.mark.parametrize(

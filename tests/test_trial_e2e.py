@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from quailora.base_layers import exact_cpu_4bit
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.cache import StageCache
 from trials.run import run_trial
-from trials.tracking import TRIAL_KEY_TAG, flat_params, trial_key
+from trials.tracking import TRIAL_KEY_TAG, flat_params, stage_param, stage_tag, trial_key
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "e2e"
@@ -83,10 +84,10 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("trial")
-    checkpoint = make_trial_checkpoint(root / "ckpt")
+    checkpoint, texts = make_trial_checkpoint(root / "ckpt"), make_texts(root)
     # Eval at 2 and 4, a checkpoint at 3: one report of each kind before the final one (the eval at the
     # last step is not reported on its own: the final report follows).
-    config = micro_trial_config(checkpoint, make_texts(root), train={"eval_every": 2, "checkpoint_every": 3})
+    config = micro_trial_config(checkpoint, texts, train={"eval_every": 2, "checkpoint_every": 3})
     reports = root / "reports.jsonl"
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
     try:
@@ -97,13 +98,15 @@ def trial(tmp_path_factory, mlflow_server):
             experiment_name=EXPERIMENT,
             storage_path=str(root / "ray"),
             callbacks=[RecordReports(reports)],
+            cache_path=str(root / "cache"),
         )
         seconds = time.perf_counter() - began
         client = MlflowClient(mlflow_server)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([experiment.experiment_id])
         yield {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
-               "root": root, "checkpoint": checkpoint, "uri": mlflow_server, "reports": reports}  # fmt: skip
+               "root": root, "checkpoint": checkpoint, "texts": texts, "uri": mlflow_server,
+               "reports": reports}  # fmt: skip
     finally:
         ray.shutdown()
 
@@ -111,12 +114,14 @@ def trial(tmp_path_factory, mlflow_server):
 def test_two_worker_trial_finishes_quickly_with_every_metric(trial):
     assert trial["seconds"] < 120
     metrics, config = trial["metrics"], trial["config"]
-    assert set(metrics) == {"val_ppl_init", "val_ppl_final", "calib_seconds", "init_seconds", "train_seconds",
-                            "tokens_per_second", "init_peak_memory_mb", "train_peak_memory_mb",
-                            "model_size_mb"}  # fmt: skip
+    stage_metrics = {f"{stage}_{kind}" for stage in ("quantize", "calibrate", "initialize")
+                     for kind in ("seconds", "saved_seconds")}  # fmt: skip
+    assert set(metrics) == {"val_ppl_init", "val_ppl_final", "train_seconds", "tokens_per_second",
+                            "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
+                            *stage_metrics}  # fmt: skip
     assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
-    assert metrics["init_seconds"] > 0 and 0 < metrics["train_seconds"] < trial["seconds"]
+    assert metrics["initialize_seconds"] > 0 and 0 < metrics["train_seconds"] < trial["seconds"]
     train = config.train
     tokens = train.max_steps * train.grad_accum * train.batch_size * config.data.seq_len * 2  # 2 workers
     assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(tokens)
@@ -143,12 +148,17 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
     assert len(trial["runs"]) == 1
     run = trial["runs"][0]
     assert run.info.status == "FINISHED"
-    assert run.data.params == flat_params(config)
+    stage_keys = {stage_param(s): run.data.params.get(stage_param(s), "") for s in ("quantize", "initialize")}
+    assert all(len(key) == 24 for key in stage_keys.values()), stage_keys  # svd is not calibrated: no key
+    assert run.data.params == {**flat_params(config), **stage_keys}
     expected = {"quant.method": "nf4", "lora.rank": "4", "init.method": "svd", "train.max_steps": "4",
                 "train.eval_every": "2", "resources.num_workers": "2"}  # fmt: skip
     assert {k: run.data.params[k] for k in expected} == expected
     tags = run.data.tags
     assert (tags["family"], tags["bits"], tags["method"], tags["rank"]) == ("llama", "4", "svd", "4")
+    assert {s: tags[stage_tag(s)] for s in ("quantize", "calibrate", "initialize")} == {
+        "quantize": "computed", "calibrate": "skipped", "initialize": "computed",
+    }  # fmt: skip
     assert tags["size"] and tags[TRIAL_KEY_TAG] == trial_key(config)
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4]
@@ -198,3 +208,27 @@ def test_same_trial_again_reuses_its_finished_run(trial):
     assert again == pytest.approx(trial["metrics"])
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_another_learning_rate_on_one_worker_reuses_every_stage(trial):
+    """A learning-rate arm shares the quantize and initialize keys: both come from the cache, and the
+    model it starts from is the first trial's (same perplexity before fine-tuning)."""
+    config = micro_trial_config(trial["checkpoint"], trial["texts"], name="lr-arm",
+                                train={"learning_rate": 1e-3, "max_steps": 1}, resources={"num_workers": 1})  # fmt: skip
+    cache = StageCache(trial["root"] / "cache")
+    computed = {e.stage: e.compute_seconds for e in cache.entries()}
+    metrics = run_trial(config, tracking_uri=trial["uri"], experiment_name=EXPERIMENT,
+                        storage_path=str(trial["root"] / "ray"), cache_path=str(cache.root))  # fmt: skip
+    client = trial["client"]
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.trial_name = 'lr-arm'"
+    )
+    assert {s: run.data.tags[stage_tag(s)] for s in ("quantize", "calibrate", "initialize")} == {
+        "quantize": "reused", "calibrate": "skipped", "initialize": "reused",
+    }  # fmt: skip
+    assert {e.stage for e in cache.entries()} == {"quantize", "initialize"} and len(cache.entries()) == 2
+    assert metrics["quantize_saved_seconds"] == pytest.approx(computed["quantize"])
+    assert metrics["initialize_saved_seconds"] == pytest.approx(computed["initialize"])
+    first = trial["runs"][0].data.params
+    assert all(run.data.params[stage_param(s)] == first[stage_param(s)] for s in ("quantize", "initialize"))
+    assert metrics["val_ppl_init"] == pytest.approx(trial["metrics"]["val_ppl_init"], rel=1e-5)

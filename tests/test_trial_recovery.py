@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.cache import STAGES
 from trials.config import TrialConfig
 from trials.run import TrialStoppedError, run_trial
-from trials.tracking import FAILURE_TAG, default_tracking_uri
+from trials.tracking import FAILURE_TAG, default_tracking_uri, stage_tag
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,10 @@ def test_killed_trial_resumes_from_its_last_checkpoint(setup):
     # Steps 1-2 ran in the first attempt, 3-4 in the second: their tokens come back with the checkpoint.
     assert metrics["train_seconds"] > 0
     assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(_tokens(config))
+    # Every stage was computed once, by the first attempt; the last attempt reused all three.
     assert len(list((root / "ray").rglob("grams.index.json"))) == 1
+    assert {s: run.data.tags[stage_tag(s)] for s in STAGES} == dict.fromkeys(STAGES, "reused")
+    assert all(metrics[f"{s}_saved_seconds"] > 0 for s in STAGES)
 
 
 def test_non_finite_loss_stops_the_trial_with_the_reason_on_its_run(setup):

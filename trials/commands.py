@@ -44,6 +44,7 @@ def run_trial_command(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri or default_tracking_uri(root),
             experiment_name=args.experiment,
             storage_path=args.storage_path or str(root / "ray"),
+            cache_path=None if args.no_shared_cache else (args.cache_path or str(root / "cache")),
         )
     except TrialStoppedError as err:
         print(f"quailora trial: {err}", file=sys.stderr)
@@ -62,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: SQLite under --root)")
     parser.add_argument("--storage-path", default=None, help="Ray Train storage (default: <root>/ray)")
+    parser.add_argument(
+        "--cache-path", default=None, help="stage cache shared with other trials (default: <root>/cache)"
+    )
+    parser.add_argument(
+        "--no-shared-cache", action="store_true", help="keep this trial's stages private (no reuse by others)"
+    )
     parser.add_argument("--experiment", default="quailora-trials", help="MLflow experiment name")
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"

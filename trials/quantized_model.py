@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from quailora.errors import QuailoraInputError
 from quailora.qalora.layer import quantize_model_groupwise
+from quailora.qalora.merge import load_merged, save_merged
 from quailora.quantizers import get_quantizer
 from quailora.quantizers.base import Quantizer
 from quailora.registry import Registry
@@ -23,9 +24,16 @@ BNB_4BIT_BLOCKSIZE = 64
 
 @dataclass(frozen=True)
 class QuantBackend:
+    """load: quantize a full-precision checkpoint while loading it. save / load_saved: the quantized model
+    in a format that loads without quantizing again (the quantize stage's cache entry)."""
+
     load: Callable[[Path, TrialConfig, torch.dtype, torch.device], nn.Module]
     quantizer_options: Callable[[QuantSpec], dict]
+    save: Callable[[nn.Module, Path], None]
+    load_saved: Callable[[Path, torch.dtype, torch.device], nn.Module]
     check: Callable[[QuantSpec], None] = lambda spec: None
+    # What else shapes the stored weights, beyond the quantizer (bnb 4-bit: the packed storage dtype).
+    storage: Callable[[TrialConfig, torch.dtype], dict] = lambda config, dtype: {}
 
 
 QUANT_BACKENDS: Registry[QuantBackend] = Registry("quantizer")
@@ -42,6 +50,12 @@ def _check_bnb_4bit(spec: QuantSpec) -> None:
         )
 
 
+def _bnb_4bit_storage(config: TrialConfig, dtype: torch.dtype) -> torch.dtype:
+    # ZeRO-3 partitions every parameter: transformers' DeepSpeed guide says to store the packed 4-bit
+    # weights in the model's float dtype so they can be sharded and gathered like the others.
+    return dtype if config.train.zero_stage == 3 else torch.uint8
+
+
 def _load_bnb_4bit(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
@@ -50,13 +64,20 @@ def _load_bnb_4bit(
         bnb_4bit_quant_type=config.quant.method,
         bnb_4bit_use_double_quant=config.quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        # ZeRO-3 partitions every parameter: transformers' DeepSpeed guide says to store the packed 4-bit
-        # weights in the model's float dtype so they can be sharded and gathered like the others.
-        bnb_4bit_quant_storage=dtype if config.train.zero_stage == 3 else torch.uint8,
+        bnb_4bit_quant_storage=_bnb_4bit_storage(config, dtype),
     )
     return AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
     )
+
+
+def _save_bnb(model: nn.Module, out: Path) -> None:
+    """transformers' bitsandbytes serialization: packed codes and quant states, config.json says how."""
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _load_saved_bnb(saved: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, device_map=_device_map(device))
 
 
 def _load_bnb_8bit(
@@ -78,15 +99,39 @@ def _load_groupwise(
     return quantize_model_groupwise(model, config.quant.bits, config.quant.group_size).to(device)
 
 
+def _save_groupwise(model: nn.Module, out: Path) -> None:
+    save_merged(model, out)  # packed codes, scales and zeros of every GroupwiseLinear, plus its manifest
+
+
+def _load_saved_groupwise(saved: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    return load_merged(saved).to(device)
+
+
 def _bnb_4bit_options(spec: QuantSpec) -> dict:
     return {"bits": spec.bits, "blocksize": spec.blocksize, "double_quant": spec.double_quant}
 
 
 for _name in ("nf4", "fp4"):
-    QUANT_BACKENDS.register(_name)(QuantBackend(_load_bnb_4bit, _bnb_4bit_options, _check_bnb_4bit))
-QUANT_BACKENDS.register("int8")(QuantBackend(_load_bnb_8bit, lambda spec: {"bits": spec.bits}))
+    QUANT_BACKENDS.register(_name)(
+        QuantBackend(
+            _load_bnb_4bit,
+            _bnb_4bit_options,
+            _save_bnb,
+            _load_saved_bnb,
+            _check_bnb_4bit,
+            lambda config, dtype: {"quant_storage": str(_bnb_4bit_storage(config, dtype))},
+        )
+    )
+QUANT_BACKENDS.register("int8")(
+    QuantBackend(_load_bnb_8bit, lambda spec: {"bits": spec.bits}, _save_bnb, _load_saved_bnb)
+)
 QUANT_BACKENDS.register("int")(
-    QuantBackend(_load_groupwise, lambda spec: {"bits": spec.bits, "group_size": spec.group_size})
+    QuantBackend(
+        _load_groupwise,
+        lambda spec: {"bits": spec.bits, "group_size": spec.group_size},
+        _save_groupwise,
+        _load_saved_groupwise,
+    )
 )
 
 
@@ -95,6 +140,17 @@ def check_quantization(spec: QuantSpec) -> None:
     backend = QUANT_BACKENDS.get(spec.method, where="quant.method")
     backend.check(spec)
     quantizer_for(spec)  # the quantizer's own checks (bits, block and group sizes)
+
+
+def quantizer_options(spec: QuantSpec) -> dict:
+    """The quantizer's name and the settings it uses (the others, e.g. a 4-bit quantizer's group_size, not)."""
+    return {"method": spec.method, **QUANT_BACKENDS.get(spec.method).quantizer_options(spec)}
+
+
+def storage_options(config: TrialConfig, dtype: torch.dtype) -> dict:
+    """Everything that decides the stored quantized weights: the quantizer's settings and its storage."""
+    backend = QUANT_BACKENDS.get(config.quant.method)
+    return {**quantizer_options(config.quant), **backend.storage(config, dtype)}
 
 
 def quantizer_for(spec: QuantSpec) -> Quantizer:
@@ -120,3 +176,13 @@ def load_quantized_model(
     return QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
         checkpoint, config, dtype, device
     )
+
+
+def save_quantized_model(model: nn.Module, config: TrialConfig, out: Path) -> None:
+    QUANT_BACKENDS.get(config.quant.method, where="quant.method").save(model, out)
+
+
+def load_saved_quantized_model(
+    saved: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    return QUANT_BACKENDS.get(config.quant.method, where="quant.method").load_saved(saved, dtype, device)

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from trials.cache import STAGES
 from trials.config import TrialConfig
 from trials.tracking import (
     FAILURE_TAG,
@@ -28,8 +29,7 @@ from trials.worker import train_trial
 RESULT_METRICS = (
     "val_ppl_init",
     "val_ppl_final",
-    "calib_seconds",
-    "init_seconds",
+    *(f"{stage}_{kind}" for stage in STAGES for kind in ("seconds", "saved_seconds")),
     "train_seconds",
     "tokens_per_second",
     "init_peak_memory_mb",
@@ -62,11 +62,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def _gram_dir(storage_path: str, run_name: str) -> Path:
-    """Grams live beside the checkpoints when storage is a local/shared path; else in a node-local temp dir."""
+def private_cache_path(storage_path: str, run_name: str) -> Path:
+    """Where a trial that shares no cache keeps its stages (reused only by its own restarts): beside its
+    checkpoints when storage is a local/shared path, else in a node-local temp dir."""
     if "://" in storage_path:
-        return Path(tempfile.gettempdir()) / "quailora_grams" / run_name
-    return Path(storage_path) / run_name / "grams"
+        return Path(tempfile.gettempdir()) / "quailora_stages" / run_name
+    return Path(storage_path) / run_name / "stages"
 
 
 def scaling_config(config: TrialConfig) -> ScalingConfig:
@@ -88,11 +89,13 @@ def run_trial(
     storage_path: str,
     parent_run_id: str | None = None,
     callbacks: Sequence = (),
+    cache_path: str | None = None,
 ) -> dict[str, float]:
     """Validate, then fine-tune and evaluate one trial; returns its final metrics.
 
     A retry or a second call with the same config reuses the trial's MLflow run and resumes from its last
-    Ray Train checkpoint; a trial whose run already finished returns the recorded metrics.
+    Ray Train checkpoint; a trial whose run already finished returns the recorded metrics. ``cache_path``:
+    the stage cache this trial shares with others (trials/cache.py); None keeps its stages private.
     """
     plan = validate_trial(config)  # every input error surfaces here, before Ray or any weights
     client = MlflowClient(tracking_uri)
@@ -118,7 +121,7 @@ def run_trial(
             "target_names": plan.target_names,
             "tracking_uri": tracking_uri,
             "run_id": run_id,
-            "gram_dir": str(_gram_dir(storage_path, run_name)),
+            "cache_path": str(cache_path or private_cache_path(storage_path, run_name)),
         },
         scaling_config=scaling_config(config),
         run_config=RunConfig(

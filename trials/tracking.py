@@ -18,6 +18,8 @@ from trials.config import TrialConfig
 TRIAL_KEY_TAG = "quailora.trial_key"
 FAILURE_TAG = "quailora.failure_reason"
 PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG_PREFIX = "quailora.stage."  # + stage: computed, reused or skipped
+STAGE_KEY_PREFIX = "stage_key."  # + stage: the param holding the stage's cache key
 _BATCH = 100  # MLflow's log_batch limit on params per call
 
 
@@ -124,3 +126,11 @@ def log_metrics(
 def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:
     client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
     client.set_terminated(run_id, status="FAILED")
+
+
+def stage_tag(stage: str) -> str:
+    return f"{STAGE_TAG_PREFIX}{stage}"
+
+
+def stage_param(stage: str) -> str:
+    return f"{STAGE_KEY_PREFIX}{stage}"

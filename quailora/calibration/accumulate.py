@@ -44,7 +44,7 @@ class GramAccumulator:
     def _add(self, key: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
         if key not in self.sums:
-            self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=self.dtype)
+            self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=self.dtype, device=flat.device)
             self.rows[key] = 0
         self.sums[key].addmm_(flat.T, flat)
         self.rows[key] += flat.shape[0]
@@ -53,8 +53,9 @@ class GramAccumulator:
         self._seen.clear()
 
     def grams(self) -> dict[str, torch.Tensor]:
-        """H = XᵀX / N per shared input, float32. Divides the sums in place (no second copy), so call it once."""
-        return {key: total.div_(self.rows[key]).to(torch.float32) for key, total in self.sums.items()}
+        """H = XᵀX / N per shared input, float32 on CPU. Divides the sums in place (no second copy), so call
+        it once (after any reduction of ``sums`` and ``rows`` over data-parallel processes)."""
+        return {key: total.div_(self.rows[key]).to("cpu", torch.float32) for key, total in self.sums.items()}
 
     def remove(self) -> None:
         """Stop accumulating. Idempotent, so a propagation may stop early and the caller still cleans up."""

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quailora.calibration.accumulate import GramAccumulator
+from quailora.calibration.distributed import GramReducer
 from quailora.calibration.layerwise import LayerCall, LayerwiseModel
 from quailora.calibration.store import GramStore, write_index, write_layer
 from quailora.errors import QuailoraInputError
@@ -48,7 +49,9 @@ def propagate_quantized(layer, calls, grams, quantizer) -> None:
         call.hidden = call.run(layer)
 
 
-def _validate(model: LayerwiseModel, input_ids, propagate, quantizer, dtype, batch_size) -> None:
+def _validate(
+    model: LayerwiseModel, input_ids, propagate, quantizer, dtype, batch_size, *, allow_empty: bool
+) -> None:
     PROPAGATIONS.get(propagate, where="collect_grams(propagate=...)")
     if propagate == "quantized" and not callable(getattr(quantizer, "fake_quantize", None)):
         raise QuailoraInputError(
@@ -60,13 +63,14 @@ def _validate(model: LayerwiseModel, input_ids, propagate, quantizer, dtype, bat
         raise QuailoraInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise QuailoraInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.numel() == 0:
+    empty = isinstance(input_ids, torch.Tensor) and input_ids.numel() == 0 and not allow_empty
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or empty:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise QuailoraInputError(f"input_ids must be a non-empty [num_seq, seq_len] tensor, got {shape}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise QuailoraInputError(f"input_ids must be an integer (long) tensor, got dtype {input_ids.dtype}")
     vocab = model.config.vocab_size
-    if input_ids.min() < 0 or input_ids.max() >= vocab:
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
         raise QuailoraInputError(
             f"input_ids values must lie in [0, vocab_size={vocab}), got [{input_ids.min()}, {input_ids.max()}]"
         )
@@ -81,27 +85,39 @@ def _validate(model: LayerwiseModel, input_ids, propagate, quantizer, dtype, bat
 def collect_grams(
     checkpoint_dir: str | Path,
     input_ids: torch.Tensor,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     propagate: str = "teacher",
     quantizer: Quantizer | None = None,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     progress: bool = False,
-) -> GramStore:
+    device: str | torch.device = "cpu",
+    forward_dtype: torch.dtype = torch.float32,
+    reducer: GramReducer | None = None,
+) -> GramStore | None:
     """Write H = XᵀX / N for every distinct nn.Linear input of every decoder layer to ``out_dir``.
 
     N is the number of calibration tokens (input_ids has no padding). ``dtype`` is the accumulation
-    precision (float64 for very long calibration sets); stored Grams are float32.
+    precision (float64 for very long calibration sets); stored Grams are float32. Layers run on
+    ``device`` in ``forward_dtype``. With a ``reducer`` (data-parallel), ``input_ids`` is this process's
+    share and only the process whose reducer ``writes`` needs an ``out_dir``; the others return None.
     """
-    model = LayerwiseModel(checkpoint_dir)
-    _validate(model, input_ids, propagate, quantizer, dtype, batch_size)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
+    model = LayerwiseModel(checkpoint_dir, device=device, dtype=forward_dtype)
+    _validate(model, input_ids, propagate, quantizer, dtype, batch_size, allow_empty=reducer is not None)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
         raise QuailoraInputError(f"out_dir {str(out)!r} exists and is not a directory")
     calls = model.capture_inputs(input_ids.long(), batch_size)
     return run_layers(
-        model, calls, out, propagate=propagate, quantizer=quantizer, dtype=dtype, progress=progress
+        model,
+        calls,
+        out,
+        propagate=propagate,
+        quantizer=quantizer,
+        dtype=dtype,
+        progress=progress,
+        reducer=reducer,
     )
 
 
@@ -109,17 +125,22 @@ def collect_grams(
 def run_layers(
     model: LayerwiseModel,
     calls: list[LayerCall],
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     propagate: str = "teacher",
     quantizer: Quantizer | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> GramStore:
+    reducer: GramReducer | None = None,
+) -> GramStore | None:
     """The layer loop of ``collect_grams``, on already captured layer-0 calls. On return each call's
     ``hidden`` holds the last decoder layer's output (what the final norm would read)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writes = reducer is None or reducer.writes
+    if writes:
+        if out_dir is None:
+            raise QuailoraInputError("out_dir is required on the process that writes the Grams")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     run_layer = PROPAGATIONS.get(propagate, where="propagate")
     layer_files: dict[str, str] = {}
     modules: dict[str, dict] = {}
@@ -130,13 +151,21 @@ def run_layers(
                 run_layer(layer, calls, grams, quantizer)
             finally:
                 grams.remove()
-        layer_files[str(index)] = write_layer(out_dir, index, grams.grams())  # the layer is freed by now
+        if reducer is not None:
+            reducer.reduce(grams)
+        if writes:
+            layer_files[str(index)] = write_layer(out_dir, index, grams.grams())  # the layer is freed by now
         modules.update({name: {"layer": index, "gram": key} for name, key in grams.group_of.items()})
         del grams
+    num_tokens = sum(call.hidden.shape[0] * call.hidden.shape[1] for call in calls)
+    if reducer is not None:
+        num_tokens = reducer.total(num_tokens)
+    if not writes:
+        return None
     write_index(
         out_dir,
         {
-            "num_tokens": sum(call.hidden.shape[0] * call.hidden.shape[1] for call in calls),
+            "num_tokens": num_tokens,
             "checkpoint_dir": str(model.checkpoint_dir.resolve()),
             "model_type": model.config.model_type,
             "propagate": propagate,

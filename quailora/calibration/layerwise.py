@@ -81,8 +81,18 @@ class _Catcher(nn.Module):
 class LayerwiseModel:
     """The skeleton of the checkpoint's causal LM, with lazy access to its weights."""
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """``device``/``dtype``: where and in which precision the loaded layers compute (a GPU forward
+        runs in the model dtype; the Grams are accumulated in their own precision)."""
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
         if not (self.checkpoint_dir / "config.json").is_file():
             raise QuailoraInputError(f"checkpoint_dir {str(self.checkpoint_dir)!r} has no config.json")
         self.config = AutoConfig.from_pretrained(self.checkpoint_dir)
@@ -134,7 +144,11 @@ class LayerwiseModel:
 
     def _load(self, path: str, module: nn.Module) -> None:
         # assign=True adopts the read tensors instead of copying them into allocated ones: one copy at peak.
-        module.load_state_dict(self.weights.state_dict(self._stored_name(path)), strict=True, assign=True)
+        state = {
+            key: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+            for key, t in self.weights.state_dict(self._stored_name(path)).items()
+        }
+        module.load_state_dict(state, strict=True, assign=True)
 
     @contextmanager
     def _pre_layer_loaded(self) -> Iterator[None]:
@@ -147,7 +161,7 @@ class LayerwiseModel:
                     loaded.append(module)
             for path in self.family.rebuilt:
                 parent, _, child = path.rpartition(".")
-                with torch.device("cpu"):
+                with self.device:
                     fresh = type(self._submodule(path))(config=self.config)
                 setattr(self.model.get_submodule(parent), child, fresh)
                 loaded.append(fresh)
@@ -164,9 +178,9 @@ class LayerwiseModel:
         self.layers[0] = catcher
         try:
             with self._pre_layer_loaded():
-                for batch in input_ids.split(batch_size):
+                for batch in input_ids.split(batch_size) if input_ids.numel() else ():
                     with suppress(_Caught):
-                        self.model(input_ids=batch, use_cache=False)
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
         finally:
             self.layers[0] = catcher.layer
         if any(call.hidden.is_meta for call in calls):
@@ -175,7 +189,7 @@ class LayerwiseModel:
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` loaded in float32 on CPU, freed (back to meta) on exit."""
+        """Decoder layer ``index`` loaded on the model's device and dtype, freed (back to meta) on exit."""
         module = self.layers[index]
         self._load(self.layer_name(index), module)
         try:

@@ -10,6 +10,7 @@ from quailora.initializers.base import (
     InitProblem,
     calibrated,
     needs_gram,
+    rebuilt_base,
 )
 
 # Adding a method means adding a file here: every module is imported for its @register side effect.
@@ -17,4 +18,12 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["INITIALIZERS", "Initialization", "Initializer", "InitProblem", "calibrated", "needs_gram"]
+__all__ = [
+    "INITIALIZERS",
+    "Initialization",
+    "Initializer",
+    "InitProblem",
+    "calibrated",
+    "needs_gram",
+    "rebuilt_base",
+]

@@ -46,12 +46,18 @@ class Initialization:
     lora_B: torch.Tensor
     quantized: torch.Tensor
     history: list[float] = field(default_factory=list)
-    # Set by methods that move Q: the tensor whose quantization gives ``quantized`` bit-exactly, so a
-    # quantized base layer can be rebuilt from it with its own quantizer.
-    base_weight: torch.Tensor | None = None
+    # Set by methods that move Q: thin factors (L, R) with quantized = quant(W − L·R) bit-exactly, so any
+    # process holding W rebuilds the quantized base layer with its own quantizer; nothing W-sized travels.
+    base_residual: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.lora_A, self.lora_B))
+
+
+def rebuilt_base(weight: torch.Tensor, residual: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """W − L·R: the full-precision tensor whose quantization is a base-changing method's Q."""
+    left, right = residual
+    return weight - left.to(weight.device) @ right.to(weight.device)
 
 
 Initializer = Callable[..., Initialization]

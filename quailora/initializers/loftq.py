@@ -1,7 +1,8 @@
 """LoftQ, CPU-capable (peft's loftq_init runs only on CUDA/XPU).
 
 Alternate T times: Q ← dequant(quant(W − sBA)), sBA ← SVD_r(W − Q). It changes the base weights:
-the returned ``quantized`` must replace the model's quantized weight (peft_init does that).
+the returned ``quantized`` must replace the model's quantized weight (peft_init does that, from W and
+the thin ``base_residual``, the sBA that Q was quantized from).
 history holds ‖W − Q − sBA‖_F / ‖W‖_F per iteration.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from quailora.errors import QuailoraInputError
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
+from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, rebuilt_base
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
 
 
@@ -30,17 +31,20 @@ def loftq(
     w = problem.weight
     q = problem.quantized
     norm = float(w.norm())
-    history = []
-    target = None  # stays None when Q is unchanged (one iteration)
-    low_rank = torch.zeros_like(w)
-    for step in range(iterations):
-        if step:
-            target = w - low_rank
-            q = problem.quantizer.fake_quantize(target)
+
+    def svd(q: torch.Tensor):
         u, s, vh = truncated_svd(
             w - q, problem.rank, solver=solver, niter=niter, oversample=oversample, seed=seed
         )
-        low_rank = (u * s) @ vh
-        history.append(float((w - q - low_rank).norm()) / norm)
+        history.append(float((w - q - (u * s) @ vh).norm()) / norm)
+        return u, s, vh
+
+    history: list[float] = []
+    u, s, vh = svd(q)
+    residual = None  # stays None when Q is unchanged (one iteration)
+    for _ in range(iterations - 1):
+        residual = (u * s, vh)  # the previous iteration's sBA
+        q = problem.quantizer.fake_quantize(rebuilt_base(w, residual))
+        u, s, vh = svd(q)
     lora_a, lora_b = split_svd(u, s, vh, problem.scaling, split)
-    return Initialization(lora_a, lora_b, q, history, base_weight=target)
+    return Initialization(lora_a, lora_b, q, history, base_residual=residual)

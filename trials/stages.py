@@ -1,0 +1,158 @@
+"""The three cached stages of a trial: quantize, calibrate, initialize.
+
+Each runs on every worker of the trial together, keyed by trials/stage_keys.py and obtained through the
+shared StageCache: computed once per key across every trial that shares the cache, reused after that
+(by a later trial, another learning rate, or this trial's restart). How the work is shared out:
+- quantize: every worker loads the quantized model (from the cached entry when there is one; else it
+  quantizes the full-precision checkpoint and rank 0 stores the result).
+- calibrate: data-parallel over the calibration sequences; per layer the Gram sums are all-reduced and
+  rank 0 writes them (quailora.calibration.distributed).
+- initialize: each worker solves its share of decoder layers; only the thin adapters (and, for methods
+  that move Q, the thin factors Q was quantized from) are gathered, on the CPU; each worker rebuilds any
+  changed base layer from its own streamed full-precision weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from quailora.calibration import GramStore, ProcessGroupSum, collect_grams, partition_layers, sequence_share
+from quailora.checkpoint import SafetensorsWeights
+from quailora.initializers import needs_gram
+from quailora.peft_init import (
+    LayerUpdate,
+    apply_adapters,
+    compute_adapters,
+    layer_index,
+    load_updates,
+    lora_layer_names,
+    save_updates,
+)
+from trials.cache import StageCache, StageKey, StageOutcome, obtain
+from trials.config import TrialConfig
+from trials.quantized_model import (
+    load_quantized_model,
+    load_saved_quantized_model,
+    quantizer_for,
+    save_quantized_model,
+)
+from trials.stage_keys import calibrate_key, initialize_key, quantize_key
+
+
+class TrialGroup:
+    """The trial's workers as a cache ``Group``: rank 0 leads, decisions are broadcast from it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.leader = dist.get_rank() == 0
+        self.device = device
+
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+
+@dataclass
+class StageContext:
+    """What every stage reads: the trial, where its checkpoint is, the worker's device and dtype, the cache."""
+
+    config: TrialConfig
+    checkpoint: Path
+    device: torch.device
+    dtype: torch.dtype
+    cache: StageCache
+
+    @property
+    def group(self) -> TrialGroup:
+        return TrialGroup(self.device)
+
+
+def quantize(ctx: StageContext) -> tuple[nn.Module, StageKey, StageOutcome]:
+    """The quantized base model on this worker's device."""
+    key = quantize_key(ctx.config, ctx.checkpoint, ctx.dtype)
+    loaded: dict[str, nn.Module] = {}
+
+    def compute(tmp: Path | None) -> None:
+        loaded["model"] = load_quantized_model(ctx.checkpoint, ctx.config, ctx.dtype, ctx.device)
+        if tmp is not None:  # before any forward: bnb's CPU path repacks weights on the first one
+            save_quantized_model(loaded["model"], ctx.config, tmp)
+
+    outcome = obtain(ctx.cache, key, compute, ctx.group)
+    model = loaded.get("model") or load_saved_quantized_model(outcome.path, ctx.config, ctx.dtype, ctx.device)
+    return model, key, outcome
+
+
+def calibrate(
+    ctx: StageContext, calib_ids: torch.Tensor | None
+) -> tuple[GramStore | None, StageKey | None, StageOutcome]:
+    """The Grams of every LoRA-able input, for calibrated methods; skipped for the others."""
+    if not needs_gram(ctx.config.init.method):
+        return None, None, StageOutcome("calibrate", "skipped")
+    cal = ctx.config.calibration
+    key = calibrate_key(ctx.config, ctx.checkpoint, calib_ids, ctx.dtype)
+
+    def compute(tmp: Path | None) -> None:
+        collect_grams(
+            ctx.checkpoint,
+            sequence_share(calib_ids, dist.get_rank(), dist.get_world_size()),
+            tmp,
+            propagate=cal.propagate,
+            quantizer=quantizer_for(ctx.config.quant) if cal.propagate == "quantized" else None,
+            device=ctx.device,
+            forward_dtype=ctx.dtype,
+            reducer=ProcessGroupSum(ctx.device),
+        )
+
+    outcome = obtain(ctx.cache, key, compute, ctx.group)
+    return GramStore(outcome.path), key, outcome
+
+
+def my_layers(names: list[str], rank: int, world_size: int) -> list[str]:
+    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0."""
+    indices = sorted({i for i in map(layer_index, names) if i is not None})
+    mine = set(partition_layers(indices, world_size)[rank])
+    return [n for n in names if (layer_index(n) in mine) or (layer_index(n) is None and rank == 0)]
+
+
+def _solve_shared(
+    model: nn.Module, ctx: StageContext, weights: SafetensorsWeights, grams: GramStore | None
+) -> dict[str, LayerUpdate]:
+    """Every worker solves its layers; the updates are gathered as CPU tensors (pickled CUDA tensors
+    would unpickle onto the sender's GPU index, creating contexts on peers' devices)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    options = {"seed": ctx.config.seed, **ctx.config.init.options}  # init.options.seed overrides the trial's
+    names = my_layers(lora_layer_names(model), rank, world_size)
+    mine = compute_adapters(model, ctx.config.init.method, weights, grams, names=names, **options)
+    shares: list[dict[str, LayerUpdate]] = [{} for _ in range(world_size)]
+    dist.all_gather_object(shares, {name: update.cpu() for name, update in mine.items()})
+    return {name: update for share in shares for name, update in share.items()}
+
+
+def initialize(
+    ctx: StageContext,
+    model: nn.Module,
+    grams: GramStore | None,
+    target_names: list[str],
+    quantized: StageKey,
+    calibrated: StageKey | None,
+) -> tuple[StageKey, StageOutcome]:
+    """Initialize every LoRA layer of ``model`` in place, on every worker."""
+    key = initialize_key(ctx.config, quantized, calibrated, target_names)
+    weights = SafetensorsWeights(ctx.checkpoint)
+    solved: dict[str, dict[str, LayerUpdate]] = {}
+
+    def compute(tmp: Path | None) -> None:
+        solved["updates"] = _solve_shared(model, ctx, weights, grams)
+        if tmp is not None:
+            save_updates(solved["updates"], tmp)
+
+    outcome = obtain(ctx.cache, key, compute, ctx.group)
+    updates = solved.get("updates") or load_updates(outcome.path)
+    apply_adapters(model, updates, weights=weights)
+    return key, outcome
