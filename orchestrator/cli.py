@@ -107,6 +107,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("cache")
+def _cache(args: argparse.Namespace) -> int:
+    from orchestrator.cache_commands import list_entries, prune_entries, resolve_cache
+
+    cache = resolve_cache(args.path)
+    print(
+        list_entries(cache) if args.action == "ls" else prune_entries(cache, args.older_than, args.max_size)
+    )
+    return 0
+
+
 @command("schema")
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.sweep_config import SweepConfig
@@ -145,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage")
     p.add_argument("--address")
+    p = sub.add_parser("cache", help="the shared stage cache: list entries, or prune them")
+    p.add_argument("action", choices=["ls", "prune"])
+    p.add_argument("--path", help="cache root (default: ./runs/cache, the sweeps' default cache_path)")
+    p.add_argument("--older-than", help="prune: remove entries unused for this long, e.g. 7d, 12h")
+    p.add_argument("--max-size", help="prune: then remove least recently used entries down to this, e.g. 50G")
     p = sub.add_parser("schema", help="export the sweep config JSON Schema")
     p.add_argument("--output", "-o")
     _register_optional(sub)

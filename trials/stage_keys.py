@@ -5,7 +5,7 @@ calibrate:  checkpoint identity + the calibration token ids (so source, num_sequ
             tokenizer all count, each exactly) + propagate mode + forward dtype (+ the quantizer only
             when propagate=quantized).
 initialize: the quantize key (Q) + the calibrate key when the method is calibrated + method, its options
-            (the seed only for methods that draw random numbers), rank, alpha, rsLoRA, the targeted layers.
+            (the seed only where the method draws random numbers), rank, alpha, rsLoRA, the targeted layers.
 Learning rate, steps, batch size, data and evaluation belong to no key: a sweep over them reuses all three.
 """
 
@@ -92,13 +92,24 @@ def calibrate_key(
     return StageKey("calibrate", inputs)
 
 
+def draws_random_numbers(method: str, options: dict) -> bool:
+    """Whether the seed changes the init: a method with a solver option draws only in the randomized SVD
+    (solver='exact' draws nothing); a seeded method without one (gaussian, qalora_zero) always draws."""
+    accepted = method_options(INITIALIZERS.get(method, where="init.method"))
+    if "seed" not in accepted:
+        return False
+    return "solver" not in accepted or options.get("solver", "auto") != "exact"
+
+
 def initialize_key(
     config: TrialConfig, quantize: StageKey, calibrate: StageKey | None, target_names: list[str]
 ) -> StageKey:
     method = config.init.method
     options = dict(config.init.options)
-    if "seed" in method_options(INITIALIZERS.get(method, where="init.method")):
-        options.setdefault("seed", config.seed)  # a trial's seed reaches the init only where it is drawn from
+    if draws_random_numbers(method, options):
+        options.setdefault("seed", config.seed)
+    else:
+        options.pop("seed", None)
     inputs = {
         "quantize": quantize.digest,
         "method": method,
