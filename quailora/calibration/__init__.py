@@ -1,15 +1,12 @@
 """Layer-sharded calibration: Gram matrices of every decoder layer's nn.Linear inputs, one layer in memory."""
 
 from quailora.calibration.collect import PROPAGATIONS, collect_grams, run_layers
-from quailora.calibration.families import FAMILIES, Family
 from quailora.calibration.layerwise import LayerCall, LayerwiseModel
 from quailora.calibration.partition import partition_layers
 from quailora.calibration.store import GramStore
 
 __all__ = [
-    "FAMILIES",
     "PROPAGATIONS",
-    "Family",
     "GramStore",
     "LayerCall",
     "LayerwiseModel",
