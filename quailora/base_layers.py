@@ -154,3 +154,52 @@ register_base_layer(
         requantize=_linear_requantize,
     ),
 )
+
+
+def quantize_like(linear: nn.Linear, template: nn.Module) -> nn.Module:
+    """A bitsandbytes layer of ``template``'s kind and settings holding quant(``linear.weight``).
+
+    For layers transformers' quantized loading leaves in full precision (fused MoE experts, split into
+    nn.Linear by quailora.architectures), so they are quantized exactly like the model's other layers.
+    """
+    weight = linear.weight.detach()
+    if isinstance(template, bnb.nn.Linear4bit):
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=template.compute_dtype,
+            quant_type=template.weight.quant_type,
+            quant_storage=template.weight.quant_storage,
+            device=weight.device,
+        )
+        packed, state = bnbf.quantize_4bit(
+            weight.to(template.weight.quant_state.dtype).contiguous(),
+            blocksize=template.weight.blocksize,
+            compress_statistics=template.weight.compress_statistics,
+            quant_type=template.weight.quant_type,
+            quant_storage=template.weight.quant_storage,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=template.weight.blocksize,
+            compress_statistics=template.weight.compress_statistics,
+            quant_type=template.weight.quant_type,
+            quant_storage=template.weight.quant_storage,
+            module=layer,
+            bnb_quantized=True,
+        )
+        layer.quant_state = state
+    elif isinstance(template, bnb.nn.Linear8bitLt):
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+        )
+        _linear8bit_requantize(layer, weight)
+        layer.to(weight.device)
+    else:
+        raise QuailoraInputError(f"quantize_like: {type(template).__name__} is not a bitsandbytes layer")
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quailora.architectures import Layout, ModelWeights
 from quailora.calibration import GramStore, collect_grams, partition_layers
 from quailora.calibration.store import INDEX as GRAM_INDEX
-from quailora.checkpoint import SafetensorsWeights
 from quailora.initializers import needs_gram
-from quailora.peft_init import apply_adapters, compute_adapters, layer_index, lora_layer_names
+from quailora.peft_init import apply_adapters, compute_adapters, lora_layer_names
 from trials.config import TrialConfig
 from trials.quantized_model import quantizer_for
 
@@ -33,11 +33,13 @@ def _collect_or_reuse(config: TrialConfig, checkpoint: Path, calib_ids: torch.Te
     )
 
 
-def my_layers(names: list[str], rank: int, world_size: int) -> list[str]:
-    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0."""
-    indices = sorted({i for i in map(layer_index, names) if i is not None})
-    mine = set(partition_layers(indices, world_size)[rank])
-    return [n for n in names if (layer_index(n) in mine) or (layer_index(n) is None and rank == 0)]
+def my_layers(model: nn.Module, names: list[str], rank: int, world_size: int) -> list[str]:
+    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0.
+    Layer indices come from the model's own decoder layers (a name that is no module of it is an error)."""
+    layout = Layout.of(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    index = {name: layout.layer_index(name) for name in names}
+    mine = set(partition_layers(sorted({i for i in index.values() if i is not None}), world_size)[rank])
+    return [n for n in names if (index[n] in mine) or (index[n] is None and rank == 0)]
 
 
 def initialize_distributed(
@@ -59,13 +61,13 @@ def initialize_distributed(
     calib_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    names = my_layers(lora_layer_names(model), rank, world_size)
+    names = my_layers(model, lora_layer_names(model), rank, world_size)
     options = {
         "seed": config.seed,
         **config.init.options,
     }  # init.options.seed, if given, overrides the trial's
     updates = compute_adapters(
-        model, config.init.method, SafetensorsWeights(checkpoint), grams, names=names, **options
+        model, config.init.method, ModelWeights(checkpoint), grams, names=names, **options
     )
     shares: list[dict] = [{} for _ in range(world_size)]
     dist.all_gather_object(shares, updates)

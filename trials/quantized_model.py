@@ -6,10 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from quailora.architectures import prepare
+from quailora.architectures.experts import LinearExperts
+from quailora.base_layers import quantize_like
 from quailora.errors import QuailoraInputError
 from quailora.qalora.layer import quantize_model_groupwise
 from quailora.quantizers import get_quantizer
@@ -42,6 +46,11 @@ def _check_bnb_4bit(spec: QuantSpec) -> None:
         )
 
 
+def _prepared(model: nn.Module) -> nn.Module:
+    prepare(model)
+    return model
+
+
 def _load_bnb_4bit(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
@@ -54,19 +63,23 @@ def _load_bnb_4bit(
         # weights in the model's float dtype so they can be sharded and gathered like the others.
         bnb_4bit_quant_storage=dtype if config.train.zero_stage == 3 else torch.uint8,
     )
-    return AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
+    return _prepared(
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
+        )
     )
 
 
 def _load_bnb_8bit(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(
-        checkpoint,
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-        dtype=dtype,
-        device_map=_device_map(device),
+    return _prepared(
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            dtype=dtype,
+            device_map=_device_map(device),
+        )
     )
 
 
@@ -74,6 +87,7 @@ def _load_groupwise(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    prepare(model)
     # Every linear layer but the head, whatever LoRA targets: the same coverage as bitsandbytes loading.
     return quantize_model_groupwise(model, config.quant.bits, config.quant.group_size).to(device)
 
@@ -114,9 +128,28 @@ def serialized_size_mb(model: nn.Module) -> float:
     return total / 2**20
 
 
+def _quantize_split_experts(model: nn.Module) -> None:
+    """bitsandbytes loading leaves fused MoE experts in full precision; once split into nn.Linear
+    (quailora.architectures.prepare) they are quantized like the model's other linear layers."""
+    template = next(
+        (m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))), None
+    )
+    if template is None:
+        return
+    for experts in [m for m in model.modules() if isinstance(m, LinearExperts)]:
+        for expert in experts:
+            for name, linear in list(expert.named_children()):
+                if type(linear) is nn.Linear:
+                    setattr(expert, name, quantize_like(linear, template))
+
+
 def load_quantized_model(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    return QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
+    """The checkpoint quantized as ``quant`` asks, with every projection an nn.Linear-like layer of
+    weight (out, in) (quailora.architectures.prepare: GPT-2's Conv1D, fused MoE experts)."""
+    model = QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
         checkpoint, config, dtype, device
     )
+    _quantize_split_experts(model)
+    return model

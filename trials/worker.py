@@ -21,13 +21,14 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import exact_cpu_4bit
 from quailora.initializers import needs_gram
+from quailora.text import perplexity, tokenize_blocks
 from trials.adapters import build_adapter
 from trials.config import TrialConfig
 from trials.deepspeed_config import deepspeed_config, use_bf16
-from trials.evaluation import lm_eval_accuracies, perplexity
+from trials.evaluation import lm_eval_accuracies
 from trials.initialization import initialize_distributed
 from trials.quantized_model import load_quantized_model, serialized_size_mb
-from trials.sources import load_texts, tokenize_blocks
+from trials.sources import load_texts, token_blocks
 from trials.tracking import log_metrics, mark_failed
 
 CHECKPOINT_TAG = "trial"
@@ -194,20 +195,24 @@ def train_trial(loop_config: dict) -> None:
     _reset_peak_memory(device)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    train_blocks = tokenize_blocks(
-        tokenizer, load_texts(config.data.train, "data.train"), config.data.seq_len
+    data = {"template": config.data.template, "text_field": config.data.text_field}
+    train_ids, train_labels = token_blocks(
+        tokenizer, config.data.train, config.data.seq_len, field="data.train", **data
     )
-    val_blocks = tokenize_blocks(
+    train_blocks = torch.stack([train_ids, train_labels], dim=1)  # [n, 2, seq_len]: rows stay paired
+    val_blocks, val_labels = token_blocks(
         tokenizer,
-        load_texts(config.data.validation, "data.validation"),
+        config.data.validation,
         config.data.seq_len,
-        config.data.max_eval_sequences,
+        field="data.validation",
+        max_blocks=config.data.max_eval_sequences,
+        **data,
     )
     calib_ids = None
     if needs_gram(config.init.method):
         calib_ids = tokenize_blocks(
             tokenizer,
-            load_texts(config.calibration.dataset, "calibration.dataset"),
+            load_texts(config.calibration.dataset, "calibration.dataset", config.calibration.text_field),
             config.calibration.seq_len,
             config.calibration.num_sequences,
         )
@@ -223,7 +228,7 @@ def train_trial(loop_config: dict) -> None:
         exact_cpu_4bit(model)  # evaluation then computes with the same fp32 Q as training and initialization
     timings = initialize_distributed(model, config, checkpoint, calib_ids, Path(loop_config["gram_dir"]))
     summary: dict[str, float] = {**timings, "model_size_mb": model_size_mb}
-    summary["val_ppl_init"] = perplexity(model, val_blocks, batch_size, device)
+    summary["val_ppl_init"] = perplexity(model, val_blocks, batch_size, device, val_labels)
     summary["init_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
@@ -246,15 +251,19 @@ def train_trial(loop_config: dict) -> None:
         began = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.train.grad_accum):
-            ids = micro_batch(
-                train_blocks,
-                config.seed,
-                (step - 1) * config.train.grad_accum + micro,
-                rank,
-                world_size,
-                batch_size,
-            ).to(device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            ids, labels = (
+                micro_batch(
+                    train_blocks,
+                    config.seed,
+                    (step - 1) * config.train.grad_accum + micro,
+                    rank,
+                    world_size,
+                    batch_size,
+                )
+                .to(device)
+                .unbind(1)
+            )
+            loss = engine(input_ids=ids, labels=labels).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
@@ -269,7 +278,7 @@ def train_trial(loop_config: dict) -> None:
             break
         values = {"train_loss": train_loss, "learning_rate": engine.get_lr()[0]}
         if config.train.eval_every and step % config.train.eval_every == 0:
-            values["val_ppl"] = perplexity(engine.module, val_blocks, batch_size, device)
+            values["val_ppl"] = perplexity(engine.module, val_blocks, batch_size, device, val_labels)
         tracker.metrics(values, step)
         if (
             config.train.checkpoint_every
@@ -290,7 +299,7 @@ def train_trial(loop_config: dict) -> None:
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     if config.eval.perplexity:
-        summary["val_ppl_final"] = perplexity(engine.module, val_blocks, batch_size, device)
+        summary["val_ppl_final"] = perplexity(engine.module, val_blocks, batch_size, device, val_labels)
     if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
         accuracies = [
             lm_eval_accuracies(

@@ -9,6 +9,7 @@ one ``Architecture`` per file of this package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,6 +54,16 @@ def check_causal_lm(config: PretrainedConfig, where: str) -> None:
         raise QuailoraInputError(
             f"{where}: model_type {config.model_type!r}: its config has no num_hidden_layers"
         )
+
+
+def load_model_config(checkpoint: str | Path, where: str) -> PretrainedConfig:
+    """The checkpoint's config, checked to be a decoder-only causal LM, before any weight is read."""
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (ValueError, KeyError, OSError) as err:  # unknown model_type, broken or missing config.json
+        raise QuailoraInputError(f"{where}: transformers cannot read its config: {err}") from None
+    check_causal_lm(config, where)
+    return config
 
 
 def find_layers(model: nn.Module) -> str:
