@@ -156,50 +156,56 @@ register_base_layer(
 )
 
 
-def quantize_like(linear: nn.Linear, template: nn.Module) -> nn.Module:
-    """A bitsandbytes layer of ``template``'s kind and settings holding quant(``linear.weight``).
+def quantize_bnb(linear: nn.Linear, config) -> nn.Module:
+    """A bitsandbytes layer holding quant(``linear.weight``) as transformers' ``BitsAndBytesConfig``
+    ``config`` asks (4-bit or LLM.int8), on the weight's device.
 
-    For layers transformers' quantized loading leaves in full precision (fused MoE experts, split into
-    nn.Linear by quailora.architectures), so they are quantized exactly like the model's other layers.
+    For linear layers that transformers' quantized loading leaves in full precision (it replaces only
+    modules of type exactly nn.Linear), so they are quantized like the model's other layers.
     """
     weight = linear.weight.detach()
-    if isinstance(template, bnb.nn.Linear4bit):
+    bias = linear.bias is not None
+    if config.load_in_4bit:
+        storage = config.bnb_4bit_quant_storage
+        storage = getattr(torch, storage) if isinstance(storage, str) else storage
         layer = bnb.nn.Linear4bit(
             linear.in_features,
             linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=template.compute_dtype,
-            quant_type=template.weight.quant_type,
-            quant_storage=template.weight.quant_storage,
-            device=weight.device,
+            bias=bias,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=storage,
+            device="meta",
         )
+        old = layer.weight
         packed, state = bnbf.quantize_4bit(
-            weight.to(template.weight.quant_state.dtype).contiguous(),
-            blocksize=template.weight.blocksize,
-            compress_statistics=template.weight.compress_statistics,
-            quant_type=template.weight.quant_type,
-            quant_storage=template.weight.quant_storage,
+            weight.contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
         )
         layer.weight = bnb.nn.Params4bit(
             packed,
             requires_grad=False,
             quant_state=state,
-            blocksize=template.weight.blocksize,
-            compress_statistics=template.weight.compress_statistics,
-            quant_type=template.weight.quant_type,
-            quant_storage=template.weight.quant_storage,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
             module=layer,
             bnb_quantized=True,
         )
         layer.quant_state = state
-    elif isinstance(template, bnb.nn.Linear8bitLt):
+    elif config.load_in_8bit:
         layer = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False
         )
         _linear8bit_requantize(layer, weight)
         layer.to(weight.device)
     else:
-        raise QuailoraInputError(f"quantize_like: {type(template).__name__} is not a bitsandbytes layer")
-    if linear.bias is not None:
+        raise QuailoraInputError(f"quantize_bnb: {config!r} asks for neither 4-bit nor 8-bit")
+    if bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer

@@ -55,7 +55,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
     try:
-        yield root, make_trial_checkpoint(root / "ckpt"), make_texts(root)
+        # Beyond llama, a MoE runs the full Ray trial: split experts calibrated, quantized and adapted.
+        yield root, make_trial_checkpoint(root / "ckpt", family="mixtral"), make_texts(root)
     finally:
         ray.shutdown()
 

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from quailora.architectures import prepare
-from quailora.architectures.experts import LinearExperts
-from quailora.base_layers import quantize_like
+from quailora.architectures import Layout, prepare
+from quailora.base_layers import quantize_bnb
 from quailora.errors import QuailoraInputError
 from quailora.qalora.layer import quantize_model_groupwise
 from quailora.quantizers import get_quantizer
@@ -128,19 +127,20 @@ def serialized_size_mb(model: nn.Module) -> float:
     return total / 2**20
 
 
-def _quantize_split_experts(model: nn.Module) -> None:
-    """bitsandbytes loading leaves fused MoE experts in full precision; once split into nn.Linear
-    (quailora.architectures.prepare) they are quantized like the model's other linear layers."""
-    template = next(
-        (m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))), None
-    )
-    if template is None:
+def _quantize_left_linears(model: nn.Module) -> None:
+    """Quantize, like the model's other layers, the decoder layers' linear layers that transformers'
+    bitsandbytes loading leaves in full precision: it only replaces modules of type exactly nn.Linear, so
+    Falcon's FalconLinear and fused MoE experts (split into nn.Linear by quailora.architectures.prepare)
+    stay unquantized otherwise."""
+    bnb_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    config = getattr(model.config, "quantization_config", None)
+    if not isinstance(config, BitsAndBytesConfig):
         return
-    for experts in [m for m in model.modules() if isinstance(m, LinearExperts)]:
-        for expert in experts:
-            for name, linear in list(expert.named_children()):
-                if type(linear) is nn.Linear:
-                    setattr(expert, name, quantize_like(linear, template))
+    for name in Layout.of(model, prepared=set()).linears():
+        module = model.get_submodule(name)
+        if not isinstance(module, bnb_types):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_bnb(module, config))
 
 
 def load_quantized_model(
@@ -151,5 +151,5 @@ def load_quantized_model(
     model = QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
         checkpoint, config, dtype, device
     )
-    _quantize_split_experts(model)
+    _quantize_left_linears(model)
     return model

@@ -162,7 +162,12 @@ class Layout:
         bare = name.removeprefix(PEFT_PREFIX)
         prefix = self.layers_path + "."
         if not bare.startswith(prefix):
-            self.model.get_submodule(bare)  # raises for a name that is no module at all
+            try:
+                self.model.get_submodule(bare)
+            except AttributeError:
+                raise QuailoraInputError(
+                    f"{name!r} is no module of the {self.model.config.model_type} model"
+                ) from None
             return None
         index = bare[len(prefix) :].split(".", 1)[0]
         if not index.isdigit() or int(index) >= self.num_layers:

@@ -8,6 +8,9 @@ transformers' own experts modules, so outputs are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -82,3 +85,31 @@ class LinearExperts(nn.ModuleList):
             out = getattr(expert, self.names.down)(inner) * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
+
+
+@contextmanager
+def peft_sees_split_experts() -> Iterator[None]:
+    """Build or load a peft adapter on a model whose experts are LinearExperts.
+
+    peft 0.21 rewrites per-expert targets (transformers 4 names such as Mixtral's ``w1``/``w3``) into LoRA
+    on transformers 5's fused 3-D expert parameters, which is what lets stock peft load these adapters on a
+    stock transformers 5 model. On a model whose experts are split, those targets are real nn.Linear
+    modules, so the rewrite (of the config, and of the weights when loading) is turned off meanwhile (peft
+    offers no switch; its module functions are replaced).
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+
+    originals = {
+        "_convert_peft_config_moe": lambda peft_config, model: None,
+        "convert_peft_adapter_state_dict_for_transformers": lambda model, peft_config, adapter_state_dict, adapter_name="default": (
+            adapter_state_dict
+        ),
+    }
+    for name, replacement in list(originals.items()):
+        originals[name] = getattr(conversion, name)
+        setattr(conversion, name, replacement)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(conversion, name, original)
