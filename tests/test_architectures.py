@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -146,3 +147,50 @@ def test_adapter_fits_the_stock_transformers_model(name, tmp_path):
     reloaded = PeftModel.from_pretrained(stock, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"model_type": "t5"}, "model_type 't5' is not a decoder-only causal LM"),
+        ({"model_type": "no-such-model"}, "transformers cannot read its config"),
+    ],
+)
+def test_unsupported_models_are_refused_before_compute(config, fragment, tmp_path, capsys):
+    """plan, run and trial exit 2 naming the model_type and what is missing; no Ray, no weights read."""
+    import json
+
+    import yaml
+
+    from orchestrator.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    save_file({"unused": torch.zeros(1)}, tmp_path / "model" / "model.safetensors")
+    sweep = {
+        "name": "refused",
+        "base": {"model": {"path": str(tmp_path / "model")}},
+        "space": {"seed": {"grid": [0]}},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "model")}}))
+    for argv in (["plan", str(tmp_path / "sweep.yaml")], ["trial", str(tmp_path / "trial.yaml")]):
+        assert main(argv) == 2, argv
+        assert fragment in capsys.readouterr().err, argv
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_moe_and_fused_shapes_from_the_config_alone():
+    """plan counts every expert as resident and fused projections as they are."""
+    from orchestrator.model_shapes import shape_from_config
+    from tests.micro_models import make_micro_config
+
+    mixtral = shape_from_config(make_micro_config("mixtral"))
+    per_layer = 4 * (64 * 64) + 4 * 3 * (64 * 128) - 2 * 2 * 64 * 32  # q, o; k, v at 32 (GQA); 4 experts x 3
+    assert sum(n_in * n_out for _, n_in, n_out in mixtral.linears()) == 2 * per_layer
+    assert sum(".experts." in name for name, _, _ in mixtral.linears()) == 2 * 4 * 3
+    phi3 = shape_from_config(make_micro_config("phi3"))
+    assert ("model.layers.0.self_attn.qkv_proj", 64, 64 + 2 * 32) in phi3.linears()
+    assert ("model.layers.0.mlp.gate_up_proj", 64, 2 * 128) in phi3.linears()

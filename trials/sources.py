@@ -160,15 +160,17 @@ def chat_template(tokenizer, batch: dict, text_field: str) -> dict:
     for messages in batch["messages"]:
         if not messages or messages[-1]["role"] != "assistant":
             raise QuailoraInputError("chat template: each record's last message must be the assistant's")
-        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False
-        )
-        if full[: len(prompt)] != prompt:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prompt):
             raise QuailoraInputError(
-                "chat template: the conversation's tokens do not start with its prompt's"
+                "chat template: the rendered conversation does not start with its prompt"
             )
-        ids, labels = _prompt_and_response(prompt, full[len(prompt) :])
+        # Tokenized apart, so the prompt/response boundary is a token boundary (BPE may merge across it).
+        ids, labels = _prompt_and_response(
+            tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"],
+        )
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
@@ -230,8 +232,8 @@ def token_blocks(
         )
     if max_blocks is not None:
         packed = packed.select(range(min(len(packed), max_blocks)))
-    packed = packed.with_format("torch")
-    return packed["input_ids"].long(), packed["labels"].long()
+    rows = packed.with_format("torch")[:]
+    return rows["input_ids"].long(), rows["labels"].long()
 
 
 def load_texts(source: str, field: str = "data", text_field: str = "text") -> list[str]:
