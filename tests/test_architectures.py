@@ -194,3 +194,33 @@ def test_moe_and_fused_shapes_from_the_config_alone():
     phi3 = shape_from_config(make_micro_config("phi3"))
     assert ("model.layers.0.self_attn.qkv_proj", 64, 64 + 2 * 32) in phi3.linears()
     assert ("model.layers.0.mlp.gate_up_proj", 64, 2 * 128) in phi3.linears()
+
+
+def test_legacy_llama_and_bin_only_checkpoints(tmp_path, monkeypatch):
+    """A checkpoint with per-layer rotary_emb.inv_freq (old LLaMA) calibrates; a .bin-only one is
+    converted once to safetensors into the cache and gives the same Grams."""
+    from safetensors.torch import load_file
+
+    from quailora.checkpoint import bin_shards
+    from reference.cache import resolve_model
+
+    monkeypatch.setenv("QUAILORA_CACHE", str(tmp_path / "cache"))
+    checkpoint = make_micro_checkpoint("llama", tmp_path / "ckpt", max_shard_size="10GB")
+    state = load_file(checkpoint / "model.safetensors")
+    legacy = dict(state)
+    for i in range(2):
+        legacy[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(legacy, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    reference = collect_grams(checkpoint, IDS, tmp_path / "a")
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(state, bin_dir / "pytorch_model.bin")
+    (bin_dir / "config.json").write_text((checkpoint / "config.json").read_text())
+    assert bin_shards(bin_dir) == ["pytorch_model.bin"]
+    converted = resolve_model(str(bin_dir))
+    assert converted.is_relative_to(tmp_path / "cache") and (converted / "model.safetensors").is_file()
+    assert resolve_model(str(bin_dir)) == converted  # once
+    grams = collect_grams(converted, IDS, tmp_path / "b")
+    for name in reference.names():
+        torch.testing.assert_close(grams.get(name), reference.get(name))
