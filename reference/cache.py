@@ -77,7 +77,9 @@ def _with_safetensors(checkpoint: Path, name: str) -> Path:
             f"model path {name!r}: {checkpoint} has a config.json but no model.safetensors(.index.json) "
             "or pytorch_model.bin(.index.json) weights"
         )
-    stat = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(checkpoint.iterdir()) if p.is_file()}
+    stat = {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(checkpoint.iterdir()) if p.is_file()
+    }
     recipe = {"converted_from": str(checkpoint.resolve()), "files": stat}
     out = cache_root() / "converted" / fingerprint(recipe)
     return ensure_built(out, recipe, lambda tmp: convert_bin_checkpoint(checkpoint, tmp), False)

@@ -100,7 +100,9 @@ def pretrain(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     train_seconds = time.perf_counter() - start
 
-    eval_blocks = blocks(token_stream(tokenizer, validation_texts), spec.seq_len, spec.eval_tokens // spec.seq_len)
+    eval_blocks = blocks(
+        token_stream(tokenizer, validation_texts), spec.seq_len, spec.eval_tokens // spec.seq_len
+    )
     metrics = {
         "name": spec.name,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -89,7 +89,9 @@ def test_resolve_model_accepts_local_dirs_and_hub_ids_and_rejects_the_rest(tmp_p
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
     assert cache.resolve_model(str(tmp_path / "ckpt")) == (tmp_path / "ckpt").resolve()
-    with pytest.raises(QuailoraInputError, match="'EleutherAI/pythia-70m'.*could not be fetched from the hub"):
+    with pytest.raises(
+        QuailoraInputError, match="'EleutherAI/pythia-70m'.*could not be fetched from the hub"
+    ):
         cache.resolve_model("EleutherAI/pythia-70m")  # offline in the tests
     with pytest.raises(QuailoraInputError, match="no model checkpoint"):
         cache.resolve_model(str(tmp_path))
