@@ -74,7 +74,7 @@ def _with_safetensors(checkpoint: Path, name: str) -> Path:
         return checkpoint
     if not bin_shards(checkpoint):
         raise QuailoraInputError(
-            f"model path {name!r}: {checkpoint} has a config.json but no model.safetensors(.index.json) "
+            f"model.path={name!r}: {checkpoint} has a config.json but no model.safetensors(.index.json) "
             "or pytorch_model.bin(.index.json) weights"
         )
     stat = {
@@ -96,7 +96,7 @@ def _hub_snapshot(name: str) -> Path:
             path = Path(snapshot_download(name, allow_patterns=[*common, "pytorch_model*.bin"]))
     except Exception as err:  # offline, unknown repo, no access: all mean the same to the user
         raise QuailoraInputError(
-            f"model path {name!r} is not a local checkpoint directory and could not be fetched from the hub: {err}"
+            f"model.path={name!r} is not a local checkpoint directory and could not be fetched from the hub: {err}"
         ) from None
     return path
 
@@ -114,12 +114,12 @@ def resolve_model(name: str) -> Path:
     local = Path(name).expanduser()
     if local.exists() or name.startswith(LOCAL_PREFIXES):
         if not (local / "config.json").is_file():
-            raise QuailoraInputError(f"model path {name!r}: no model checkpoint (config.json) at {local}")
+            raise QuailoraInputError(f"model.path={name!r}: no model checkpoint (config.json) at {local}")
         return _with_safetensors(local.resolve(), name)
     if HUB_ID.match(name):
         return _with_safetensors(_hub_snapshot(name), name)
     raise QuailoraInputError(
-        f"model path {name!r} does not exist locally and is not a hub id or reference:<name> "
+        f"model.path={name!r} does not exist locally and is not a hub id or reference:<name> "
         f"(reference models: {', '.join(sorted(MODEL_SPECS))})"
     )
 
