@@ -15,8 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from quailora.text import blocks, perplexity, token_stream
 from reference.corpora import load_split
-from reference.evaluation import blocks, perplexity, token_stream
 from reference.pretrain import pretrain
 from reference.quant_table import PRECISIONS
 from reference.specs import get_spec
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
             "train_seconds": trained["train_seconds"],
         }
         for split in SPLITS:
-            eval_blocks = blocks(token_stream(tokenizer, load_split(split)), spec.seq_len, EVAL_TOKENS)
+            eval_blocks = blocks(
+                token_stream(tokenizer, load_split(split)), spec.seq_len, EVAL_TOKENS // spec.seq_len
+            )
             ppl = {col: perplexity(PRECISIONS.get(col)(Path(out)), eval_blocks) for col in COLUMNS}
             row[split] = {col: round(v, 3) for col, v in ppl.items()}
             row[f"{split} NF4 %"] = round(100 * (ppl["bnb NF4"] / ppl["fp32"] - 1), 2)

@@ -27,8 +27,10 @@ from transformers import (
     TrainingArguments,
 )
 
+from quailora.text import tokenize_blocks
+from reference.cache import resolve_model
 from trials.config import TrialConfig
-from trials.sources import load_texts, resolve_model_path, tokenize_blocks
+from trials.sources import load_texts
 
 
 class StepTimer(TrainerCallback):
@@ -148,8 +150,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     args = parser.parse_args()
     config = benchmark_config(args)
-    # resolve_model_path is the trial's own resolver, so both sides load the very same checkpoint.
-    checkpoint = resolve_model_path(config.model.path)
+    # resolve_model is the trial's own resolver, so both sides load the very same checkpoint.
+    checkpoint = resolve_model(config.model.path)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_tokens_per_second(config, checkpoint, Path(tmp) / "trainer")
         trial = trial_tokens_per_second(config, Path(tmp) / "trial", args.num_cpus)

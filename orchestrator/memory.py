@@ -5,15 +5,18 @@ Terms (bytes), all stated so a reader can check them by hand:
   1 B per block + fp32 per 256 blocks); LLM.int8 = 1 B/param + an fp32 scale per output row;
   group-wise INT-k (quailora.quantizers.groupwise) = codes packed 32//k per int32 word along each row,
   plus an fp16 scale and an fp32 zero per group.
-- other weights (embeddings, lm_head unless tied, norms) stay at `model.dtype`.
+- other weights (embeddings, lm_head unless tied, norms, biases, MoE routers) stay at `model.dtype`.
+- every linear layer of every decoder layer is quantized: fused projections (qkv, gate_up) as they are,
+  MoE experts one by one, all resident (orchestrator.model_shapes derives them from the config).
 - adapters r·(in+out) per targeted linear, in fp32, plus fp32 grads and Adam's two fp32 moments;
   ZeRO-2/3 shard grads and optimizer state over the workers.
 - activations per layer b·s·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, eq. 2),
   x2 for fp32 training (precision "auto" is fp32 on CPU workers, trials.deepspeed_config.use_bf16);
   with gradient checkpointing 2·b·s·h per layer plus one full layer; plus fp32 logits and their
   gradient 2·4·b·s·V.
-- calibration (inits that need the Gram, quailora.initializers.needs_gram): one block's weights at
-  model.dtype + fp32 Grams of its distinct inputs + fp32 hidden states in and out.
+- calibration (inits that need the Gram, quailora.initializers.needs_gram): the largest block's weights
+  at model.dtype + fp32 Grams of its linear inputs (an upper bound: inputs read by several layers share
+  one Gram at run time) + fp32 hidden states in and out.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def quantized_linear_bytes(trial: TrialConfig, shape: ModelShape) -> int:
         else:  # group-wise INT-k
             words_per_row = -(-n_in // (32 // q.bits))
             total += n_out * words_per_row * 4 + (params // q.group_size) * (2 + 4)
-    return total * shape.layers
+    return total
 
 
 def _is_targeted(name: str, targets: list[str] | str) -> bool:
@@ -68,12 +71,11 @@ def _is_targeted(name: str, targets: list[str] | str) -> bool:
 
 def adapter_params(trial: TrialConfig, shape: ModelShape) -> int:
     r = trial.lora.rank
-    per_block = sum(
+    return sum(
         r * (n_in + n_out)
         for name, n_in, n_out in shape.linears()
         if _is_targeted(name, trial.lora.target_modules)
     )
-    return per_block * shape.layers
 
 
 def activation_bytes(trial: TrialConfig) -> int:
@@ -86,8 +88,6 @@ def activation_bytes(trial: TrialConfig) -> int:
 def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     dtype = DTYPE_BYTES[trial.model.dtype]
     h, s, b, L, V = shape.hidden, trial.data.seq_len, trial.train.batch_size, shape.layers, shape.vocab
-    embeddings = V * h * (1 if shape.tied_embeddings else 2)
-    norms = (2 * L + 1) * h
     n_adapter = adapter_params(trial, shape)
     workers = trial.resources.num_workers  # ZeRO-2 and ZeRO-3 both shard grads and optimizer state
     adapters = 4 * n_adapter + (4 + 8) * n_adapter // workers
@@ -103,14 +103,14 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
 
     calibration = 0
     if needs_gram(trial.init.method):
-        block_weights = sum(n_in * n_out for _, n_in, n_out in shape.linears()) * dtype
-        grams = sum(4 * n * n for n in shape.distinct_inputs())
+        block_weights = shape.layer_params() * dtype
+        grams = sum(4 * n * n for n in shape.gram_widths())
         hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h
         calibration = block_weights + grams + hidden_states
 
     return MemoryEstimate(
         quantized_weights=quantized_linear_bytes(trial, shape),
-        other_weights=(embeddings + norms) * dtype,
+        other_weights=shape.other_params * dtype,
         adapters=adapters,
         activations=layers_act + logits,
         calibration=calibration,

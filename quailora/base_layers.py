@@ -154,3 +154,58 @@ register_base_layer(
         requantize=_linear_requantize,
     ),
 )
+
+
+def quantize_bnb(linear: nn.Linear, config) -> nn.Module:
+    """A bitsandbytes layer holding quant(``linear.weight``) as transformers' ``BitsAndBytesConfig``
+    ``config`` asks (4-bit or LLM.int8), on the weight's device.
+
+    For linear layers that transformers' quantized loading leaves in full precision (it replaces only
+    modules of type exactly nn.Linear), so they are quantized like the model's other layers.
+    """
+    weight = linear.weight.detach()
+    bias = linear.bias is not None
+    if config.load_in_4bit:
+        storage = config.bnb_4bit_quant_storage
+        storage = getattr(torch, storage) if isinstance(storage, str) else storage
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=storage,
+            device="meta",
+        )
+        old = layer.weight
+        packed, state = bnbf.quantize_4bit(
+            weight.contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=layer,
+            bnb_quantized=True,
+        )
+        layer.quant_state = state
+    elif config.load_in_8bit:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False
+        )
+        _linear8bit_requantize(layer, weight)
+        layer.to(weight.device)
+    else:
+        raise QuailoraInputError(f"quantize_bnb: {config!r} asks for neither 4-bit nor 8-bit")
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer

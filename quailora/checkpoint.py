@@ -99,3 +99,45 @@ class SafetensorsWeights:
         else:
             raise QuailoraInputError(f"no tensor under {module!r} in checkpoint {str(self.checkpoint_dir)!r}")
         return {name[len(prefix) :]: self.get(name) for name in names}
+
+
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+SINGLE_BIN_FILE = "pytorch_model.bin"
+
+
+def has_safetensors(checkpoint_dir: Path) -> bool:
+    return (checkpoint_dir / SINGLE_FILE).is_file() or (checkpoint_dir / INDEX_FILE).is_file()
+
+
+def bin_shards(checkpoint_dir: Path) -> list[str]:
+    """The pickled PyTorch shards of a ``.bin``-only checkpoint (empty when there are none)."""
+    index = checkpoint_dir / BIN_INDEX_FILE
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [SINGLE_BIN_FILE] if (checkpoint_dir / SINGLE_BIN_FILE).is_file() else []
+
+
+def convert_bin_checkpoint(src: Path, out: Path) -> None:
+    """Write ``src``'s ``.bin`` shards as safetensors shards (same tensor names) plus its other files to ``out``.
+
+    Shard by shard, so the peak is one shard. Tensors sharing storage (tied embeddings) are cloned:
+    safetensors stores each tensor on its own.
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = bin_shards(src)
+    weight_map: dict[str, str] = {}
+    for shard in shards:
+        state = torch.load(src / shard, map_location="cpu", weights_only=True, mmap=True)
+        name = shard.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        save_file(
+            {k: t.contiguous().clone() for k, t in state.items()}, out / name, metadata={"format": "pt"}
+        )
+        weight_map.update(dict.fromkeys(state, name))
+        del state
+    if len(shards) > 1:
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for path in src.iterdir():
+        if path.is_file() and path.name not in (*shards, BIN_INDEX_FILE):
+            (out / path.name).write_bytes(path.read_bytes())

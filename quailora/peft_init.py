@@ -8,8 +8,8 @@ Workers can each compute a disjoint share (``names=``) and exchange the small re
 from __future__ import annotations
 
 import json
-import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,13 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quailora.api import initialize, method_options, validate_options
+from quailora.architectures.derive import PEFT_PREFIX as _PEFT_PREFIX
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, needs_gram, rebuilt_base
 from quailora.quantizers.base import Quantizer
-
-_PEFT_PREFIX = "base_model.model."
-_LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 class WeightSource(Protocol):
@@ -61,12 +59,6 @@ def checkpoint_name(peft_name: str) -> str:
     return peft_name.removeprefix(_PEFT_PREFIX)
 
 
-def layer_index(name: str) -> int | None:
-    """Decoder-layer index in a module name (llama/opt 'layers.N', bloom 'h.N'), or None."""
-    match = _LAYER_INDEX.search(f".{name}.")
-    return int(match.group(1)) if match else None
-
-
 def lora_layer_names(model: nn.Module, adapter_name: str = "default") -> list[str]:
     return [
         name
@@ -83,12 +75,18 @@ def _is_linear_like(module: nn.Module) -> bool:
     )
 
 
-def validate_lora_targets(model: nn.Module, target_modules: list[str] | str, rank: int) -> list[str]:
-    """Check targets and rank against the (unwrapped) model before any compute; return the targeted names."""
+def validate_lora_targets(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    rank: int,
+    exclude: Callable[[str], bool] = lambda n: False,
+) -> list[str]:
+    """Check targets and rank against the (unwrapped) model before any compute; return the targeted names.
+    ``all-linear`` is every linear layer but the output head and those ``exclude`` names (MoE routers)."""
     linear = {name: m for name, m in model.named_modules() if _is_linear_like(m)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if target_modules == "all-linear":
-        chosen = [n for n, m in linear.items() if m is not output]
+        chosen = [n for n, m in linear.items() if m is not output and not exclude(n)]
     else:
         chosen = []
         for target in target_modules:

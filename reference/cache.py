@@ -10,9 +10,10 @@ import json
 import re
 from pathlib import Path
 
+from quailora.checkpoint import bin_shards, convert_bin_checkpoint, has_safetensors
 from quailora.errors import QuailoraInputError
 from reference.corpora import corpus_dir, corpus_recipe, ensure_corpora, load_split
-from reference.manifest import ensure_built, verify_manifest
+from reference.manifest import ensure_built, fingerprint, verify_manifest
 from reference.paths import cache_root
 from reference.pretrain import METRICS_FILE, pretrain
 from reference.specs import MODEL_SPECS, get_spec
@@ -22,6 +23,7 @@ from reference.tokenizer import load_tokenizer, tokenizer_dir, tokenizer_recipe
 REFERENCE_PREFIX = "reference:"
 PRETRAIN_VERSION = 2
 # "org/name" or "name": what the hub accepts as a repository id.
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -65,24 +67,59 @@ def model_metrics(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resolve_model(name: str) -> Path | str:
-    """Where to load `name` from.
+def _with_safetensors(checkpoint: Path, name: str) -> Path:
+    """``checkpoint`` itself, or for a ``.bin``-only one its safetensors copy, converted once into the cache
+    (calibration reads tensors lazily from safetensors files)."""
+    if has_safetensors(checkpoint):
+        return checkpoint
+    if not bin_shards(checkpoint):
+        raise QuailoraInputError(
+            f"model.path={name!r}: {checkpoint} has a config.json but no model.safetensors(.index.json) "
+            "or pytorch_model.bin(.index.json) weights"
+        )
+    stat = {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(checkpoint.iterdir()) if p.is_file()
+    }
+    recipe = {"converted_from": str(checkpoint.resolve()), "files": stat}
+    out = cache_root() / "converted" / fingerprint(recipe)
+    return ensure_built(out, recipe, lambda tmp: convert_bin_checkpoint(checkpoint, tmp), False)
+
+
+def _hub_snapshot(name: str) -> Path:
+    """The hub repository's config, tokenizer and safetensors weights (its .bin weights if it has no others)."""
+    from huggingface_hub import snapshot_download
+
+    common = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        path = Path(snapshot_download(name, allow_patterns=[*common, "*.safetensors"]))
+        if not has_safetensors(path):
+            path = Path(snapshot_download(name, allow_patterns=[*common, "pytorch_model*.bin"]))
+    except Exception as err:  # offline, unknown repo, no access: all mean the same to the user
+        raise QuailoraInputError(
+            f"model.path={name!r} is not a local checkpoint directory and could not be fetched from the hub: {err}"
+        ) from None
+    return path
+
+
+def resolve_model(name: str) -> Path:
+    """The local checkpoint directory (config.json + safetensors weights) for a model name.
 
     `reference:<name>`: the project-built checkpoint (built on first use, hashes verified).
-    A local directory: returned as is once it is seen to hold a config.json.
-    A hub id (`org/name`): returned unchanged as a string; loading it needs network access.
+    A local directory: used as is once it is seen to hold a config.json.
+    A hub id (`org/name`): a snapshot in the hub cache (fetched when online).
+    A `.bin`-only checkpoint is converted once to safetensors under `$QUAILORA_CACHE/converted/`.
     """
     if name.startswith(REFERENCE_PREFIX):
         return build_model(name.removeprefix(REFERENCE_PREFIX))
     local = Path(name).expanduser()
-    if local.is_dir():
+    if local.exists() or name.startswith(LOCAL_PREFIXES):
         if not (local / "config.json").is_file():
-            raise QuailoraInputError(f"model path {name!r} is a directory without a config.json")
-        return local
-    if HUB_ID.match(name) and not name.startswith("."):
-        return name
+            raise QuailoraInputError(f"model.path={name!r}: no model checkpoint (config.json) at {local}")
+        return _with_safetensors(local.resolve(), name)
+    if HUB_ID.match(name):
+        return _with_safetensors(_hub_snapshot(name), name)
     raise QuailoraInputError(
-        f"model path {name!r} does not exist locally and is not a hub id or reference:<name> "
+        f"model.path={name!r} does not exist locally and is not a hub id or reference:<name> "
         f"(reference models: {', '.join(sorted(MODEL_SPECS))})"
     )
 

@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from quailora.errors import QuailoraInputError
-from reference.evaluation import blocks, perplexity, token_stream, unigram_perplexity
+from quailora.text import blocks, perplexity, token_stream
+from reference.evaluation import unigram_perplexity
 from reference.families import FAMILIES
 from reference.specs import ModelSpec
 
@@ -99,7 +100,9 @@ def pretrain(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     train_seconds = time.perf_counter() - start
 
-    eval_blocks = blocks(token_stream(tokenizer, validation_texts), spec.seq_len, spec.eval_tokens)
+    eval_blocks = blocks(
+        token_stream(tokenizer, validation_texts), spec.seq_len, spec.eval_tokens // spec.seq_len
+    )
     metrics = {
         "name": spec.name,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from quailora.quantizers import get_quantizer
 from quailora.registry import Registry
+from quailora.text import blocks, perplexity, token_stream
 from reference.cache import resolve_model
 from reference.corpora import load_split
-from reference.evaluation import blocks, perplexity, token_stream, unigram_perplexity
+from reference.evaluation import unigram_perplexity
 from reference.pretrain import cpu_threads
 from reference.specs import DEFAULT_MODELS, get_spec
 
@@ -74,7 +75,11 @@ def measure(model_name: str, split: str, eval_tokens: int) -> dict[str, float]:
     unigram baseline on the same positions."""
     path = Path(resolve_model(f"reference:{model_name}"))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    eval_blocks = blocks(token_stream(tokenizer, load_split(split)), tokenizer.model_max_length, eval_tokens)
+    eval_blocks = blocks(
+        token_stream(tokenizer, load_split(split)),
+        tokenizer.model_max_length,
+        eval_tokens // tokenizer.model_max_length,
+    )
     train_stream = token_stream(tokenizer, load_split("pretrain-train"))
     row = {"unigram": unigram_perplexity(train_stream, eval_blocks, len(tokenizer))}
     for column in COLUMNS:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     BloomConfig,
     GPTNeoXConfig,
@@ -65,6 +66,78 @@ CONFIGS: dict[str, ConfigBuilder] = {
         max_position_embeddings=max_positions,
     ),
 }
+
+
+def _auto(model_type: str, **extra) -> ConfigBuilder:
+    """Any architecture through AutoConfig; ``extra`` sets what differs from the common fields."""
+
+    def build(num_layers, hidden, intermediate, heads, vocab, max_positions):
+        fields = dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return AutoConfig.for_model(model_type, **(fields | extra))
+
+    return build
+
+
+_GQA = {"num_key_value_heads": 2}
+# The conformance matrix (docs/architectures.md): one micro config per architecture and variant.
+ARCHITECTURES: dict[str, ConfigBuilder] = {
+    "llama": _auto("llama", **_GQA, tie_word_embeddings=False),
+    "llama3": _auto(
+        "llama",
+        **_GQA,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),  # fmt: skip
+    "mistral": _auto("mistral", **_GQA),
+    "mixtral": _auto("mixtral", **_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _auto(
+        "qwen2_moe",
+        **_GQA,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),  # fmt: skip
+    "qwen2": _auto("qwen2", **_GQA),
+    "qwen3": _auto("qwen3", **_GQA, head_dim=16),
+    "gemma": _auto("gemma", **_GQA, head_dim=16),
+    "gemma2": _auto("gemma2", **_GQA, head_dim=16, sliding_window=8),
+    "gemma3_text": _auto(
+        "gemma3_text",
+        **_GQA,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "phi3": _auto("phi3", **_GQA),
+    "falcon": _auto(
+        "falcon", multi_query=True, parallel_attn=True, new_decoder_architecture=False, ffn_hidden_size=128
+    ),
+    "gptj": _auto("gptj", rotary_dim=8, n_inner=128),
+    "gpt2": _auto("gpt2", n_inner=128),
+    "opt": _auto("opt", ffn_dim=128, word_embed_proj_dim=64),
+    "bloom": _auto("bloom"),
+    "gpt_neox": _auto("gpt_neox", rotary_pct=0.25, use_parallel_residual=True),
+    "olmo2": _auto("olmo2", **_GQA),
+}
+CONFIGS.update({name: build for name, build in ARCHITECTURES.items() if name not in CONFIGS})
 FAMILIES = sorted(CONFIGS)
 
 

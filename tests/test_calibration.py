@@ -244,11 +244,11 @@ def test_bad_checkpoints_are_named(checkpoints, tmp_path):
     with pytest.raises(QuailoraInputError, match=r"names missing shard\(s\) \['.*model-00002-of"):
         SafetensorsWeights(sharded)
 
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(QuailoraInputError, match=r"'gpt2'.*registered: bloom, gpt_neox, llama"):
-        collect_grams(gpt2, calibration_ids(), tmp_path / "out")
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(QuailoraInputError, match=r"model_type 't5' is not a decoder-only causal LM"):
+        collect_grams(t5, calibration_ids(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
     with pytest.raises(QuailoraInputError, match="has no grams.index.json"):

@@ -124,9 +124,13 @@ def _subcommands(parser) -> set[str]:
 
 
 def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):
+    from tests.test_orchestrator_memory import LLAMA_7B
+
+    (tmp_path / "llama-7b").mkdir()
+    (tmp_path / "llama-7b" / "config.json").write_text(json.dumps(LLAMA_7B))
     sweep = {
         "name": "llama7b",
-        "base": {"model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"},
+        "base": {"model": {"path": str(tmp_path / "llama-7b"), "dtype": "bfloat16"},
                  "lora": {"rank": 16}, "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"}},
         "space": {"quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}},
         "devices": {"kind": "gpu", "memory_gb": 9},

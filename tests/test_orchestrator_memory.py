@@ -1,15 +1,40 @@
-"""plan's memory estimate against hand-computed values for LLaMA-7B at 4 and 8 bits."""
+"""plan's memory estimate against hand-computed values for LLaMA-7B at 4 and 8 bits, from its config alone."""
 
 from __future__ import annotations
 
+import functools
+import json
+
 import pytest
+from transformers import LlamaConfig
 
 from orchestrator.expand import expand
 from orchestrator.memory import estimate
-from orchestrator.model_shapes import KNOWN_SHAPES, resolve_shape
+from orchestrator.model_shapes import resolve_shape, shape_from_config
 from orchestrator.plan import plan_trials
 from orchestrator.sweep_config import SweepConfig
 from trials.config import TrialConfig
+
+# The published config.json of huggyllama/llama-7b (the fields that size the model).
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+            "max_position_embeddings": 2048}  # fmt: skip
+OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
+            "num_attention_heads": 32, "vocab_size": 50272, "word_embed_proj_dim": 2048,
+            "max_position_embeddings": 2048}  # fmt: skip
+
+
+@functools.cache
+def llama7b():
+    return shape_from_config(LlamaConfig(**{k: v for k, v in LLAMA_7B.items() if k != "model_type"}))
+
+
+@pytest.fixture
+def llama7b_dir(tmp_path):
+    (tmp_path / "llama-7b").mkdir()
+    (tmp_path / "llama-7b" / "config.json").write_text(json.dumps(LLAMA_7B))
+    return str(tmp_path / "llama-7b")
+
 
 # LLaMA-7B: hidden h=4096, intermediate i=11008, 32 layers, vocab 32000, 32 heads, untied lm_head.
 # Trial: rank 16 on all linears, bf16 model, batch 1, sequence 512, bf16 training, 1 worker.
@@ -33,7 +58,7 @@ ACTIVATION_BYTES = 32 * 512 * 4096 * 54 + 2 * 4 * 512 * 32000  # 3_754_950_656
 
 def _trial(method: str, bits: int, **override) -> TrialConfig:
     fields = {
-        "model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"},
+        "model": {"path": "llama-7b", "dtype": "bfloat16"},
         "quant": {"method": method, "bits": bits},
         "lora": {"rank": 16},
         "data": {"seq_len": 512},
@@ -45,8 +70,8 @@ def _trial(method: str, bits: int, **override) -> TrialConfig:
 
 
 @pytest.mark.parametrize(("method", "bits", "quant_bytes"), [("nf4", 4, NF4_BYTES), ("int8", 8, INT8_BYTES)])
-def test_llama7b_estimate_matches_hand_computation(method, bits, quant_bytes):
-    est = estimate(_trial(method, bits), resolve_shape("huggyllama/llama-7b"))
+def test_llama7b_estimate_matches_hand_computation(method, bits, quant_bytes, llama7b_dir):
+    est = estimate(_trial(method, bits), resolve_shape(llama7b_dir))
     assert est.quantized_weights == quant_bytes
     assert est.other_weights == OTHER_BYTES
     assert est.adapters == ADAPTER_BYTES
@@ -59,33 +84,33 @@ def test_headline_numbers():
     assert NF4_BYTES == 3_340_771_328
     assert INT8_BYTES == 6_481_444_864
     # 4-bit 7B trains in ~7.7 GiB, 8-bit in ~10.6 GiB with these settings.
-    assert round(estimate(_trial("nf4", 4), KNOWN_SHAPES["llama-7b"]).peak / 2**30, 2) == 7.69
-    assert round(estimate(_trial("int8", 8), KNOWN_SHAPES["llama-7b"]).peak / 2**30, 2) == 10.62
+    assert round(estimate(_trial("nf4", 4), llama7b()).peak / 2**30, 2) == 7.69
+    assert round(estimate(_trial("int8", 8), llama7b()).peak / 2**30, 2) == 10.62
 
 
 def test_zero_shards_optimizer_state_and_checkpointing_shrinks_activations():
     two = _trial("nf4", 4, resources={"num_workers": 2})
-    assert estimate(two, KNOWN_SHAPES["llama-7b"]).adapters == 32 * 1_249_280 * (4 + 12 // 2)
+    assert estimate(two, llama7b()).adapters == 32 * 1_249_280 * (4 + 12 // 2)
     ckpt = _trial("nf4", 4, train={"gradient_checkpointing": True})
     # 2*b*s*h per layer kept, plus one full layer recomputed, plus the logits.
     assert (
-        estimate(ckpt, KNOWN_SHAPES["llama-7b"]).activations
-        == 32 * 2 * 512 * 4096 + 512 * 4096 * 54 + 2 * 4 * 512 * 32000
+        estimate(ckpt, llama7b()).activations == 32 * 2 * 512 * 4096 + 512 * 4096 * 54 + 2 * 4 * 512 * 32000
     )
 
 
 def test_calibrated_init_adds_gram_phase():
     trial = _trial("nf4", 4, init={"method": "quailora"})
-    est = estimate(trial, KNOWN_SHAPES["llama-7b"])
-    # One block in bf16 + Grams of inputs 4096 (qkv), 4096 (o), 4096 (gate/up), 11008 (down) in fp32
-    # + fp32 hidden states in and out for 32 sequences of 128 tokens.
-    expected = LINEAR_PARAMS_PER_LAYER * 2 + 4 * (3 * 4096**2 + 11008**2) + 2 * 4 * 32 * 128 * 4096
+    est = estimate(trial, llama7b())
+    # One block in bf16 + fp32 Grams of every linear input (an upper bound: q/k/v and gate/up share one at
+    # run time), 4096 for q, k, v, o, gate, up and 11008 for down + fp32 hidden states in and out for 32
+    # sequences of 128 tokens.
+    expected = LINEAR_PARAMS_PER_LAYER * 2 + 4 * (6 * 4096**2 + 11008**2) + 2 * 4 * 32 * 128 * 4096
     assert est.calibration == expected
 
 
 def test_groupwise_int_packs_codes_in_words():
     trial = _trial("int", 3, quant={"group_size": 64})
-    est = estimate(trial, KNOWN_SHAPES["llama-7b"])
+    est = estimate(trial, llama7b())
     # 10 three-bit codes per int32 word: ceil(4096/10)=410 and ceil(11008/10)=1101 words per row;
     # plus fp16 scale + fp32 zero (6 B) per group of 64.
     words = 4 * 4096 * 410 + 2 * 11008 * 410 + 4096 * 1101
@@ -93,7 +118,7 @@ def test_groupwise_int_packs_codes_in_words():
 
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_gpu():
-    shape = KNOWN_SHAPES["llama-7b"]
+    shape = llama7b()
     fp32 = estimate(_trial("nf4", 4, train={"precision": "fp32"}), shape).activations
     auto_cpu = estimate(_trial("nf4", 4, train={"precision": "auto"}), shape).activations
     auto_gpu = estimate(
@@ -106,14 +131,17 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_gpu():
     assert auto_gpu == ACTIVATION_BYTES
 
 
-def test_plan_sizes_sampled_fields_at_their_worst_corner():
+def test_plan_sizes_sampled_fields_at_their_worst_corner(llama7b_dir, tmp_path):
+    opt = tmp_path / "opt-1.3b"
+    opt.mkdir()
+    (opt / "config.json").write_text(json.dumps(OPT_1_3B))
     sweep = SweepConfig.model_validate(
         {
             "name": "sampled",
-            "base": {"model": {"path": "huggyllama/llama-7b", "dtype": "bfloat16"}, "quant": {"method": "nf4", "bits": 4},
+            "base": {"model": {"path": llama7b_dir, "dtype": "bfloat16"}, "quant": {"method": "nf4", "bits": 4},
                      "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"}},
             "space": {"seed": {"grid": [0]}, "lora.rank": {"randint": [4, 17]},
-                      "model.path": {"choice": ["opt-1.3b", "huggyllama/llama-7b"]}},
+                      "model.path": {"choice": [str(opt), llama7b_dir]}},
             "search": {"algorithm": "random"},
             "devices": {"memory_gb": 7.5},  # the base point (rank 8) needs 7.39 GiB
         }

@@ -15,7 +15,6 @@ from quailora.peft_init import (
     checkpoint_name,
     compute_adapters,
     initialize_peft_model,
-    layer_index,
     lora_layer_names,
     validate_lora_targets,
 )
@@ -198,10 +197,20 @@ class FullModelGramsEmpty:
         return []
 
 
-def test_layer_index():
-    assert layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12
-    assert layer_index("transformer.h.3.mlp.dense_4h_to_h") == 3
-    assert layer_index("lm_head") is None
+def test_layer_index_comes_from_the_model(tmp_path):
+    """Decoder-layer indices are read from the model's own layer list, not from a name pattern."""
+    from quailora.architectures import Layout
+    from tests.micro_models import make_micro_config
+
+    llama = Layout.from_config(make_micro_config("llama", num_layers=13))
+    assert llama.layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12
+    assert llama.layer_index("lm_head") is None
+    bloom = Layout.from_config(make_micro_config("bloom", num_layers=4))
+    assert bloom.layer_index("transformer.h.3.mlp.dense_4h_to_h") == 3
+    with pytest.raises(QuailoraInputError, match="not a decoder layer"):
+        bloom.layer_index("transformer.h.4.mlp.dense_4h_to_h")
+    with pytest.raises(QuailoraInputError, match="no module"):  # never silently "outside the layers"
+        llama.layer_index("model.decoder.layers.0.fc1")
 
 
 @pytest.mark.parametrize(("method", "qalora_group"), [("quailora", None), ("qalora_closed_form", 16)])

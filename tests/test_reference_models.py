@@ -87,11 +87,15 @@ def test_check_detects_a_corrupted_shard_and_rebuilds_it(cache_env: Path, capsys
 def test_resolve_model_accepts_local_dirs_and_hub_ids_and_rejects_the_rest(tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
-    assert cache.resolve_model(str(tmp_path / "ckpt")) == tmp_path / "ckpt"
-    assert cache.resolve_model("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
-    with pytest.raises(QuailoraInputError, match="without a config.json"):
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    assert cache.resolve_model(str(tmp_path / "ckpt")) == (tmp_path / "ckpt").resolve()
+    with pytest.raises(
+        QuailoraInputError, match="'EleutherAI/pythia-70m'.*could not be fetched from the hub"
+    ):
+        cache.resolve_model("EleutherAI/pythia-70m")  # offline in the tests
+    with pytest.raises(QuailoraInputError, match="no model checkpoint"):
         cache.resolve_model(str(tmp_path))
-    with pytest.raises(QuailoraInputError, match="does not exist"):
+    with pytest.raises(QuailoraInputError, match="no model checkpoint"):
         cache.resolve_model(str(tmp_path / "missing"))
     with pytest.raises(QuailoraInputError, match="'llama-huge'"):
         cache.resolve_model("reference:llama-huge")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
 from quailora.qalora.adapter import apply_qalora, register_groupwise
 from quailora.registry import Registry
@@ -34,7 +35,8 @@ def build_lora(model: nn.Module, config: TrialConfig, targets: list[str]) -> Pef
         target_modules=targets,
     )
     # Registering the group-wise INT-k layer is harmless on bnb models and lets LoRA sit on INT-k bases.
-    return get_peft_model(model, register_groupwise(lora))
+    with peft_sees_split_experts():
+        return get_peft_model(model, register_groupwise(lora))
 
 
 @ADAPTER_BUILDERS.register("qalora")

@@ -33,8 +33,10 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 def run_trial_command(args: argparse.Namespace) -> int:
     from trials.run import TrialStoppedError, ensure_ray, run_trial
     from trials.tracking import default_tracking_uri
+    from trials.validation import validate_trial
 
     config = load_trial_config(args.config)
+    validate_trial(config)  # bad input (an unsupported architecture, ...) exits 2 before Ray starts
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     ensure_ray(args.ray_address, args.num_cpus)

@@ -53,7 +53,9 @@ class InitSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
+    # A text source (trials.sources): reference:<split>, a local file or save_to_disk folder, hf:<dataset>[:<config>]:<split>.
     dataset: str = "reference:calibration"
+    text_field: str = "text"  # the records' field holding the text
     num_sequences: int = Field(32, ge=1)
     seq_len: int = Field(128, ge=8)
     # teacher: next layer sees full-precision outputs; quantized: quantized outputs (error propagates).
@@ -61,8 +63,13 @@ class CalibrationSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    # Text sources as for calibration.dataset.
     train: str = "reference:finetune-train"
     validation: str = "reference:finetune-validation"
+    # text: the text_field of each record; alpaca: instruction/input/output with the prompt masked out of
+    # the loss; chat: a messages list through the tokenizer's chat template (trials.sources.TEMPLATES).
+    template: Literal["text", "alpaca", "chat"] = "text"
+    text_field: str = "text"
     seq_len: int = Field(128, ge=8)
     max_eval_sequences: int = Field(64, ge=1)
 

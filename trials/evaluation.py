@@ -1,43 +1,12 @@
-"""Validation perplexity over the trial's workers, and lm-eval tasks on the in-memory model."""
+"""lm-eval tasks on the in-memory model (perplexity over the workers: quailora.text.perplexity)."""
 
 from __future__ import annotations
 
 import functools
-import math
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from quailora.errors import QuailoraInputError
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """exp(mean token NLL) over all ``blocks``, each worker scoring a strided share.
-
-    Every worker runs the same number of forwards (short shares are padded with weight-0 blocks) because
-    ZeRO-3 gathers parameters collectively inside each forward.
-    """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    per_worker = math.ceil(len(blocks) / world_size)
-    mine = list(range(rank, len(blocks), world_size))
-    weights = [1.0] * len(mine) + [0.0] * (per_worker - len(mine))
-    mine += [0] * (per_worker - len(mine))
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed NLL, token count
-    for start in range(0, per_worker, batch_size):
-        ids = blocks[mine[start : start + batch_size]].to(device)
-        weight = torch.tensor(weights[start : start + batch_size], device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
-        totals[0] += (nll * weight).sum().double()
-        totals[1] += weight.sum().double() * (ids.shape[1] - 1)
-    dist.all_reduce(totals)
-    model.train(was_training)
-    return math.exp(totals[0].item() / totals[1].item())
 
 
 def lm_eval_tasks(names: list[str]):

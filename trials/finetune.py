@@ -115,7 +115,7 @@ def _resume_progress(engine) -> TrainProgress:
 def fine_tune(
     model: nn.Module,
     config: TrialConfig,
-    train_blocks: torch.Tensor,
+    train_blocks: torch.Tensor,  # [n, 2, seq_len]: input ids and labels
     device: torch.device,
     bf16: bool,
     log: Callable[[dict[str, float], int], None],
@@ -142,8 +142,9 @@ def fine_tune(
         loss_sum = torch.zeros((), device=device)
         for micro in range(train.grad_accum):
             index = (step - 1) * train.grad_accum + micro
-            ids = micro_batch(train_blocks, config.seed, index, rank, world_size, train.batch_size).to(device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            batch = micro_batch(train_blocks, config.seed, index, rank, world_size, train.batch_size)
+            ids, labels = batch.to(device).unbind(1)
+            loss = engine(input_ids=ids, labels=labels).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()

@@ -6,10 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
+from quailora.architectures import Layout, meta_model, prepare
+from quailora.architectures.experts import is_fused_experts
+from quailora.base_layers import quantize_bnb
 from quailora.errors import QuailoraInputError
 from quailora.qalora.layer import quantize_model_groupwise
 from quailora.qalora.merge import load_merged, save_merged
@@ -50,6 +55,11 @@ def _check_bnb_4bit(spec: QuantSpec) -> None:
         )
 
 
+def _prepared(model: nn.Module) -> nn.Module:
+    prepare(model)
+    return model
+
+
 def _bnb_4bit_storage(config: TrialConfig, dtype: torch.dtype) -> torch.dtype:
     # ZeRO-3 partitions every parameter: transformers' DeepSpeed guide says to store the packed 4-bit
     # weights in the model's float dtype so they can be sharded and gathered like the others.
@@ -66,8 +76,10 @@ def _load_bnb_4bit(
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=_bnb_4bit_storage(config, dtype),
     )
-    return AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
+    return _prepared(
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint, quantization_config=quantization, dtype=dtype, device_map=_device_map(device)
+        )
     )
 
 
@@ -83,11 +95,13 @@ def _load_saved_bnb(saved: Path, dtype: torch.dtype, device: torch.device) -> nn
 def _load_bnb_8bit(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(
-        checkpoint,
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-        dtype=dtype,
-        device_map=_device_map(device),
+    return _prepared(
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            dtype=dtype,
+            device_map=_device_map(device),
+        )
     )
 
 
@@ -95,6 +109,7 @@ def _load_groupwise(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    prepare(model)
     # Every linear layer but the head, whatever LoRA targets: the same coverage as bitsandbytes loading.
     return quantize_model_groupwise(model, config.quant.bits, config.quant.group_size).to(device)
 
@@ -170,12 +185,45 @@ def serialized_size_mb(model: nn.Module) -> float:
     return total / 2**20
 
 
+def _quantize_left_linears(model: nn.Module) -> None:
+    """Quantize, like the model's other layers, the decoder layers' linear layers that transformers'
+    bitsandbytes loading leaves in full precision: it only replaces modules of type exactly nn.Linear, so
+    Falcon's FalconLinear and fused MoE experts (split into nn.Linear by quailora.architectures.prepare)
+    stay unquantized otherwise."""
+    bnb_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    config = getattr(model.config, "quantization_config", None)
+    if not isinstance(config, BitsAndBytesConfig):
+        return
+    for name in Layout.of(model, prepared=set()).linears():
+        module = model.get_submodule(name)
+        if not isinstance(module, bnb_types):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_bnb(module, config))
+
+
 def load_quantized_model(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    return QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
+    """The checkpoint quantized as ``quant`` asks, with every projection an nn.Linear-like layer of
+    weight (out, in) (quailora.architectures.prepare: GPT-2's Conv1D, fused MoE experts)."""
+    model = QUANT_BACKENDS.get(config.quant.method, where="quant.method").load(
         checkpoint, config, dtype, device
     )
+    _quantize_left_linears(model)
+    return model
+
+
+def has_stock_quantized_form(model_config: PretrainedConfig) -> bool:
+    """Whether the quantized model keeps transformers' own module structure, so its saved form loads back
+    through stock loading: no Conv1D, no fused experts, every linear exactly nn.Linear. The others
+    (GPT-2, MoE, Falcon) are restructured after loading (quailora.architectures.prepare), which no saved
+    checkpoint reproduces, so their quantize stage runs in every trial."""
+    for module in meta_model(model_config).modules():
+        if isinstance(module, Conv1D) or is_fused_experts(module):
+            return False
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            return False
+    return True
 
 
 def save_quantized_model(model: nn.Module, config: TrialConfig, out: Path) -> None:

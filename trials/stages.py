@@ -14,6 +14,7 @@ shared StageCache: computed once per key across every trial that shares the cach
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quailora.architectures import Layout, ModelWeights, load_model_config
 from quailora.calibration import GramStore, ProcessGroupSum, collect_grams, partition_layers, sequence_share
-from quailora.checkpoint import SafetensorsWeights
 from quailora.initializers import needs_gram
 from quailora.peft_init import (
     LayerUpdate,
     apply_adapters,
     compute_adapters,
-    layer_index,
     load_updates,
     lora_layer_names,
     save_updates,
@@ -37,6 +37,7 @@ from quailora.peft_init import (
 from trials.cache import StageCache, StageKey, StageOutcome, obtain
 from trials.config import TrialConfig
 from trials.quantized_model import (
+    has_stock_quantized_form,
     load_quantized_model,
     load_saved_quantized_model,
     quantizer_for,
@@ -83,6 +84,14 @@ def quantize(ctx: StageContext) -> tuple[nn.Module, StageKey, StageOutcome]:
         if tmp is not None:  # before any forward: bnb's CPU path repacks weights on the first one
             save_quantized_model(loaded["model"], ctx.config, tmp)
 
+    if not has_stock_quantized_form(load_model_config(ctx.checkpoint, "model.path")):
+        began = time.perf_counter()
+        compute(None)
+        return (
+            loaded["model"],
+            key,
+            StageOutcome("quantize", "computed", key.digest, None, time.perf_counter() - began),
+        )
     outcome = obtain(ctx.cache, key, compute, ctx.group)
     model = loaded.get("model") or load_saved_quantized_model(outcome.path, ctx.config, ctx.dtype, ctx.device)
     return model, key, outcome
@@ -113,21 +122,23 @@ def calibrate(
     return GramStore(outcome.path), key, outcome
 
 
-def my_layers(names: list[str], rank: int, world_size: int) -> list[str]:
-    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0."""
-    indices = sorted({i for i in map(layer_index, names) if i is not None})
-    mine = set(partition_layers(indices, world_size)[rank])
-    return [n for n in names if (layer_index(n) in mine) or (layer_index(n) is None and rank == 0)]
+def my_layers(model: nn.Module, names: list[str], rank: int, world_size: int) -> list[str]:
+    """This worker's share: whole decoder layers, balanced; modules outside any decoder layer go to rank 0.
+    Layer indices come from the model's own decoder layers (a name that is no module of it is an error)."""
+    layout = Layout.of(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    index = {name: layout.layer_index(name) for name in names}
+    mine = set(partition_layers(sorted({i for i in index.values() if i is not None}), world_size)[rank])
+    return [n for n in names if (index[n] in mine) or (index[n] is None and rank == 0)]
 
 
 def _solve_shared(
-    model: nn.Module, ctx: StageContext, weights: SafetensorsWeights, grams: GramStore | None
+    model: nn.Module, ctx: StageContext, weights: ModelWeights, grams: GramStore | None
 ) -> dict[str, LayerUpdate]:
     """Every worker solves its layers; the updates are gathered as CPU tensors (pickled CUDA tensors
     would unpickle onto the sender's GPU index, creating contexts on peers' devices)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     options = {"seed": ctx.config.seed, **ctx.config.init.options}  # init.options.seed overrides the trial's
-    names = my_layers(lora_layer_names(model), rank, world_size)
+    names = my_layers(model, lora_layer_names(model), rank, world_size)
     mine = compute_adapters(model, ctx.config.init.method, weights, grams, names=names, **options)
     shares: list[dict[str, LayerUpdate]] = [{} for _ in range(world_size)]
     dist.all_gather_object(shares, {name: update.cpu() for name, update in mine.items()})
@@ -144,7 +155,7 @@ def initialize(
 ) -> tuple[StageKey, StageOutcome]:
     """Initialize every LoRA layer of ``model`` in place, on every worker."""
     key = initialize_key(ctx.config, quantized, calibrated, target_names)
-    weights = SafetensorsWeights(ctx.checkpoint)
+    weights = ModelWeights(ctx.checkpoint)
     solved: dict[str, dict[str, LayerUpdate]] = {}
 
     def compute(tmp: Path | None) -> None:

@@ -6,17 +6,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from quailora.api import validate_options
+from quailora.architectures import Layout, load_model_config
 from quailora.errors import QuailoraInputError
 from quailora.initializers import needs_gram
 from quailora.peft_init import validate_lora_targets
+from reference.cache import resolve_model
 from trials.adapters import adapter_family, check_adapter_family
 from trials.config import TrialConfig
 from trials.evaluation import lm_eval_tasks
 from trials.quantized_model import check_quantization
-from trials.sources import check_text_source, resolve_model_path
+from trials.sources import check_data
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,13 @@ def validate_trial(config: TrialConfig) -> TrialPlan:
     _check_init(config)
     check_quantization(config.quant)
     check_adapter_family(config)
-    checkpoint = resolve_model_path(config.model.path)
-    model_config = AutoConfig.from_pretrained(checkpoint)
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        model = AutoModelForCausalLM.from_config(model_config)
-    names = validate_lora_targets(model, config.lora.target_modules, config.lora.rank)
+    checkpoint = resolve_model(config.model.path)
+    model_config = load_model_config(checkpoint, f"model.path={config.model.path!r}")
+    layout = Layout.from_config(model_config)  # shapes only, on meta: refuses what cannot be supported
+    model = layout.model
+    names = validate_lora_targets(
+        model, config.lora.target_modules, config.lora.rank, exclude=layout.is_router
+    )
     _check_group_size(model, config)
     _check_pooled_rank(model, names, config)
     max_positions = getattr(model_config, "max_position_embeddings", None)
@@ -97,15 +101,22 @@ def validate_trial(config: TrialConfig) -> TrialPlan:
                 f"{field}={seq_len} exceeds the model's max_position_embeddings={max_positions}"
             )
     try:
-        AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except Exception as err:  # any failure here means the checkpoint has no usable tokenizer
         raise QuailoraInputError(
             f"model.path={config.model.path!r}: no usable tokenizer in {checkpoint}: {err}"
         ) from None
-    check_text_source(config.data.train, "data.train")
-    check_text_source(config.data.validation, "data.validation")
+    for field in ("data.train", "data.validation"):
+        source = getattr(config.data, field.split(".")[1])
+        check_data(tokenizer, source, field, config.data.template, config.data.text_field)
     if needs_gram(config.init.method):
-        check_text_source(config.calibration.dataset, "calibration.dataset")
+        check_data(
+            tokenizer,
+            config.calibration.dataset,
+            "calibration.dataset",
+            "text",
+            config.calibration.text_field,
+        )
     if config.eval.lm_eval_tasks:
         lm_eval_tasks(config.eval.lm_eval_tasks)
     return TrialPlan(checkpoint, names, model_config.model_type, sum(p.numel() for p in model.parameters()))

@@ -24,15 +24,16 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import exact_cpu_4bit
 from quailora.initializers import needs_gram
+from quailora.text import perplexity, tokenize_blocks
 from trials import stages
 from trials.adapters import build_adapter
 from trials.cache import StageCache, StageOutcome
 from trials.config import TrialConfig
 from trials.deepspeed_config import use_bf16
-from trials.evaluation import lm_eval_accuracies, perplexity
+from trials.evaluation import lm_eval_accuracies
 from trials.finetune import fine_tune, report_checkpoint
 from trials.quantized_model import serialized_size_mb
-from trials.sources import load_texts, tokenize_blocks
+from trials.sources import load_texts, token_blocks
 from trials.tracking import log_metrics, mark_failed, stage_param, stage_tag
 
 PROBE_ARTIFACT = "probe"  # input ids and logits of the final model, to check a reloaded adapter against
@@ -74,28 +75,27 @@ class RankZeroTracker:
 @dataclass
 class TrialData:
     tokenizer: object
-    train: torch.Tensor
+    train: torch.Tensor  # [n, 2, seq_len]: input ids and labels, paired rows (see finetune.micro_batch)
     validation: torch.Tensor
+    validation_labels: torch.Tensor
     calibration: torch.Tensor | None
 
 
 def load_data(config: TrialConfig, checkpoint: Path) -> TrialData:
-    """Token blocks of the training, validation and (for calibrated methods) calibration text."""
+    """Token blocks of the training and validation data (labels mask prompts out of the loss), and of the
+    calibration text for calibrated methods."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     data, cal = config.data, config.calibration
-
-    def blocks(source: str, field: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
-        return tokenize_blocks(tokenizer, load_texts(source, field), seq_len, limit)
-
+    shape = {"template": data.template, "text_field": data.text_field}
+    train = token_blocks(tokenizer, data.train, data.seq_len, field="data.train", **shape)
+    validation, validation_labels = token_blocks(tokenizer, data.validation, data.seq_len,
+                                                 field="data.validation", max_blocks=data.max_eval_sequences,
+                                                 **shape)  # fmt: skip
     calibration = None
     if needs_gram(config.init.method):
-        calibration = blocks(cal.dataset, "calibration.dataset", cal.seq_len, cal.num_sequences)
-    return TrialData(
-        tokenizer,
-        blocks(data.train, "data.train", data.seq_len),
-        blocks(data.validation, "data.validation", data.seq_len, data.max_eval_sequences),
-        calibration,
-    )
+        texts = load_texts(cal.dataset, "calibration.dataset", cal.text_field)
+        calibration = tokenize_blocks(tokenizer, texts, cal.seq_len, cal.num_sequences)
+    return TrialData(tokenizer, torch.stack(train, dim=1), validation, validation_labels, calibration)
 
 
 def stage_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
@@ -180,7 +180,7 @@ def train_trial(loop_config: dict) -> None:
     tracker.stages(outcomes)
 
     def evaluate(module) -> float:
-        return perplexity(module, data.validation, config.train.batch_size, device)
+        return perplexity(module, data.validation, config.train.batch_size, device, data.validation_labels)
 
     summary: dict[str, float] = {**stage_metrics(outcomes), "model_size_mb": model_size_mb}
     summary["val_ppl_init"] = evaluate(model)

@@ -2,16 +2,13 @@
 
 from quailora.calibration.collect import PROPAGATIONS, collect_grams, run_layers
 from quailora.calibration.distributed import GramReducer, ProcessGroupSum, sequence_share
-from quailora.calibration.families import FAMILIES, Family
 from quailora.calibration.layerwise import LayerCall, LayerwiseModel
 from quailora.calibration.partition import partition_layers
 from quailora.calibration.store import GramStore
 
 __all__ = [
-    "FAMILIES",
     "PROPAGATIONS",
     "ProcessGroupSum",
-    "Family",
     "GramReducer",
     "GramStore",
     "LayerCall",

@@ -1,0 +1,5 @@
+"""gemma2: everything is derived from the model (quailora.architectures.derive)."""
+
+from quailora.architectures.spec import ARCHITECTURES, Architecture
+
+ARCHITECTURES.register("gemma2")(Architecture())

@@ -1,0 +1,5 @@
+"""gpt2: everything is derived from the model (quailora.architectures.derive)."""
+
+from quailora.architectures.spec import ARCHITECTURES, Architecture
+
+ARCHITECTURES.register("gpt2")(Architecture())

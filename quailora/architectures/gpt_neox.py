@@ -1,0 +1,5 @@
+"""gpt_neox: everything is derived from the model (quailora.architectures.derive)."""
+
+from quailora.architectures.spec import ARCHITECTURES, Architecture
+
+ARCHITECTURES.register("gpt_neox")(Architecture())
