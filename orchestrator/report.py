@@ -14,7 +14,7 @@ import html
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +22,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the report runs on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from trials.cache import STAGES  # noqa: E402
+from trials.tracking import stage_tag  # noqa: E402
 
 BASELINE = "gaussian"
 MODEL_KEYS = ["family", "size"]
@@ -36,12 +39,15 @@ class SweepReport:
     tables: dict[str, pd.DataFrame]  # title -> per (method, rank) table
     recovered: pd.DataFrame  # per model, method, rank: mean and std over seeds
     figures: dict[str, bytes]  # file name -> PNG
+    stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cached stage: runs and seconds
 
     def markdown(self) -> str:
         parts = [
             f"### {title}\n\n{table.to_markdown(index=False, floatfmt='.3f')}"
             for title, table in self.tables.items()
         ]
+        if not self.stages.empty:
+            parts.append(f"### {STAGES_TITLE}\n\n{self.stages.to_markdown(index=False, floatfmt='.1f')}")
         if self.recovered.empty:
             parts.append(
                 "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
@@ -60,6 +66,8 @@ class SweepReport:
         body = [f"<h1>{html.escape(title)}</h1>"]
         for name, table in self.tables.items():
             body += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="%.3f")]
+        if not self.stages.empty:
+            body += [f"<h2>{STAGES_TITLE}</h2>", self.stages.to_html(index=False, float_format="%.1f")]
         body += [
             "<h2>Recovered fraction of the 4-to-8-bit gap</h2>",
             self.recovered.to_html(index=False, float_format="%.3f", na_rep=NA),
@@ -214,6 +222,31 @@ def plot_recovered(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+STAGES_TITLE = "Cached stages: computed once per key, reused by every other trial"
+
+
+def stage_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per stage: how many trials computed, reused or skipped it, the seconds spent computing, and the
+    seconds the reuses saved (each reuse saves what computing its entry took)."""
+    rows = []
+    for stage in STAGES:
+        status = df.get(f"stage.{stage}")
+        if status is None or status.isna().all():
+            continue
+        computed = status == "computed"
+        rows.append(
+            {
+                "stage": stage,
+                "computed": int(computed.sum()),
+                "reused": int((status == "reused").sum()),
+                "skipped": int((status == "skipped").sum()),
+                "seconds computed": float(df.loc[computed, f"{stage}_seconds"].sum()),
+                "seconds saved": float(df[f"{stage}_saved_seconds"].fillna(0).sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def build_report(records: pd.DataFrame, swept: Sequence[str] = ()) -> SweepReport:
     """`swept`: the sweep's grid-swept field paths; the recovered fraction matches runs on them (see match_keys)."""
     df = normalize(records)
@@ -221,7 +254,7 @@ def build_report(records: pd.DataFrame, swept: Sequence[str] = ()) -> SweepRepor
     figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df["val_ppl_final"].notna().any() else {}
     if not recovered.empty and (recovered.metric == "perplexity").any():
         figures["recovered_per_family.png"] = plot_recovered(recovered)
-    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures)
+    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures, stages=stage_table(df))
 
 
 def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
@@ -236,6 +269,7 @@ def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
         tags = run.data.tags
         row = {k: tags.get(k) for k in ("family", "size", "bits", "method", "rank", "seed", "quantizer")}
         row["method"] = method_label(row["method"], run.data.params.get("init.options"))
+        row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
         row.update({k: v for k, v in run.data.params.items() if _under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
         rows.append(row)

@@ -127,3 +127,21 @@ def test_recovered_fraction_after_init_is_reported_too(records):
     assert set(summary.metric) == {"perplexity", "perplexity_init", "accuracy"}
     init = summary[(summary.metric == "perplexity_init") & (summary.method == "quailora")]
     assert init.recovered_mean.tolist() == pytest.approx([0.8, 0.8])  # val_ppl_init = final + 5 in every run
+
+
+def test_stage_table_counts_computations_and_the_seconds_reuse_saved(records):
+    stages = {"stage.quantize": "reused", "stage.calibrate": "skipped", "stage.initialize": "reused",
+              "quantize_seconds": 0.5, "quantize_saved_seconds": 9.0, "calibrate_seconds": 0.0,
+              "calibrate_saved_seconds": 0.0, "initialize_seconds": 0.2, "initialize_saved_seconds": 3.0}  # fmt: skip
+    df = records.assign(**stages)
+    df.loc[0, ["stage.quantize", "quantize_seconds", "quantize_saved_seconds"]] = ["computed", 9.0, 0.0]
+    df.loc[1, ["stage.initialize", "initialize_seconds", "initialize_saved_seconds"]] = ["computed", 3.0, 0.0]
+    report = build_report(df)
+    table = report.stages.set_index("stage")
+    n = len(df)
+    assert table.loc["quantize", ["computed", "reused", "skipped"]].tolist() == [1, n - 1, 0]
+    assert table.loc["quantize", "seconds computed"] == 9.0
+    assert table.loc["quantize", "seconds saved"] == pytest.approx(9.0 * (n - 1))
+    assert table.loc["calibrate", ["computed", "reused", "skipped"]].tolist() == [0, 0, n]
+    assert table.loc["initialize", "seconds computed"] == 3.0
+    assert "Cached stages" in report.markdown() and "seconds saved" in report.html("x")
