@@ -87,14 +87,20 @@ def sweep(checkpoint: Path, storage: Path, shared: bool) -> SweepConfig:
     })  # fmt: skip
 
 
-def stage_counts(config: SweepConfig) -> tuple[int, dict[str, Counter]]:
-    """Finished trials of the sweep, and per stage how many trials computed / reused / skipped it."""
+def stage_counts(config: SweepConfig) -> tuple[int, dict[str, Counter], dict[tuple[str, str], list[float]]]:
+    """Finished trials of the sweep; per stage how many trials computed / reused / skipped it; and the
+    seconds the stage took in each trial, by (stage, status)."""
     from mlflow.tracking import MlflowClient
 
     state = ExperimentState.load(config.name, config.resolved_storage_path())
     runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
     runs = [r for r in runs if r.info.status == "FINISHED"]
-    return len(runs), {s: Counter(r.data.tags.get(stage_tag(s)) for r in runs) for s in STAGES}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for trial in runs:
+        for stage in STAGES:
+            status = trial.data.tags.get(stage_tag(stage))
+            seconds.setdefault((stage, status), []).append(trial.data.metrics[f"{stage}_seconds"])
+    return len(runs), {s: Counter(r.data.tags.get(stage_tag(s)) for r in runs) for s in STAGES}, seconds
 
 
 MEMORY_SCRIPT = textwrap.dedent(
@@ -144,8 +150,8 @@ def main() -> None:
         if run(config, address=None) != 0:
             raise SystemExit(f"sweep {config.name} had failed trials")
         makespan = time.perf_counter() - began
-        trials, counts = stage_counts(config)
-        rows[shared] = {"makespan_s": makespan, "trials": trials, "counts": counts}
+        trials, counts, seconds = stage_counts(config)
+        rows[shared] = {"makespan_s": makespan, "trials": trials, "counts": counts, "seconds": seconds}
         print(json.dumps({"shared": shared, "makespan_s": round(makespan, 1), "trials": trials,
                           "computed": {s: c["computed"] for s, c in counts.items()}}), flush=True)  # fmt: skip
 
@@ -166,6 +172,20 @@ def main() -> None:
     lines += [
         "",
         f"Makespan ratio, private / shared: **{private['makespan_s'] / shared['makespan_s']:.2f}x**.",
+        "",
+        "Seconds a stage took in one trial (mean over the shared sweep's trials), computing it against "
+        "loading the cached entry:",
+        "",
+        "| stage | computed | reused (load) |",
+        "|---|---|---|",
+    ]
+    for stage in STAGES:
+        by = shared["seconds"]
+        computed, reused = by.get((stage, "computed"), []), by.get((stage, "reused"), [])
+        if computed and reused:
+            lines.append(f"| {stage} | {sum(computed) / len(computed):.2f} s (n={len(computed)}) | "
+                         f"{sum(reused) / len(reused):.2f} s (n={len(reused)}) |")  # fmt: skip
+    lines += [
         "",
         f"Gram-collection peak RSS growth (hidden {args.hidden}, 8 x 128 calibration tokens): "
         f"2 layers {peaks[2]:.0f} MiB, 8 layers {peaks[8]:.0f} MiB, ratio **{peaks[8] / peaks[2]:.2f}x**.",
