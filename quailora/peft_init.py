@@ -265,3 +265,27 @@ def load_updates(in_dir: str | Path) -> dict[str, LayerUpdate]:
             history,
         )
     return updates
+
+
+BASE_RESIDUALS_FILE = "base_residuals.safetensors"
+
+
+def save_base_residuals(updates: dict[str, LayerUpdate], out_dir: str | Path) -> bool:
+    """Write only what rebuilds a changed base (``<layer>::base_left``, ``::base_right``; peft layer names):
+    with the full-precision checkpoint, quant(W − L·R) is each changed layer's Q. False if nothing changed."""
+    tensors = {
+        f"{name}::{field_name}": tensor.detach().to("cpu").contiguous()
+        for name, update in updates.items()
+        if update.base_residual is not None
+        for field_name, tensor in zip(_FIELDS[2:], update.base_residual, strict=True)
+    }
+    if tensors:
+        save_file(tensors, Path(out_dir) / BASE_RESIDUALS_FILE)
+    return bool(tensors)
+
+
+def load_base_residuals(in_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft layer name -> (L, R) from ``save_base_residuals``."""
+    tensors = load_file(Path(in_dir) / BASE_RESIDUALS_FILE)
+    names = {key.rsplit("::", 1)[0] for key in tensors}
+    return {name: (tensors[f"{name}::base_left"], tensors[f"{name}::base_right"]) for name in names}

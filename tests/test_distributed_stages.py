@@ -90,7 +90,7 @@ def _loftq_worker(rank, world_size, port, checkpoint, texts, cache_root, out):
         base, quantized, _ = stages.quantize(ctx)
         model = build_adapter(base, config, targets)
         exact_cpu_4bit(model)
-        _, outcome = stages.initialize(ctx, model, None, targets, quantized, None)
+        _, outcome, _ = stages.initialize(ctx, model, None, targets, quantized, None)
         modules = dict(model.named_modules())
         state = {}
         for name in lora_layer_names(model):

@@ -12,10 +12,13 @@ from quailora.errors import QuailoraInputError
 from quailora.initializers import rebuilt_base
 from quailora.linalg import calibrated_error
 from quailora.peft_init import (
+    LayerUpdate,
     checkpoint_name,
     compute_adapters,
     initialize_peft_model,
+    load_base_residuals,
     lora_layer_names,
+    save_base_residuals,
     validate_lora_targets,
 )
 from quailora.quantizers import get_quantizer
@@ -146,7 +149,7 @@ def test_bare_base_model_checkpoint_keys_resolve(checkpoint, tmp_path):
     )
 
 
-def test_loftq_requantizes_base_layer(checkpoint):
+def test_loftq_requantizes_base_layer(checkpoint, tmp_path):
     model = _peft_model(checkpoint, "nf4")
     name = lora_layer_names(model)[0]
     base = dict(model.named_modules())[name].get_base_layer()
@@ -157,6 +160,14 @@ def test_loftq_requantizes_base_layer(checkpoint):
     quantizer = get_quantizer("nf4", blocksize=64, double_quant=True)
     weight = SafetensorsWeights(checkpoint).get(f"{checkpoint_name(name)}.weight")
     assert torch.equal(after, quantizer.fake_quantize(rebuilt_base(weight, updates[name].base_residual)))
+    # What a trial logs for export: only the thin factors, and they rebuild the same Q bit for bit.
+    assert save_base_residuals(updates, tmp_path)
+    residuals = load_base_residuals(tmp_path)
+    assert set(residuals) == set(updates)
+    assert torch.equal(after, quantizer.fake_quantize(rebuilt_base(weight, residuals[name])))
+    assert not save_base_residuals(
+        {n: LayerUpdate(u.lora_A, u.lora_B) for n, u in updates.items()}, tmp_path / "x"
+    )
 
 
 def test_bnb_quantizer_matches_the_loaded_layer(checkpoint):

@@ -152,8 +152,8 @@ def initialize(
     target_names: list[str],
     quantized: StageKey,
     calibrated: StageKey | None,
-) -> tuple[StageKey, StageOutcome]:
-    """Initialize every LoRA layer of ``model`` in place, on every worker."""
+) -> tuple[StageKey, StageOutcome, dict[str, LayerUpdate]]:
+    """Initialize every LoRA layer of ``model`` in place, on every worker; returns the updates too."""
     key = initialize_key(ctx.config, quantized, calibrated, target_names)
     weights = ModelWeights(ctx.checkpoint)
     solved: dict[str, dict[str, LayerUpdate]] = {}
@@ -166,4 +166,4 @@ def initialize(
     outcome = obtain(ctx.cache, key, compute, ctx.group)
     updates = solved.get("updates") or load_updates(outcome.path)
     apply_adapters(model, updates, weights=weights)
-    return key, outcome
+    return key, outcome, updates

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import exact_cpu_4bit
 from quailora.initializers import needs_gram
+from quailora.peft_init import save_base_residuals
 from quailora.text import perplexity, tokenize_blocks
 from trials import stages
 from trials.adapters import build_adapter
@@ -37,6 +38,7 @@ from trials.sources import load_texts, token_blocks
 from trials.tracking import log_metrics, mark_failed, stage_param, stage_tag
 
 PROBE_ARTIFACT = "probe"  # input ids and logits of the final model, to check a reloaded adapter against
+BASE_ARTIFACT = "base_residuals"  # methods that change the base: Q = quant(W − L·R) per changed layer
 STOP_METRIC = "stopped_nonfinite_loss"
 
 
@@ -173,11 +175,16 @@ def train_trial(loop_config: dict) -> None:
     model = build_adapter(base, config, loop_config["target_names"])
     if device.type == "cpu":
         exact_cpu_4bit(model)  # evaluation then computes with the same fp32 Q as training and initialization
-    _, initialize_outcome = stages.initialize(
+    _, initialize_outcome, updates = stages.initialize(
         ctx, model, grams, loop_config["target_names"], quantized, calibrated
     )
     outcomes = [quantize_outcome, calibrate_outcome, initialize_outcome]
     tracker.stages(outcomes)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A method that changed the base (LoftQ) leaves what rebuilds it from the checkpoint: thin factors,
+        # not a copy of the base (`quailora export` writes the changed base from these).
+        if dist.get_rank() == 0 and save_base_residuals(updates, tmp):
+            tracker.artifacts(tmp, BASE_ARTIFACT)
 
     def evaluate(module) -> float:
         return perplexity(module, data.validation, config.train.batch_size, device, data.validation_labels)
