@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
+from trials.tracking import stage_tag
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +71,17 @@ def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeyp
     report_files = {a.path for a in client.list_artifacts(state.parent_run_id, "report")}
     assert {"report/report.html", "report/ppl_vs_rank.png"} <= report_files
     assert (Path(state.path) / "report" / "report.html").is_file()
+    # Both trials quantize the same model the same way: one computed it, the other reused the entry
+    # (waiting for it if they ran at once); only quailora calibrates; each init is its own.
+    tags = {r.data.tags["method"]: r.data.tags for r in runs}
+    assert sorted(t[stage_tag("quantize")] for t in tags.values()) == ["computed", "reused"]
+    assert (tags["gaussian"][stage_tag("calibrate")], tags["quailora"][stage_tag("calibrate")]) == (
+        "skipped", "computed",
+    )  # fmt: skip
+    assert "Cached stages" in out
+    assert main(["cache", "ls"]) == 0
+    listing = capsys.readouterr().out
+    assert "4 entries" in listing and listing.count("initialize ") == 2 and "method=nf4" in listing
 
     assert main(["status"]) == 0
     status = capsys.readouterr().out
@@ -119,4 +131,7 @@ def test_resume_after_driver_is_killed(tmp_path):
     assert first.info.run_name not in started, started
     again = next(r for r in runs if r.info.run_id == first.info.run_id)
     assert again.info.end_time == first.info.end_time
+    # The restarted trial reused the quantized base the finished one computed before the kill.
+    restarted = next(r for r in runs if r.info.run_id != first.info.run_id)
+    assert restarted.data.tags[stage_tag("quantize")] == "reused"
     assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"
