@@ -162,6 +162,9 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
     assert tags["size"] and tags[TRIAL_KEY_TAG] == trial_key(config)
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+    # No warm-up configured: every step runs at the full rate, the first one included.
+    rates = client.get_metric_history(run.info.run_id, "learning_rate")
+    assert [m.value for m in sorted(rates, key=lambda m: m.step)] == [config.train.learning_rate] * 4
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")) == [2, 4]
     assert run.data.metrics["val_ppl_final"] == pytest.approx(trial["metrics"]["val_ppl_final"])
     adapter = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
@@ -178,6 +181,7 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
     assert ds["zero_optimization"]["stage"] == 2 and "reduce_bucket_size" in ds["zero_optimization"]
     assert "reduce_bucket_size" not in ds["user_config"]["zero_optimization"]
     assert ds["optimizer"]["params"]["lr"] == config.train.learning_rate
+    assert ds["scheduler"] == {"type": "LambdaLR", "warmup_steps": 0}
 
 
 def test_logged_adapter_reloads_through_plain_peft_with_the_same_logits(trial):

@@ -141,3 +141,21 @@ def test_deepspeed_config_follows_the_trial():
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
+
+
+def test_warmup_schedule_runs_the_full_rate_from_step_one_without_warmup():
+    """DeepSpeed's WarmupLR ran the first two steps at rate 0 with warmup_steps=0; ours does not."""
+    import torch
+
+    from trials.deepspeed_config import warmup_factor, warmup_scheduler
+
+    assert [warmup_factor(k, 0) for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert [warmup_factor(k, 4) for k in (1, 2, 3, 4, 5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = warmup_scheduler(2)(optimizer)
+    used = []
+    for _ in range(3):  # the rate each step runs at, read before the scheduler moves
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([0.05, 0.1, 0.1])

@@ -26,16 +26,23 @@ def deepspeed_config(train: TrainSpec, *, world_size: int, bf16: bool) -> dict:
             # torch's AdamW instead of DeepSpeed's compiled CPU/fused Adam: no op build on any machine.
             "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "torch_adam": True},
         },
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": train.learning_rate,
-                "warmup_num_steps": max(train.warmup_steps, 1),
-                "warmup_type": "linear",
-            },
-        },
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,  # progress goes to MLflow, not stdout
         "wall_clock_breakdown": False,
     }
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (1-based): linear warm-up to 1 over
+    ``warmup_steps`` steps, then constant; 0 warm-up steps means the full rate from the first step."""
+    return 1.0 if step >= warmup_steps else step / warmup_steps
+
+
+def warmup_scheduler(warmup_steps: int):
+    """The scheduler deepspeed.initialize builds on its optimizer. Not DeepSpeed's WarmupLR: that one
+    stretches any warm-up to at least 2 steps and starts from its minimum, so with warmup_steps=0 the first
+    two steps ran at learning rate 0 and the third at half of it."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    # LambdaLR applies f(0) before the first step and f(k) after the k-th: step k runs at f(k - 1).
+    return lambda optimizer: LambdaLR(optimizer, lambda done: warmup_factor(done + 1, warmup_steps))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trials.config import TrialConfig
-from trials.deepspeed_config import deepspeed_config
+from trials.deepspeed_config import deepspeed_config, warmup_scheduler
 
 CHECKPOINT_TAG = "trial"
 
@@ -67,7 +67,7 @@ def all_mean(value: torch.Tensor) -> float:
     return t.item() / dist.get_world_size()
 
 
-def resolved_deepspeed_config(engine) -> dict:
+def resolved_deepspeed_config(engine, warmup_steps: int) -> dict:
     """What the engine runs with: DeepSpeed keeps the given dict as is (``user_config``) and puts the
     resolved values, defaults filled in and batch sizes derived, in the engine's config attributes."""
     ds = engine._config
@@ -83,7 +83,7 @@ def resolved_deepspeed_config(engine) -> dict:
         "bf16": ds.bfloat16_config.model_dump(),
         "fp16": ds.float16_config.model_dump(),
         "optimizer": {"type": engine.optimizer_name(), "params": engine.optimizer_params()},
-        "scheduler": {"type": engine.scheduler_name(), "params": engine.scheduler_params()},
+        "scheduler": {"type": type(engine.lr_scheduler).__name__, "warmup_steps": warmup_steps},
         "world_size": dist.get_world_size(),
         "user_config": ds._param_dict,
     }
@@ -131,14 +131,16 @@ def fine_tune(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(train, world_size=world_size, bf16=bf16),
+        lr_scheduler=warmup_scheduler(train.warmup_steps),
         dist_init_required=False,  # Ray Train already created the process group
     )
-    log_config(resolved_deepspeed_config(engine))
+    log_config(resolved_deepspeed_config(engine, train.warmup_steps))
     progress = _resume_progress(engine)
     result = FineTuned(engine, progress, resumed_from_step=progress.step)
     for step in range(progress.step + 1, train.max_steps + 1):
         synchronize(device)
         began = time.perf_counter()
+        learning_rate = engine.get_lr()[0]  # the rate this step runs at (read before the scheduler moves)
         loss_sum = torch.zeros((), device=device)
         for micro in range(train.grad_accum):
             index = (step - 1) * train.grad_accum + micro
@@ -156,7 +158,7 @@ def fine_tune(
         if not math.isfinite(train_loss):
             result.stop_reason = f"non-finite loss: train_loss={train_loss} at step {step}"
             return result
-        values = {"train_loss": train_loss, "learning_rate": engine.get_lr()[0]}
+        values = {"train_loss": train_loss, "learning_rate": learning_rate}
         if train.eval_every and step % train.eval_every == 0:
             values["val_ppl"] = evaluate(engine.module)
         log(values, step)
