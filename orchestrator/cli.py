@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from quailora.errors import QuailoraInputError
@@ -43,11 +42,6 @@ def _load(path: str):
         from orchestrator.expand import describe_validation_error
 
         raise QuailoraInputError(describe_validation_error(exc, path)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise QuailoraInputError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
 @command("plan")

@@ -103,6 +103,36 @@ def test_resume_without_tune_state_is_one_line_error(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+NOT_UTF8 = {
+    "binary": bytes(range(256)),
+    "utf-16": "name: x\nbase: {model: {path: a}}\n".encode("utf-16"),
+    "latin-1": "name: café\nbase: {model: {path: a}}\n".encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "trial", "resume"])
+@pytest.mark.parametrize("encoding", sorted(NOT_UTF8))
+def test_config_that_is_not_utf8_text_is_one_line_error(tmp_path, capsys, command, encoding):
+    if command == "resume":  # resume reads the sweep's record, which `run` wrote
+        path = tmp_path / "runs" / "cli-test" / "quailora_sweep.json"
+        path.parent.mkdir(parents=True)
+        args = ["resume", "cli-test"]
+    else:
+        path = tmp_path / "config.yaml"
+        args = [command, str(path)]
+    path.write_bytes(NOT_UTF8[encoding])
+    assert main(args) == 2
+    _assert_one_line_error(capsys, str(path.name), "is not UTF-8 text")
+    assert not ray.is_initialized()
+
+
+def test_trial_config_with_malformed_yaml_is_one_line_error(tmp_path, capsys):
+    path = tmp_path / "trial.yaml"
+    path.write_text("model: {path: x\n")
+    assert main(["trial", str(path)]) == 2
+    _assert_one_line_error(capsys, "trial.yaml", "malformed YAML at line")
+
+
 def test_optional_commands_skip_only_an_absent_package(tmp_path, monkeypatch):
     package = tmp_path / "broken_optional"
     package.mkdir()
