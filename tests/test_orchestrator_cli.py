@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -209,3 +211,35 @@ def test_tracking_uri_must_be_an_mlflow_server(http_server):
         QuailoraInputError, match=r"tracking_uri .*/not-mlflow.*HTTP 404 .*not an MLflow tracking server"
     ):
         check_tracking_uri(f"{http_server}/not-mlflow")
+
+
+HEAVY_MODULES = ("torch", "bitsandbytes", "transformers", "peft", "mlflow", "pandas", "ray", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "configs/quickstart.yaml"], ["schema"]])
+def test_commands_that_compute_nothing_import_no_heavy_module(argv):
+    """What made `quailora --help` take 5.6 s and `plan` 6.9 s: torch, bitsandbytes & co. imported before the
+    arguments were parsed. A fresh interpreter runs the command and lists what it imported."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from orchestrator.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})\n"
+        f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else():
+    script = (
+        "import logging, quailora.base_layers\n"  # quailora first, as every project entry point does
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr

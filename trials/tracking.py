@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from trials.config import TrialConfig
+
+if TYPE_CHECKING:  # mlflow is imported where a run is touched: `quailora plan` needs only the paths here
+    from mlflow.tracking import MlflowClient
 
 TRIAL_KEY_TAG = "quailora.trial_key"
 FAILURE_TAG = "quailora.failure_reason"
@@ -99,6 +100,8 @@ def open_trial_run(
     parent_run_id: str | None,
 ):
     """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run."""
+    from mlflow.entities import RunStatus
+
     key = trial_key(config)
     run = find_run(client, experiment_id, key, parent_run_id)
     if run is not None:
@@ -107,6 +110,8 @@ def open_trial_run(
                 client.delete_tag(run.info.run_id, FAILURE_TAG)
             client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return client.get_run(run.info.run_id)
+    from mlflow.entities import Param
+
     run_tags = {**tags, TRIAL_KEY_TAG: key, **({PARENT_TAG: parent_run_id} if parent_run_id else {})}
     run = client.create_run(experiment_id, run_name=config.name, tags=run_tags)
     params = [Param(k, v) for k, v in flat_params(config).items()]
@@ -118,9 +123,13 @@ def open_trial_run(
 def log_metrics(
     client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int
 ) -> None:
+    from mlflow.entities import Metric
+
     client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
 
 
 def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
     client.set_terminated(run_id, status="FAILED")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
-from quailora.quantizers.base import Quantizer
 from quailora.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from quailora.quantizers.base import Quantizer  # (the quantizers package imports bitsandbytes)
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @dataclass

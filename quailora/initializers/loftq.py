@@ -7,11 +7,16 @@ history holds ‖W − Q − sBA‖_F / ‖W‖_F per iteration.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("loftq")
