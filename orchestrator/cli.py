@@ -1,4 +1,4 @@
-"""The `quailora` command: plan, run, resume, report, status and schema of sweeps (plus `models` and `trial`).
+"""The `quailora` command: plan, run, resume, report, status and schema of sweeps, export of a trial (plus `models` and `trial`).
 
 Bad input (YAML, schema, addresses) prints one line naming the field or address and exits 2
 before any Ray cluster or MLflow run exists.
@@ -101,6 +101,23 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import check_tracking_uri
+    from orchestrator.sweep_config import DEFAULT_STORAGE
+    from trials.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(DEFAULT_STORAGE)
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise QuailoraInputError(f"--tracking-uri {uri!r}: no MLflow database there")
+    from trials.export import README_FILE, export_run
+
+    out = export_run(uri, args.run_id, args.dir, merged=args.merged)
+    print(f"exported run {args.run_id} to {out}; how to load it: {out / README_FILE}")
+    return 0
+
+
 @command("schema")
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.sweep_config import SweepConfig
@@ -139,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage")
     p.add_argument("--address")
+    p = sub.add_parser("export", help="a finished trial's model as files stock transformers and peft load")
+    p.add_argument("run_id", help="the trial's MLflow run id")
+    p.add_argument("dir", help="where to write (new or empty)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./runs, as sweeps use)")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="fold the adapter in: INT-k for QA-LoRA, float weights otherwise",
+    )
     p = sub.add_parser("schema", help="export the sweep config JSON Schema")
     p.add_argument("--output", "-o")
     _register_optional(sub)

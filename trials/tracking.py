@@ -6,10 +6,13 @@ the rank-0 worker can log to the same run without sharing a global active run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trials.config import TrialConfig
 
@@ -59,6 +62,32 @@ def flat_params(config: TrialConfig) -> dict[str, str]:
 
     walk("", config.model_dump(mode="json"))
     return flat
+
+
+def config_from_params(params: dict[str, str]) -> TrialConfig:
+    """The TrialConfig a run was logged with: the inverse of flat_params. Each value is read as JSON when
+    that fits its field (numbers, lists, options), else as the string it is ("None" for an unset optional)."""
+
+    def parse(raw: str, adapter: TypeAdapter):
+        candidates = [None] if raw == "None" else []
+        with contextlib.suppress(ValueError):
+            candidates.append(json.loads(raw))
+        for value in [*candidates, raw]:
+            with contextlib.suppress(ValidationError):
+                return adapter.validate_python(value)
+        return raw  # TrialConfig's validation names the field and value
+
+    def section(model: type[BaseModel], prefix: str) -> dict:
+        values = {}
+        for name, field in model.model_fields.items():
+            key, kind = f"{prefix}{name}", field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                values[name] = section(kind, f"{key}.")
+            elif key in params:
+                values[name] = parse(params[key], TypeAdapter(kind))
+        return values
+
+    return TrialConfig.model_validate(section(TrialConfig, ""))
 
 
 def _size_label(num_parameters: int) -> str:

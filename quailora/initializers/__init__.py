@@ -8,7 +8,9 @@ from quailora.initializers.base import (
     Initialization,
     Initializer,
     InitProblem,
+    base_changing,
     calibrated,
+    changes_base,
     needs_gram,
 )
 
@@ -17,4 +19,13 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["INITIALIZERS", "Initialization", "Initializer", "InitProblem", "calibrated", "needs_gram"]
+__all__ = [
+    "INITIALIZERS",
+    "Initialization",
+    "Initializer",
+    "InitProblem",
+    "base_changing",
+    "calibrated",
+    "changes_base",
+    "needs_gram",
+]

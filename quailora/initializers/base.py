@@ -73,6 +73,17 @@ def needs_gram(method: str) -> bool:
     return getattr(INITIALIZERS.get(method, where="init.method"), "needs_gram", False)
 
 
+def base_changing(fn: Initializer) -> Initializer:
+    """Mark a method that moves the base weights (it returns ``Initialization.base_weight``): its model is
+    quant(W') + sBA for a W' of its own, so the trial's quantized base is not the checkpoint's."""
+    fn.changes_base = True  # type: ignore[attr-defined]
+    return fn
+
+
+def changes_base(method: str) -> bool:
+    return getattr(INITIALIZERS.get(method, where="init.method"), "changes_base", False)
+
+
 def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
     """peft's default lora_A (nn.init.kaiming_uniform_, a=sqrt(5): bound 1/sqrt(width)) from a seeded generator."""
     gen = torch.Generator(device=device).manual_seed(seed)

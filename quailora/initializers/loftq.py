@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
+from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, base_changing
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ else:  # the method registry is read without running a method (see quailora.defe
 
 
 @INITIALIZERS.register("loftq")
+@base_changing
 def loftq(
     problem: InitProblem,
     *,
