@@ -21,10 +21,14 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_bnb_weight
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from orchestrator.cli import main
 from quailora.base_layers import exact_cpu_4bit
+from quailora.errors import QuailoraInputError
+from quailora.qalora.compressed import save_compressed
+from quailora.qalora.layer import quantize_model_groupwise
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.adapters import build_adapter
 from trials.export import LOAD_FILE, README_FILE
@@ -101,9 +105,16 @@ def store(tmp_path_factory):
 CASES = {
     # name: (trial overrides, bound on the adapter export's relative max error)
     "nf4-gaussian": ({"quant": {"method": "nf4", "bits": 4}, "init": {"method": "gaussian"}}, STOCK_BOUND),
-    "int8-quailora": ({"quant": {"method": "int8", "bits": 8}, "init": {"method": "quailora"}}, STOCK_BOUND),
+    "llm_int8-quailora": (
+        {"quant": {"method": "int8", "bits": 8}, "init": {"method": "quailora"}},
+        STOCK_BOUND,
+    ),
     "int4-closed_form": (
         {"quant": {"method": "int", "bits": 4, "group_size": 16}, "init": {"method": "closed_form"}},
+        EXACT_BOUND,
+    ),
+    "int8-qalora_closed_form": (
+        {"quant": {"method": "int", "bits": 8, "group_size": 16}, "init": {"method": "qalora_closed_form"}},
         EXACT_BOUND,
     ),
     "int3-qalora_zero": (
@@ -134,14 +145,14 @@ def test_export_and_merged_export_reproduce_the_trials_logits(store, tmp_path, c
     assert main(["export", run_id, str(tmp_path / "merged"), "--tracking-uri", uri, "--merged"]) == 0
     assert json.loads((tmp_path / "merged" / LOAD_FILE).read_text())["adapter"] is None
     merged = load_readme_snippet(tmp_path / "merged")
-    merged_bound = INT8_MERGED_BOUND if overrides["quant"]["method"] == "int8" else EXACT_BOUND
+    merged_bound = INT8_MERGED_BOUND if case.startswith("llm_int8") else EXACT_BOUND
     assert rel_max_error(merged["logits"], merged["probe"]["logits"]) <= merged_bound
     if expected_method == "bitsandbytes":
         assert_float_merge_is_q_plus_sba(tmp_path / "export", merged["model"])
     merged_config = json.loads((tmp_path / "merged" / "model" / "config.json").read_text())
-    if case.startswith("int3-qalora"):  # still INT-3, its fractional zero points held as floats
+    if "qalora" in case:  # still INT-k, its fractional zero points held as floats
         weights = merged_config["quantization_config"]["config_groups"]["group_0"]["weights"]
-        assert (weights["num_bits"], weights["strategy"]) == (3, "tensor_group")
+        assert (weights["num_bits"], weights["strategy"]) == (overrides["quant"]["bits"], "tensor_group")
         assert merged_config["quantization_config"]["format"] == "pack-quantized"
     else:  # Q + sBA as plain float weights
         assert "quantization_config" not in merged_config
@@ -180,3 +191,12 @@ def test_export_refuses_what_it_cannot_do(store, tmp_path, capsys):
     missing = f"sqlite:///{tmp_path / 'nothing.db'}"
     assert main(["export", loftq, str(tmp_path / "x"), "--tracking-uri", missing]) == 2
     assert "no MLflow database there" in capsys.readouterr().err
+
+
+def test_compressed_tensors_refuses_bit_widths_its_format_cannot_hold(tmp_path):
+    model = quantize_model_groupwise(nn.Sequential(nn.Linear(16, 4)), 4, 16)
+    model[0].bits = 16  # no quantizer here makes 16-bit codes; a layer that had them could not be written
+    with pytest.raises(
+        QuailoraInputError, match="16-bit codes do not fit compressed-tensors' pack-quantized"
+    ):
+        save_compressed(model, tmp_path / "out")
