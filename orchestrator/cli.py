@@ -1,4 +1,4 @@
-"""The `quailora` command: plan, run, resume, report, status and schema of sweeps (plus `models` and `trial`).
+"""The `quailora` command: plan, run, resume, report, status and schema of sweeps, export of a trial (plus `models` and `trial`).
 
 Bad input (YAML, schema, addresses) prints one line naming the field or address and exits 2
 before any Ray cluster or MLflow run exists.
@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from quailora.errors import QuailoraInputError
@@ -43,11 +42,6 @@ def _load(path: str):
         from orchestrator.expand import describe_validation_error
 
         raise QuailoraInputError(describe_validation_error(exc, path)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise QuailoraInputError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
 @command("plan")
@@ -118,6 +112,23 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import check_tracking_uri
+    from orchestrator.sweep_config import DEFAULT_STORAGE
+    from trials.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(DEFAULT_STORAGE)
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise QuailoraInputError(f"--tracking-uri {uri!r}: no MLflow database there")
+    from trials.export import README_FILE, export_run
+
+    out = export_run(uri, args.run_id, args.dir, merged=args.merged)
+    print(f"exported run {args.run_id} to {out}; how to load it: {out / README_FILE}")
+    return 0
+
+
 @command("schema")
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.sweep_config import SweepConfig
@@ -161,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="cache root (default: ./runs/cache, the sweeps' default cache_path)")
     p.add_argument("--older-than", help="prune: remove entries unused for this long, e.g. 7d, 12h")
     p.add_argument("--max-size", help="prune: then remove least recently used entries down to this, e.g. 50G")
+    p = sub.add_parser("export", help="a finished trial's model as files stock transformers and peft load")
+    p.add_argument("run_id", help="the trial's MLflow run id")
+    p.add_argument("dir", help="where to write (new or empty)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./runs, as sweeps use)")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="fold the adapter in: INT-k for QA-LoRA, float weights otherwise",
+    )
     p = sub.add_parser("schema", help="export the sweep config JSON Schema")
     p.add_argument("--output", "-o")
     _register_optional(sub)

@@ -61,8 +61,7 @@ class ExperimentState:
         for candidate in candidates:
             fs, root = _fs(candidate)
             if fs.get_file_info(f"{root}/{STATE_FILE}").type == pyarrow.fs.FileType.File:
-                with fs.open_input_stream(f"{root}/{STATE_FILE}") as f:
-                    return cls(**json.loads(f.read()))
+                return _read_state(fs, f"{root}/{STATE_FILE}")
         raise QuailoraInputError(
             f"experiment {experiment!r}: no {STATE_FILE} found in {', '.join(candidates)}"
         )
@@ -77,6 +76,20 @@ class ExperimentState:
             if info.type == pyarrow.fs.FileType.Directory:
                 state = f"{info.path}/{STATE_FILE}"
                 if fs.get_file_info(state).type == pyarrow.fs.FileType.File:
-                    with fs.open_input_stream(state) as f:
-                        found.append(ExperimentState(**json.loads(f.read())))
+                    found.append(_read_state(fs, state))
         return sorted(found, key=lambda s: s.name)
+
+
+def _read_state(fs: pyarrow.fs.FileSystem, path: str) -> ExperimentState:
+    """The record at ``path``; one that is not UTF-8 JSON of these fields is bad input, not a traceback."""
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    try:
+        return ExperimentState(**json.loads(data.decode("utf-8")))
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    except json.JSONDecodeError as exc:
+        problem = f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except TypeError as exc:
+        problem = f"does not hold a sweep record ({exc})"
+    raise QuailoraInputError(f"{path} {problem}; it is written by `quailora run`, do not edit it")

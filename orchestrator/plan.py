@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-import pandas as pd
+from tabulate import tabulate
 
 from orchestrator.expand import TrialMatrix
 from orchestrator.memory import GIB, MemoryEstimate, estimate
@@ -41,25 +41,23 @@ def plan_trials(matrix: TrialMatrix) -> list[PlannedTrial]:
     return planned
 
 
-def plan_table(planned: list[PlannedTrial]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "trial": p.name,
-                "workers": p.resources["num_workers"],
-                "cpu/worker": p.resources["cpus_per_worker"],
-                "gpu/worker": p.resources["gpus_per_worker"],
-                "quant weights MiB": p.memory.quantized_weights / MIB,
-                "other weights MiB": p.memory.other_weights / MIB,
-                "adapters+optim MiB": p.memory.adapters / MIB,
-                "activations MiB": p.memory.activations / MIB,
-                "calibration MiB": p.memory.calibration / MIB,
-                "peak GiB": p.memory.peak / GIB,
-                "fits": "yes" if p.fits else "NO",
-            }
-            for p in planned
-        ]
-    )
+def plan_rows(planned: list[PlannedTrial]) -> list[dict]:
+    return [
+        {
+            "trial": p.name,
+            "workers": p.resources["num_workers"],
+            "cpu/worker": p.resources["cpus_per_worker"],
+            "gpu/worker": p.resources["gpus_per_worker"],
+            "quant weights MiB": p.memory.quantized_weights / MIB,
+            "other weights MiB": p.memory.other_weights / MIB,
+            "adapters+optim MiB": p.memory.adapters / MIB,
+            "activations MiB": p.memory.activations / MIB,
+            "calibration MiB": p.memory.calibration / MIB,
+            "peak GiB": p.memory.peak / GIB,
+            "fits": "yes" if p.fits else "NO",
+        }
+        for p in planned
+    ]
 
 
 def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
@@ -75,7 +73,8 @@ def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
             "sampled per trial (memory at the worst corner): "
             + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
         )
-    lines.append(plan_table(planned).to_markdown(index=False, floatfmt=".2f"))
+    # tabulate (what pandas' to_markdown calls) directly: plan stays free of pandas' import time
+    lines.append(tabulate(plan_rows(planned), headers="keys", tablefmt="pipe", floatfmt=".2f"))
     return "\n".join(lines)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +41,74 @@ def check_ray_address(address: str | None) -> None:
         raise QuailoraInputError(f"--address {address!r}: the port is not a number") from None
     default = RAY_CLIENT_DEFAULT_PORT if parsed.scheme == "ray" else RAY_GCS_DEFAULT_PORT
     _connect(parsed.hostname, port or default, what="--address", value=address)
+    if parsed.scheme == "gcs":
+        _join_with_token_if_required(f"{parsed.hostname}:{port or default}", address)
+
+
+def _gcs_accepts(gcs_address: str) -> bool:
+    """Whether the cluster's GCS answers this process with its current token settings (False: it refused the
+    token, or the lack of one). Ray has no public call for this; InnerGcsClient.standalone is the client
+    ray.init uses, with a timeout instead of ray.init's ~25 s of retries before a ConnectionError."""
+    from ray._raylet import InnerGcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # its C++ side logs each refused attempt; the refusal is reported here
+            InnerGcsClient.standalone(gcs_address, None, int(CONNECT_TIMEOUT_S * 1000))
+    except AuthenticationError:
+        return False
+    except Exception:  # anything else (not a GCS, busy): ray.init reports it in its own words
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for the block: native code writes there directly, past sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _join_with_token_if_required(gcs_address: str, address: str) -> None:
+    """Ray 2.60's `ray start --head` turns token authentication on (when a token exists on the head), but a
+    driver joining an explicit address sends its token only with RAY_AUTH_MODE=token. When the cluster wants
+    a token, RAY_AUTH_MODE is unset and this machine has one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), use it, as Ray itself does for `address="auto"`; otherwise say what to set."""
+    from ray._private.authentication.authentication_token_setup import (
+        AUTH_MODE_ENV_VAR,
+        maybe_enable_token_auth_if_token_available,
+    )
+    from ray.exceptions import AuthenticationError
+
+    if _gcs_accepts(gcs_address):
+        return
+    mode = os.environ.get(AUTH_MODE_ENV_VAR)
+    if mode is None:
+        try:
+            enabled = maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except AuthenticationError:  # e.g. RAY_AUTH_TOKEN_PATH names a missing file: no usable token
+            enabled = False
+        if enabled:
+            if _gcs_accepts(gcs_address):
+                return
+            mode = "token"
+    problem = (
+        "rejected this machine's token"
+        if mode == "token"
+        else f"requires token authentication ({AUTH_MODE_ENV_VAR} is {mode or 'unset'} here)"
+    )
+    raise QuailoraInputError(
+        f"--address {address!r}: the Ray cluster {problem}; export {AUTH_MODE_ENV_VAR}=token and put the "
+        "cluster's token (on the head: ~/.ray/auth_token, or `ray get-auth-token`) in ~/.ray/auth_token, "
+        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+    )
 
 
 def _check_mlflow_server(uri: str) -> None:

@@ -191,21 +191,49 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_ppl_vs_rank(df: pd.DataFrame) -> bytes:
-    groups = list(df.groupby([*MODEL_KEYS, "bits"], sort=True))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
-    for ax, ((family, size, bits), group) in zip(axes[0], groups, strict=True):
-        for (method, quant), lines in group.groupby(["method", "quantizer"]):
-            mean = lines.groupby("rank")["val_ppl_final"].mean()
-            ax.plot(mean.index, mean.values, marker="o", label=f"{method} ({quant})" if quant else method)
-        ax.set(
-            title=f"{family} {size}, {bits}-bit",
-            xlabel="LoRA rank",
-            ylabel="val perplexity after fine-tuning",
-        )
+REFERENCE_BITS = 8  # the upper end of the gap: drawn on the lower-bit panels of the same model
+
+
+def _line_label(method: str, quantizer: str) -> str:
+    return f"{method} ({quantizer})" if quantizer else method
+
+
+def ppl_vs_rank_figure(df: pd.DataFrame):
+    """One panel per model and bit width below 8: perplexity after fine-tuning against rank, with the 8-bit runs
+    of the same model drawn on the same axes as a dashed segment per rank, so the 4-to-8-bit gap reads off
+    one axis. A model with only 8-bit runs keeps its own panel. Constrained layout keeps labels apart."""
+    panels = sorted(df[df.bits != REFERENCE_BITS].groupby([*MODEL_KEYS, "bits"]).groups)
+    models = {p[:2] for p in panels}
+    panels += sorted(
+        k for k in df[df.bits == REFERENCE_BITS].groupby([*MODEL_KEYS, "bits"]).groups if k[:2] not in models
+    )
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, layout="constrained"
+    )
+    for ax, (family, size, bits) in zip(axes[0], panels, strict=True):
+        model = df[(df.family == family) & (df["size"] == size)]
+        for (method, quant), runs in model[model.bits == bits].groupby(["method", "quantizer"]):
+            mean = runs.groupby("rank")["val_ppl_final"].mean()
+            ax.plot(mean.index, mean.values, marker="o", label=_line_label(method, quant))
+        reference = model[model.bits == REFERENCE_BITS] if bits != REFERENCE_BITS else model.iloc[:0]
+        for style, ((method, quant), runs) in zip(
+            ["--", ":", "-."] * len(reference), reference.groupby(["method", "quantizer"]), strict=False
+        ):
+            mean = runs.groupby("rank")["val_ppl_final"].mean()
+            # a third of an octave either side of each rank (the rank axis is log2)
+            ax.hlines(mean.values, mean.index * 2**-0.33, mean.index * 2**0.33, colors="black", linestyles=style,
+                      label=f"{REFERENCE_BITS}-bit {_line_label(method, quant)}")  # fmt: skip
+        ranks = sorted(model["rank"].unique())
+        ax.set(title=f"{family} {size}, {bits}-bit", xlabel="LoRA rank", ylabel="val ppl after fine-tuning")
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize="small")
-    return _png(fig)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+    return fig
+
+
+def plot_ppl_vs_rank(df: pd.DataFrame) -> bytes:
+    return _png(ppl_vs_rank_figure(df))
 
 
 def plot_recovered(summary: pd.DataFrame) -> bytes:

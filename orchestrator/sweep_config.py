@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from quailora.errors import QuailoraInputError
+from trials.config import read_yaml_file
 
 # Relative to the working directory; the one default of storage_path, tracking_uri and every --storage.
 DEFAULT_STORAGE = "runs"
@@ -210,11 +210,12 @@ class SweepConfig(_Strict):
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep YAML; YAML and schema errors surface as pydantic/yaml exceptions."""
+    """Read and validate a sweep YAML; unreadable text and malformed YAML are QuailoraInputError, schema
+    errors surface as pydantic's ValidationError."""
     path = Path(path)
     if not path.is_file():
         raise QuailoraInputError(f"sweep config {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml_file(path, "sweep config")
     if not isinstance(raw, dict):
         raise QuailoraInputError(
             f"sweep config {str(path)!r} must be a YAML mapping, got {type(raw).__name__}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from quailora.errors import QuailoraInputError
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 SvdSolver = Literal["auto", "exact", "randomized"]
 # Above this size a full SVD costs minutes on a CPU; randomized SVD with power iterations is used instead.
@@ -54,7 +57,7 @@ def damped_cholesky(gram: torch.Tensor, damping: float, *, name: str, what: str 
     return chol
 
 
-Factors = tuple[torch.Tensor, torch.Tensor]
+Factors = "tuple[torch.Tensor, torch.Tensor]"  # a string: nothing of torch is touched at import
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float) -> Factors:

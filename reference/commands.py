@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from reference.cache import build_model, check, model_dir, model_metrics
 from reference.specs import DEFAULT_MODELS, MODEL_SPECS, get_spec
+
+# reference.cache (pretraining: torch, transformers) is imported in each command, not here: registering the
+# commands runs on every `quailora` start, before the arguments are parsed.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from reference.cache import build_model, model_metrics
+
     for name in args.names:
         get_spec(name)  # every name checked before the first build starts
     for name in args.names:
@@ -40,6 +44,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from reference.cache import model_dir, model_metrics
+
     print(f"{'name':14} {'family':9} {'hidden':>6} {'layers':>6} {'steps':>6}  status")
     for name, spec in sorted(MODEL_SPECS.items()):
         metrics = model_metrics(name)
@@ -55,6 +61,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from reference.cache import check
+
     report = check(rebuild=not args.no_rebuild)
     broken = 0
     for artifact, problems in report.items():

@@ -7,9 +7,18 @@ CPU, can only run on the worker nodes. Where each worker ran is read from the GC
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -116,3 +125,68 @@ def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, 
     assert len(runs) == 1  # the retry reused the trial's MLflow run
     nodes = [a["Address"]["NodeID"] for a in sorted(_train_workers(c), key=lambda a: a["StartTime"])]
     assert nodes[0] == killed[0] and nodes[-1] != killed[0]  # the retry ran on the surviving node
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def token_head(tmp_path):
+    """A real `ray start --head` with token authentication on (as Ray 2.60 does when the head has a token),
+    on free ports, with its own token file and temp dir, so nothing of this machine's Ray setup is used."""
+    token = tmp_path / "cluster_token"
+    token.write_text(uuid.uuid4().hex)
+    ports = {flag: _free_port() for flag in ("port", "node-manager-port", "object-manager-port",
+             "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port")}  # fmt: skip
+    workers = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="qray")  # short: Ray's socket paths must stay under 108 bytes
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+               "--resources", '{"head": 1}', "--include-dashboard", "false", "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+               "--min-worker-port", str(workers), "--max-worker-port", str(workers + 100),
+               *(arg for flag, port in ports.items() for arg in (f"--{flag}", str(port)))]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+            time.sleep(0.5)
+        yield f"127.0.0.1:{ports['port']}", token
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # the head's session: GCS, raylet, agents and workers
+        head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_token_authenticated_head_is_joined_with_this_machines_token(
+    token_head, tmp_path, monkeypatch, capsys
+):
+    address, token = token_head
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    config = _sweep(tmp_path, "token", {"lora.rank": {"grid": [4]}}, train={"max_steps": 2})
+
+    began = time.monotonic()
+    assert main(["run", config, "--address", address]) == 2  # no token here: say what to set, at once
+    assert time.monotonic() - began < 20
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "requires token authentication" in err[0] and "RAY_AUTH_MODE=token" in err[0], (
+        err
+    )
+    assert not (tmp_path / "runs").exists()
+
+    # The cluster's token on this machine, RAY_AUTH_MODE unset (what `ray start --head` users have): the
+    # driver joins. `status` joins exactly as `run` does (preflight, then ray.init(address)), without a sweep.
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert main(["status", "--address", address]) == 0
+    assert f"ray cluster {address}: 1 alive node(s); CPU 2/2 free" in capsys.readouterr().out

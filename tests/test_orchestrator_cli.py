@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -103,6 +105,36 @@ def test_resume_without_tune_state_is_one_line_error(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+NOT_UTF8 = {
+    "binary": bytes(range(256)),
+    "utf-16": "name: x\nbase: {model: {path: a}}\n".encode("utf-16"),
+    "latin-1": "name: café\nbase: {model: {path: a}}\n".encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "trial", "resume"])
+@pytest.mark.parametrize("encoding", sorted(NOT_UTF8))
+def test_config_that_is_not_utf8_text_is_one_line_error(tmp_path, capsys, command, encoding):
+    if command == "resume":  # resume reads the sweep's record, which `run` wrote
+        path = tmp_path / "runs" / "cli-test" / "quailora_sweep.json"
+        path.parent.mkdir(parents=True)
+        args = ["resume", "cli-test"]
+    else:
+        path = tmp_path / "config.yaml"
+        args = [command, str(path)]
+    path.write_bytes(NOT_UTF8[encoding])
+    assert main(args) == 2
+    _assert_one_line_error(capsys, str(path.name), "is not UTF-8 text")
+    assert not ray.is_initialized()
+
+
+def test_trial_config_with_malformed_yaml_is_one_line_error(tmp_path, capsys):
+    path = tmp_path / "trial.yaml"
+    path.write_text("model: {path: x\n")
+    assert main(["trial", str(path)]) == 2
+    _assert_one_line_error(capsys, "trial.yaml", "malformed YAML at line")
+
+
 def test_optional_commands_skip_only_an_absent_package(tmp_path, monkeypatch):
     package = tmp_path / "broken_optional"
     package.mkdir()
@@ -183,3 +215,35 @@ def test_tracking_uri_must_be_an_mlflow_server(http_server):
         QuailoraInputError, match=r"tracking_uri .*/not-mlflow.*HTTP 404 .*not an MLflow tracking server"
     ):
         check_tracking_uri(f"{http_server}/not-mlflow")
+
+
+HEAVY_MODULES = ("torch", "bitsandbytes", "transformers", "peft", "mlflow", "pandas", "ray", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "configs/quickstart.yaml"], ["schema"]])
+def test_commands_that_compute_nothing_import_no_heavy_module(argv):
+    """What made `quailora --help` take 5.6 s and `plan` 6.9 s: torch, bitsandbytes & co. imported before the
+    arguments were parsed. A fresh interpreter runs the command and lists what it imported."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from orchestrator.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})\n"
+        f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else():
+    script = (
+        "import logging, quailora.base_layers\n"  # quailora first, as every project entry point does
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr

@@ -7,7 +7,14 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator.report import build_report, match_keys, method_label, normalize, recovered_fraction
+from orchestrator.report import (
+    build_report,
+    match_keys,
+    method_label,
+    normalize,
+    ppl_vs_rank_figure,
+    recovered_fraction,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,6 +79,30 @@ def test_report_tables_plots_and_html(records, tmp_path):
         "report.md",
         "report.html",
     }
+
+
+def test_ppl_vs_rank_draws_8_bit_on_the_4_bit_axes_and_keeps_panels_apart(records):
+    # perplexities around 170 and 110 give tick labels such as "172.5", wide enough to reach a neighbour
+    llama = records.assign(val_ppl_final=records.val_ppl_final + 160)
+    opt = records.assign(family="opt", size="125M", val_ppl_final=records.val_ppl_final + 100)
+    fig = ppl_vs_rank_figure(normalize(pd.concat([llama, opt], ignore_index=True)))
+    assert [ax.get_title() for ax in fig.axes] == ["llama 1.2M, 4-bit", "opt 125M, 4-bit"]  # no 8-bit panel
+    four = fig.axes[0]
+    (reference,) = [c for c in four.collections if c.get_label() == "8-bit gaussian (int8)"]
+    segments = reference.get_segments()
+    assert len(segments) == 2  # one per rank
+    # at the 8-bit gaussian mean over seeds (160 + 10 and 160 + 11), spanning the rank
+    assert sorted(
+        (seg[0][1], seg[0][0] < rank < seg[1][0]) for seg, rank in zip(segments, (4, 8), strict=True)
+    ) == [
+        (170.5, True),
+        (170.5, True),
+    ]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    left, right = fig.axes
+    # the right panel's y-label clears everything the left panel draws (ticks, labels, legend)
+    assert left.get_tightbbox(renderer).x1 < right.yaxis.label.get_window_extent(renderer).x0
 
 
 def test_no_recovered_without_both_baselines(records):

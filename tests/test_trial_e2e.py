@@ -20,7 +20,9 @@ from ray.train import UserCallback
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from orchestrator.cli import main
 from quailora.base_layers import exact_cpu_4bit
+from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
 from trials.run import run_trial
@@ -212,6 +214,16 @@ def test_same_trial_again_reuses_its_finished_run(trial):
     assert again == pytest.approx(trial["metrics"])
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_export_loads_with_stock_transformers_and_peft_and_gives_the_trials_logits(trial, tmp_path):
+    """`quailora export` from the tracking server; the README's snippet loads it (no project import)."""
+    run_id = trial["runs"][0].info.run_id
+    for out, flags, bound in ((tmp_path / "export", [], 1e-2), (tmp_path / "merged", ["--merged"], 1e-5)):
+        assert main(["export", run_id, str(out), "--tracking-uri", trial["uri"], *flags]) == 0
+        loaded = load_readme_snippet(out)
+        # bnb's stock CPU path computes NF4 layers through bf16 (the trial used the exact fp32 one)
+        assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= bound
 
 
 def test_another_learning_rate_on_one_worker_reuses_every_stage(trial):

@@ -4,6 +4,10 @@ lm-eval on the in-memory model."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from orchestrator.cli import main
 from quailora.qalora.adapter import load_groupwise_adapter
 from quailora.qalora.layer import quantize_model_groupwise
+from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.run import run_trial
 from trials.tracking import default_tracking_uri
@@ -44,7 +50,14 @@ def trial(tmp_path_factory):
         ray.shutdown()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("qalora").experiment_id])
-    return {"metrics": metrics, "client": client, "run": run, "root": root, "checkpoint": checkpoint}
+    return {
+        "metrics": metrics,
+        "client": client,
+        "run": run,
+        "root": root,
+        "checkpoint": checkpoint,
+        "uri": uri,
+    }
 
 
 def test_qalora_trial_reports_quality_and_a_smaller_base(trial):
@@ -81,3 +94,25 @@ def test_qalora_adapter_reloads_on_a_fresh_groupwise_base_with_the_same_logits(t
             base_logits = model(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
     assert (base_logits - probe["logits"]).abs().max() > 1e-3
+
+
+def test_export_reproduces_logits_and_stock_lm_eval_gives_the_logged_accuracy(trial, tmp_path):
+    """The QA-LoRA export (compressed-tensors INT-4 base and the equal plain LoRA adapter) through the README's
+    snippet, its merged INT-4 model, and the README's stock `lm_eval` command as a subprocess."""
+    run_id, uri = trial["run"].info.run_id, trial["uri"]
+    for out, flags in ((tmp_path / "export", []), (tmp_path / "merged", ["--merged"])):
+        assert main(["export", run_id, str(out), "--tracking-uri", uri, *flags]) == 0
+        loaded = load_readme_snippet(out)
+        assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= 1e-5
+
+    command = re.search(r"```bash\n(.*?)```", (tmp_path / "export" / "README.md").read_text(), re.S).group(1)
+    assert "peft=" in command and "--limit 8" in command and "--include_path" in command
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", f"{command.strip()} --output_path {tmp_path / 'lm_eval'}"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    accuracy = json.loads(results.read_text())["results"]["quailora_cloze"]["acc,none"]
+    assert accuracy == trial["metrics"]["lmeval_quailora_cloze_acc"]

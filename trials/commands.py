@@ -7,11 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from quailora.errors import QuailoraInputError
-from trials.config import TrialConfig
+from trials.config import TrialConfig, read_yaml_file
 
 DEFAULT_ROOT = Path("runs") / "trials"
 
@@ -22,9 +21,7 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     if not path.is_file():
         raise QuailoraInputError(f"trial config {str(path)!r}: file not found")
     try:
-        return TrialConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as err:
-        raise QuailoraInputError(f"{path}: malformed YAML: {err}") from None
+        return TrialConfig.model_validate(read_yaml_file(path, "trial config") or {})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
         raise QuailoraInputError(f"{path}: {problems}") from None

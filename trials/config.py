@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quailora.errors import QuailoraInputError
 
 
 class _Strict(BaseModel):
@@ -125,3 +129,23 @@ class TrialConfig(_Strict):
         if not v or any(c in v for c in "/\\\n"):
             raise ValueError(f"name={v!r} must be non-empty and contain no slashes or newlines")
         return v
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """The parsed YAML of a config file. Text that is not UTF-8 (a binary file, UTF-16, Latin-1) and malformed
+    YAML are bad input: one line naming the file and where, not a traceback. A UTF-8 byte-order mark is fine."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QuailoraInputError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QuailoraInputError(f"{path}: malformed YAML{where}: {problem}") from None

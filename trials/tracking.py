@@ -6,14 +6,18 @@ the rank-0 worker can log to the same run without sharing a global active run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trials.config import TrialConfig
+
+if TYPE_CHECKING:  # mlflow is imported where a run is touched: `quailora plan` needs only the paths here
+    from mlflow.tracking import MlflowClient
 
 TRIAL_KEY_TAG = "quailora.trial_key"
 FAILURE_TAG = "quailora.failure_reason"
@@ -62,6 +66,32 @@ def flat_params(config: TrialConfig) -> dict[str, str]:
     return flat
 
 
+def config_from_params(params: dict[str, str]) -> TrialConfig:
+    """The TrialConfig a run was logged with: the inverse of flat_params. Each value is read as JSON when
+    that fits its field (numbers, lists, options), else as the string it is ("None" for an unset optional)."""
+
+    def parse(raw: str, adapter: TypeAdapter):
+        candidates = [None] if raw == "None" else []
+        with contextlib.suppress(ValueError):
+            candidates.append(json.loads(raw))
+        for value in [*candidates, raw]:
+            with contextlib.suppress(ValidationError):
+                return adapter.validate_python(value)
+        return raw  # TrialConfig's validation names the field and value
+
+    def section(model: type[BaseModel], prefix: str) -> dict:
+        values = {}
+        for name, field in model.model_fields.items():
+            key, kind = f"{prefix}{name}", field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                values[name] = section(kind, f"{key}.")
+            elif key in params:
+                values[name] = parse(params[key], TypeAdapter(kind))
+        return values
+
+    return TrialConfig.model_validate(section(TrialConfig, ""))
+
+
 def _size_label(num_parameters: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if num_parameters >= scale:
@@ -101,6 +131,8 @@ def open_trial_run(
     parent_run_id: str | None,
 ):
     """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run."""
+    from mlflow.entities import RunStatus
+
     key = trial_key(config)
     run = find_run(client, experiment_id, key, parent_run_id)
     if run is not None:
@@ -109,6 +141,8 @@ def open_trial_run(
                 client.delete_tag(run.info.run_id, FAILURE_TAG)
             client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return client.get_run(run.info.run_id)
+    from mlflow.entities import Param
+
     run_tags = {**tags, TRIAL_KEY_TAG: key, **({PARENT_TAG: parent_run_id} if parent_run_id else {})}
     run = client.create_run(experiment_id, run_name=config.name, tags=run_tags)
     params = [Param(k, v) for k, v in flat_params(config).items()]
@@ -120,10 +154,14 @@ def open_trial_run(
 def log_metrics(
     client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int
 ) -> None:
+    from mlflow.entities import Metric
+
     client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
 
 
 def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
     client.set_terminated(run_id, status="FAILED")
 

@@ -8,7 +8,9 @@ from quailora.initializers.base import (
     Initialization,
     Initializer,
     InitProblem,
+    base_changing,
     calibrated,
+    changes_base,
     needs_gram,
     rebuilt_base,
 )
@@ -23,7 +25,9 @@ __all__ = [
     "Initialization",
     "Initializer",
     "InitProblem",
+    "base_changing",
     "calibrated",
+    "changes_base",
     "needs_gram",
     "rebuilt_base",
 ]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
-from quailora.quantizers.base import Quantizer
 from quailora.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from quailora.quantizers.base import Quantizer  # (the quantizers package imports bitsandbytes)
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @dataclass
@@ -72,6 +77,17 @@ def calibrated(fn: Initializer) -> Initializer:
 
 def needs_gram(method: str) -> bool:
     return getattr(INITIALIZERS.get(method, where="init.method"), "needs_gram", False)
+
+
+def base_changing(fn: Initializer) -> Initializer:
+    """Mark a method that moves the base weights (it returns ``Initialization.base_weight``): its model is
+    quant(W') + sBA for a W' of its own, so the trial's quantized base is not the checkpoint's."""
+    fn.changes_base = True  # type: ignore[attr-defined]
+    return fn
+
+
+def changes_base(method: str) -> bool:
+    return getattr(INITIALIZERS.get(method, where="init.method"), "changes_base", False)
 
 
 def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:

@@ -5,10 +5,15 @@ With H = L Lᵀ (Cholesky, R = Lᵀ) the objective is ‖(E − MA) L‖²_F, so
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("closed_form")

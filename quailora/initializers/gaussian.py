@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, kaiming_uniform
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("gaussian")

@@ -8,14 +8,26 @@ history holds ‖W − Q − sBA‖_F / ‖W‖_F per iteration.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, rebuilt_base
+from quailora.initializers.base import (
+    INITIALIZERS,
+    Initialization,
+    InitProblem,
+    base_changing,
+    rebuilt_base,
+)
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("loftq")
+@base_changing
 def loftq(
     problem: InitProblem,
     *,

@@ -7,11 +7,16 @@ so Y = SVD_r(C R⁻¹) R⁻ᵀ. Only (n/L)-sized systems are factored.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated, pooled_width
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 from quailora.qalora.pooling import pool_gram
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("qalora_closed_form")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.initializers.base import (
     INITIALIZERS,
@@ -11,6 +11,11 @@ from quailora.initializers.base import (
     kaiming_uniform,
     pooled_width,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("qalora_zero")

@@ -7,10 +7,15 @@ value per iteration.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damp, truncated_svd
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 @INITIALIZERS.register("quailora")

@@ -7,7 +7,12 @@ peft drives training and checkpoints; the factor only rescales lora_A, not the r
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:  # the method registry is read without running a method (see quailora.deferred)
+    from quailora.deferred import torch
 
 
 def pooling_factor(in_features: int, group_size: int) -> float:

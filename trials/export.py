@@ -1,0 +1,278 @@
+"""``quailora export RUN_ID DIR``: a finished trial's model as files that stock transformers and peft load.
+
+DIR/load.json says what to load, paths relative to DIR:
+``{"base": dir, "quantization_config": BitsAndBytesConfig kwargs | null, "adapter": dir | null}``.
+DIR/README.md has the loading snippet (and the stock lm-eval command when the trial ran lm-eval tasks),
+DIR/probe.safetensors the trial's probe input ids and logits to check a load against.
+
+- The base is the trial's quantized model written by a stock format: bitsandbytes layers serialize
+  themselves (NF4/FP4/LLM.int8, pre-quantized, so quantization_config is null and config.json carries it),
+  group-wise INT-k layers become a compressed-tensors checkpoint (quailora.qalora.compressed).
+- The adapter is the trial's peft adapter; a QA-LoRA adapter becomes the equal plain LoRA adapter.
+- ``--merged``: QA-LoRA folds into the zero points and stays INT-k (compressed-tensors); other methods
+  are written as one float checkpoint with Q + sBA in each quantized layer. No adapter.
+
+Methods that change the base (quailora.initializers.changes_base, e.g. loftq) need their modified
+full-precision weights: one function registered in BASE_WEIGHTS per method. Until one is, export refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quailora.base_layers import base_layer_kind
+from quailora.errors import QuailoraInputError
+from quailora.initializers import changes_base
+from quailora.qalora.adapter import load_groupwise_adapter
+from quailora.qalora.compressed import lora_from_qalora, save_compressed
+from quailora.qalora.layer import GroupwiseLinear
+from quailora.qalora.merge import merge_qalora
+from quailora.registry import Registry
+from trials.config import TrialConfig
+from trials.quantized_model import load_quantized_model
+from trials.sources import resolve_model_path
+from trials.tracking import config_from_params
+
+LOAD_FILE = "load.json"
+README_FILE = "README.md"
+PROBE_FILE = "probe.safetensors"
+ADAPTER_ARTIFACT = "adapter"
+PROBE_ARTIFACT = "probe/logits.safetensors"  # what trials/worker.py logs at the end of a trial
+DEEPSPEED_ARTIFACT = "deepspeed_config.json"
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """A finished trial's MLflow run: its config, downloaded artifacts and compute dtype."""
+
+    run_id: str
+    config: TrialConfig
+    artifacts: Path
+    compute_dtype: torch.dtype
+
+    @property
+    def adapter(self) -> Path:
+        return self.artifacts / ADAPTER_ARTIFACT
+
+    @property
+    def probe(self) -> Path:
+        return self.artifacts / PROBE_ARTIFACT
+
+    @property
+    def qalora(self) -> bool:
+        return bool(json.loads((self.adapter / "adapter_config.json").read_text()).get("use_qalora"))
+
+
+def fetch_run(tracking_uri: str, run_id: str, dest: Path) -> TrialRun:
+    """The run's config (from its params) and the artifacts export reads; bad input as QuailoraInputError."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise QuailoraInputError(f"run {run_id!r}: no such MLflow run at {tracking_uri}") from None
+    if run.info.status != "FINISHED":
+        raise QuailoraInputError(f"run {run_id!r}: status {run.info.status}, only finished trials export")
+    names = {f.path for f in client.list_artifacts(run_id)}
+    if not {ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT} <= names:
+        raise QuailoraInputError(
+            f"run {run_id!r}: artifacts {sorted(names)} lack adapter/, probe/ or {DEEPSPEED_ARTIFACT}; "
+            "is it a trial's run (not a sweep's parent run)?"
+        )
+    config = config_from_params(run.data.params)
+    check_base_exportable(config)  # before any download
+    for name in (ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT):
+        client.download_artifacts(run_id, name, str(dest))
+    # The trial computed in bf16 exactly when its DeepSpeed engine did (precision "auto" depends on the GPU).
+    bf16 = json.loads((dest / DEEPSPEED_ARTIFACT).read_text())["bf16_enabled"]
+    dtype = torch.bfloat16 if bf16 else getattr(torch, config.model.dtype)
+    return TrialRun(run_id=run_id, config=config, artifacts=dest, compute_dtype=dtype)
+
+
+BaseWeights = Callable[[TrialRun, Path, Path], Path]
+# Per method that changes the base: (run, checkpoint, work dir) -> a full-precision checkpoint whose
+# quantization with the trial's quantizer gives the trial's Q' bit for bit. Registering one is all that
+# export needs for such a method; everything downstream treats it like the trial's own checkpoint.
+BASE_WEIGHTS: Registry[BaseWeights] = Registry("base rebuild for a base-changing method")
+
+
+def check_base_exportable(config: TrialConfig) -> None:
+    method = config.init.method
+    if changes_base(method) and method not in BASE_WEIGHTS:
+        raise QuailoraInputError(
+            f"init.method={method!r} changes the base weights, and exporting such a trial is not supported yet "
+            "(only its adapter is logged, not the re-quantized base it goes with)"
+        )
+
+
+def base_weights(run: TrialRun, work_dir: Path) -> Path:
+    """The full-precision checkpoint whose quantization is the trial's base."""
+    checkpoint = resolve_model_path(run.config.model.path)
+    method = run.config.init.method
+    if not changes_base(method):
+        return checkpoint
+    check_base_exportable(run.config)
+    return BASE_WEIGHTS.get(method)(run, checkpoint, work_dir)
+
+
+def load_trial_base(run: TrialRun, weights: Path) -> nn.Module:
+    """The trial's quantized base on the CPU, loaded as the trial loads it."""
+    # ZeRO-3 trials keep bnb's 4-bit codes in float storage; the codes are the same, and uint8 storage
+    # (the stage-2 choice) is the layout every bitsandbytes reader expects.
+    config = run.config.model_copy(update={"train": run.config.train.model_copy(update={"zero_stage": 2})})
+    return load_quantized_model(weights, config, run.compute_dtype, CPU)
+
+
+def load_trial_model(run: TrialRun, weights: Path) -> PeftModel:
+    """The trial's model on the CPU: its quantized base and its adapter."""
+    return load_groupwise_adapter(load_trial_base(run, weights), run.adapter).eval()
+
+
+def _write_quantized(model: nn.Module, out: Path) -> None:
+    if any(isinstance(m, GroupwiseLinear) for m in model.modules()):
+        save_compressed(model, out)
+    else:  # bitsandbytes layers serialize themselves; config.json then carries their quantization_config
+        model.save_pretrained(out)
+
+
+@torch.no_grad()
+def _float_merged(model: PeftModel, weights: Path, dtype: torch.dtype) -> nn.Module:
+    """The full-precision model with each quantized layer's weight replaced by Q + s·B·A, as the trial computes."""
+    merged = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+    base = model.get_base_model()
+    for name, module in base.named_modules():
+        kind = base_layer_kind(module, name) if isinstance(module, nn.Linear | GroupwiseLinear) else None
+        if kind is None or kind.quantizer(module) is None:  # the head and other unquantized layers stay
+            continue
+        target = name.removesuffix(".base_layer")
+        weight = kind.dequantize(module).float()
+        wrapper = base.get_submodule(target)
+        if isinstance(wrapper, LoraLayer):
+            for adapter in wrapper.active_adapters:
+                b, a = wrapper.lora_B[adapter].weight.float(), wrapper.lora_A[adapter].weight.float()
+                weight += wrapper.scaling[adapter] * (b @ a)
+        merged.get_submodule(target).weight.copy_(weight)
+    return merged.to(dtype)
+
+
+def write_adapter_export(run: TrialRun, weights: Path, out: Path) -> dict:
+    """The trial's quantized base and its adapter (QA-LoRA as the equal plain LoRA adapter)."""
+    _write_quantized(load_trial_base(run, weights), out / "base")
+    if run.qalora:
+        lora_from_qalora(run.adapter, out / "adapter")
+    else:
+        shutil.copytree(run.adapter, out / "adapter")
+    return {"base": "base", "quantization_config": None, "adapter": "adapter"}
+
+
+def write_merged_export(run: TrialRun, weights: Path, out: Path) -> dict:
+    """One model with the adapter folded in: INT-k zero points for QA-LoRA, Q + sBA floats otherwise."""
+    model = load_trial_model(run, weights)
+    if run.qalora:
+        save_compressed(merge_qalora(model), out / "model")
+    else:
+        _float_merged(model, weights, getattr(torch, run.config.model.dtype)).save_pretrained(out / "model")
+    return {"base": "model", "quantization_config": None, "adapter": None}
+
+
+def export_run(tracking_uri: str, run_id: str, out_dir: str | Path, *, merged: bool = False) -> Path:
+    """Write the export of trial run ``run_id`` into ``out_dir`` (new or empty); returns it."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QuailoraInputError(f"export directory {str(out)!r} exists and is not empty")
+    with tempfile.TemporaryDirectory(prefix="quailora-export-") as tmp:
+        run = fetch_run(tracking_uri, run_id, Path(tmp) / "artifacts")
+        weights = base_weights(run, Path(tmp) / "base_weights")
+        out.mkdir(parents=True, exist_ok=True)
+        spec = (write_merged_export if merged else write_adapter_export)(run, weights, out)
+        AutoTokenizer.from_pretrained(resolve_model_path(run.config.model.path)).save_pretrained(
+            out / spec["base"]
+        )
+        shutil.copyfile(run.probe, out / PROBE_FILE)
+    (out / LOAD_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    (out / README_FILE).write_text(readme(run, spec, out))
+    return out
+
+
+LOAD_SNIPPET = """import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+export = Path(EXPORT_DIR)
+spec = json.loads((export / "load.json").read_text())
+# null: the base's config.json carries its quantization (or it has none). Pass nothing then: an explicit
+# quantization_config=None makes transformers ignore the one in config.json.
+quantization = spec["quantization_config"]
+extra = {"quantization_config": BitsAndBytesConfig(**quantization)} if quantization else {}
+model = AutoModelForCausalLM.from_pretrained(export / spec["base"], **extra)
+if spec["adapter"]:
+    model = PeftModel.from_pretrained(model, export / spec["adapter"])
+model.eval()
+tokenizer = AutoTokenizer.from_pretrained(export / spec["base"])
+
+probe = load_file(export / "probe.safetensors")  # the trial's input ids and the logits it computed
+with torch.no_grad():
+    logits = model(input_ids=probe["input_ids"]).logits.float()
+print("relative max error", float((logits - probe["logits"]).abs().max() / probe["logits"].abs().max()))
+"""
+
+
+def lm_eval_command(run: TrialRun, spec: dict, out: Path) -> str | None:
+    """The stock lm-eval CLI call that scores this export as the trial scored its model (same tasks, limit,
+    batch size), or None when the trial ran no lm-eval task."""
+    from reference.tasks import resolve_task, task_dir
+
+    names = run.config.eval.lm_eval_tasks
+    if not names:
+        return None
+    model_args = f"pretrained={out / spec['base']}"
+    if spec["adapter"]:
+        model_args += f",peft={out / spec['adapter']}"
+    model_args += f",dtype={str(run.compute_dtype).removeprefix('torch.')}"
+    parts = ["lm_eval --model hf", f"--model_args {model_args}"]
+    if any(name.startswith("reference:") for name in names):
+        parts.append(f"--include_path {task_dir()}")
+    parts.append(f"--tasks {','.join(resolve_task(name) for name in names)}")
+    if run.config.eval.lm_eval_limit is not None:
+        parts.append(f"--limit {run.config.eval.lm_eval_limit}")
+    parts.append(f"--batch_size {run.config.train.batch_size}")
+    return " \\\n    ".join(parts)
+
+
+def readme(run: TrialRun, spec: dict, out: Path) -> str:
+    config = run.config
+    what = "merged model" if spec["adapter"] is None else "quantized base and adapter"
+    extra = ", compressed-tensors" if config.quant.method == "int" else ""
+    lines = [
+        f"# Trial {config.name!r} (MLflow run {run.run_id}): {what}",
+        "",
+        f"init.method={config.init.method}, quant.method={config.quant.method} ({config.quant.bits}-bit), "
+        f"LoRA rank {config.lora.rank}, model {config.model.path}. Loads with stock transformers and "
+        f"peft{extra}; `probe.safetensors` holds the trial's own logits on two validation blocks:",
+        "",
+        "```python",
+        LOAD_SNIPPET.replace("EXPORT_DIR", repr(str(out.resolve()))).rstrip(),
+        "```",
+    ]
+    command = lm_eval_command(run, spec, out.resolve())
+    if command:
+        lines += ["", "The trial's lm-eval scores, with the stock CLI:", "", "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
