@@ -70,6 +70,10 @@ class SafetensorsWeights:
             raise QuailoraInputError(f"tensor {name!r} is not in checkpoint {str(self.checkpoint_dir)!r}")
         return key, self._file_of[key]
 
+    def stored_key(self, name: str) -> tuple[str, Path]:
+        """The key a model tensor has in the checkpoint, and the file holding it."""
+        return self._file(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from the file header, without reading its data."""
         key, path = self._file(name)

@@ -25,15 +25,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from orchestrator.cli import main
-from quailora.base_layers import exact_cpu_4bit
+from quailora.architectures import ModelWeights
+from quailora.base_layers import base_layer_kind, exact_cpu_4bit
 from quailora.errors import QuailoraInputError
+from quailora.initializers import changes_base
+from quailora.peft_init import initialize_peft_model, save_base_residuals
 from quailora.qalora.compressed import save_compressed
 from quailora.qalora.layer import quantize_model_groupwise
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.adapters import build_adapter
 from trials.export import LOAD_FILE, README_FILE
 from trials.quantized_model import load_quantized_model
-from trials.tracking import default_tracking_uri, flat_params
+from trials.tracking import BASE_ARTIFACT, default_tracking_uri, flat_params
 from trials.validation import validate_trial
 
 # Relative max error of an export's logits against the trial's probe logits. Stock bitsandbytes on a
@@ -49,7 +52,7 @@ def rel_max_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits.float() - reference).abs().max() / reference.abs().max())
 
 
-def log_trial_run(root: Path, uri: str, **overrides) -> str:
+def log_trial_run(root: Path, uri: str, log_base: bool = True, **overrides) -> str:
     """A FINISHED MLflow run with a trial's params and end-of-trial artifacts; returns its run id."""
     checkpoint = root / "ckpt"
     if not checkpoint.exists():
@@ -62,6 +65,9 @@ def log_trial_run(root: Path, uri: str, **overrides) -> str:
         config,
         plan.target_names,
     )
+    updates = {}
+    if changes_base(config.init.method):  # LoftQ: the base moves too, as in a trial's initialize stage
+        updates = initialize_peft_model(model, config.init.method, ModelWeights(checkpoint), iterations=2)
     exact_cpu_4bit(model)  # as the trial evaluates on a CPU
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -84,8 +90,15 @@ def log_trial_run(root: Path, uri: str, **overrides) -> str:
         client.log_artifacts(run_id, f"{tmp}/adapter", "adapter")
         client.log_artifacts(run_id, f"{tmp}/probe", "probe")
         client.log_artifact(run_id, f"{tmp}/deepspeed_config.json")
+        Path(tmp, BASE_ARTIFACT).mkdir()
+        if log_base and save_base_residuals(updates, f"{tmp}/{BASE_ARTIFACT}"):  # trials/worker.py logs it
+            client.log_artifacts(run_id, f"{tmp}/{BASE_ARTIFACT}", BASE_ARTIFACT)
     client.set_terminated(run_id, "FINISHED")
+    LOGGED_MODELS[run_id] = model
     return run_id
+
+
+LOGGED_MODELS: dict[str, nn.Module] = {}  # run id -> the model its probe logits came from
 
 
 def load_readme_snippet(export: Path) -> dict:
@@ -173,13 +186,37 @@ def assert_float_merge_is_q_plus_sba(export: Path, merged_model) -> None:
         torch.testing.assert_close(merged_model.get_submodule(name).weight, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_loftq_export_rebuilds_the_changed_base_bit_for_bit(store, tmp_path, capsys):
+    """LoftQ re-quantized the base: export rebuilds W' = W − L·R from the logged thin factors, and stock
+    loading of the export holds exactly the trial's Q' in every layer."""
+    root, uri = store
+    run_id = log_trial_run(root, uri, init={"method": "loftq"})
+    assert main(["export", run_id, str(tmp_path / "export"), "--tracking-uri", uri]) == 0
+    loaded = load_readme_snippet(tmp_path / "export")
+    assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= STOCK_BOUND
+    trial = dict(LOGGED_MODELS[run_id].named_modules())
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "base")  # before any forward
+    checked = 0
+    for name, module in stock.named_modules():
+        layer = trial.get(f"base_model.model.{name}")
+        if isinstance(layer, LoraLayer):
+            ours = base_layer_kind(layer.get_base_layer()).dequantize(layer.get_base_layer())
+            assert torch.equal(base_layer_kind(module).dequantize(module), ours), name
+            checked += 1
+    assert checked == sum(isinstance(m, LoraLayer) for m in trial.values())
+
+
 def test_export_refuses_what_it_cannot_do(store, tmp_path, capsys):
     root, uri = store
-    loftq = log_trial_run(root, uri, init={"method": "loftq"})
+    loftq = log_trial_run(
+        root, uri, init={"method": "loftq"}, log_base=False
+    )  # as runs before base_residuals/
     capsys.readouterr()
     assert main(["export", loftq, str(tmp_path / "loftq"), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "init.method='loftq' changes the base weights" in err[0], err
+    assert (
+        len(err) == 1 and "init.method='loftq' changed the base" in err[0] and "base_residuals/" in err[0]
+    ), err
     assert not (tmp_path / "loftq").exists()  # refused before writing anything
 
     assert main(["export", "0123abcd", str(tmp_path / "none"), "--tracking-uri", uri]) == 2

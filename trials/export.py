@@ -13,7 +13,9 @@ DIR/probe.safetensors the trial's probe input ids and logits to check a load aga
   are written as one float checkpoint with Q + sBA in each quantized layer. No adapter.
 
 Methods that change the base (quailora.initializers.changes_base, e.g. loftq) need their modified
-full-precision weights: one function registered in BASE_WEIGHTS per method. Until one is, export refuses.
+full-precision weights: one function registered in BASE_WEIGHTS per method. LoftQ's is rebuilt from the
+thin factors its trial logs (base_residuals/): W' = W − L·R in each changed layer, whose quantization by
+the trial's own loading code is the trial's Q' bit for bit.
 """
 
 from __future__ import annotations
@@ -28,21 +30,24 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quailora.architectures import ModelWeights
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
-from quailora.initializers import changes_base
+from quailora.initializers import changes_base, rebuilt_base
+from quailora.peft_init import checkpoint_name, load_base_residuals
 from quailora.qalora.adapter import load_groupwise_adapter
 from quailora.qalora.compressed import lora_from_qalora, save_compressed
 from quailora.qalora.layer import GroupwiseLinear
 from quailora.qalora.merge import merge_qalora
 from quailora.registry import Registry
+from reference.cache import resolve_model
 from trials.config import TrialConfig
 from trials.quantized_model import load_quantized_model
-from trials.sources import resolve_model_path
-from trials.tracking import config_from_params
+from trials.tracking import BASE_ARTIFACT, config_from_params
 
 LOAD_FILE = "load.json"
 README_FILE = "README.md"
@@ -95,7 +100,15 @@ def fetch_run(tracking_uri: str, run_id: str, dest: Path) -> TrialRun:
         )
     config = config_from_params(run.data.params)
     check_base_exportable(config)  # before any download
-    for name in (ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT):
+    wanted = [ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT]
+    if changes_base(config.init.method):
+        if BASE_ARTIFACT not in names:
+            raise QuailoraInputError(
+                f"run {run_id!r}: init.method={config.init.method!r} changed the base, but the run has no "
+                f"{BASE_ARTIFACT}/ artifact (trials log it since the stage cache; rerun the trial)"
+            )
+        wanted.append(BASE_ARTIFACT)
+    for name in wanted:
         client.download_artifacts(run_id, name, str(dest))
     # The trial computed in bf16 exactly when its DeepSpeed engine did (precision "auto" depends on the GPU).
     bf16 = json.loads((dest / DEEPSPEED_ARTIFACT).read_text())["bf16_enabled"]
@@ -119,9 +132,32 @@ def check_base_exportable(config: TrialConfig) -> None:
         )
 
 
+@BASE_WEIGHTS.register("loftq")
+def rebuilt_from_residuals(run: TrialRun, checkpoint: Path, work_dir: Path) -> Path:
+    """The checkpoint with every changed layer's weight replaced by W − L·R (float32, as the trial computed
+    it), one weight file at a time; the other files are copied."""
+    residuals = load_base_residuals(run.artifacts / BASE_ARTIFACT)
+    weights = ModelWeights(checkpoint)
+    changed: dict[Path, dict[str, torch.Tensor]] = {}
+    for peft_name, residual in residuals.items():
+        key = f"{checkpoint_name(peft_name)}.weight"
+        stored, path, transposed = weights.locate(key)
+        rebuilt = rebuilt_base(weights.get(key), residual)
+        changed.setdefault(path, {})[stored] = (rebuilt.T if transposed else rebuilt).contiguous()
+    work_dir.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        if item.is_file() and item not in changed:
+            shutil.copyfile(item, work_dir / item.name)
+    for path, tensors in changed.items():
+        state = load_file(path)
+        state.update({k: v.to(torch.float32) for k, v in tensors.items()})
+        save_file(state, work_dir / path.name, metadata={"format": "pt"})
+    return work_dir
+
+
 def base_weights(run: TrialRun, work_dir: Path) -> Path:
     """The full-precision checkpoint whose quantization is the trial's base."""
-    checkpoint = resolve_model_path(run.config.model.path)
+    checkpoint = resolve_model(run.config.model.path)
     method = run.config.init.method
     if not changes_base(method):
         return checkpoint
@@ -199,7 +235,7 @@ def export_run(tracking_uri: str, run_id: str, out_dir: str | Path, *, merged: b
         weights = base_weights(run, Path(tmp) / "base_weights")
         out.mkdir(parents=True, exist_ok=True)
         spec = (write_merged_export if merged else write_adapter_export)(run, weights, out)
-        AutoTokenizer.from_pretrained(resolve_model_path(run.config.model.path)).save_pretrained(
+        AutoTokenizer.from_pretrained(resolve_model(run.config.model.path)).save_pretrained(
             out / spec["base"]
         )
         shutil.copyfile(run.probe, out / PROBE_FILE)
@@ -213,6 +249,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 

@@ -24,6 +24,7 @@ FAILURE_TAG = "quailora.failure_reason"
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG_PREFIX = "quailora.stage."  # + stage: computed, reused or skipped
 STAGE_KEY_PREFIX = "stage_key."  # + stage: the param holding the stage's cache key
+BASE_ARTIFACT = "base_residuals"  # methods that change the base: Q = quant(W − L·R) per changed layer
 _BATCH = 100  # MLflow's log_batch limit on params per call
 
 

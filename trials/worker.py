@@ -35,10 +35,9 @@ from trials.evaluation import lm_eval_accuracies
 from trials.finetune import fine_tune, report_checkpoint
 from trials.quantized_model import serialized_size_mb
 from trials.sources import load_texts, token_blocks
-from trials.tracking import log_metrics, mark_failed, stage_param, stage_tag
+from trials.tracking import BASE_ARTIFACT, log_metrics, mark_failed, stage_param, stage_tag
 
 PROBE_ARTIFACT = "probe"  # input ids and logits of the final model, to check a reloaded adapter against
-BASE_ARTIFACT = "base_residuals"  # methods that change the base: Q = quant(W − L·R) per changed layer
 STOP_METRIC = "stopped_nonfinite_loss"
 
 

@@ -28,6 +28,12 @@ class ModelWeights:
         shape = self.stored.shape(self._key(key))
         return shape[::-1] if self.layout.stored_transposed(key) else shape
 
+    def locate(self, key: str) -> tuple[str, Path, bool]:
+        """Where the model's ``key`` lies in the checkpoint: its stored name, its file, and whether it is
+        stored transposed (a Conv1D weight)."""
+        name, path = self.stored.stored_key(self._key(key))
+        return name, path, self.layout.stored_transposed(key)
+
     def get(self, key: str) -> torch.Tensor:
         tensor = self.stored.get(self._key(key))
         return tensor.T.contiguous() if self.layout.stored_transposed(key) else tensor
