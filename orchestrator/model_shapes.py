@@ -7,13 +7,19 @@ fused projections as they are), the rest of the parameters, and the sizes the ac
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
-
-from quailora.architectures import Layout, load_model_config
 from quailora.errors import QuailoraInputError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,15 @@ class ModelShape:
         """Linear parameters of the largest decoder layer (calibration holds one layer at a time)."""
         return max(sum(n_in * n_out for _, n_in, n_out in layer) for layer in self.linear_layers)
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelShape:
+        values = json.loads(text)
+        layers = tuple(tuple(tuple(linear) for linear in layer) for layer in values.pop("linear_layers"))
+        return cls(**values, linear_layers=layers)
+
     def gram_widths(self) -> list[int]:
         """Input widths of the largest layer's linear layers: an upper bound on its Grams, since layers
         that read the same input (q/k/v, gate/up) share one Gram at run time."""
@@ -44,6 +59,8 @@ class ModelShape:
 
 
 def shape_from_config(config: PretrainedConfig) -> ModelShape:
+    from quailora.architectures import Layout
+
     layout = Layout.from_config(config)
     linear_layers = tuple(
         tuple((name, n_in, n_out) for name, (n_in, n_out) in layout.linears(i).items())
@@ -63,23 +80,103 @@ def shape_from_config(config: PretrainedConfig) -> ModelShape:
     )
 
 
-def resolve_shape(model_path: str) -> ModelShape:
-    """Shape of `model.path` from its config only: a reference model's spec, a local checkpoint's
-    config.json, or a hub model's config (fetched when online, else read from the hub cache)."""
+PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs.json")
+SHAPES_VERSION = 1  # part of every stored shape's key: bump it when shape_from_config changes
+
+
+def published_config(model_path: str) -> dict | None:
+    """The sizing fields of the published config.json of a hub model a shipped sweep names (so `plan` sizes
+    the paper's grid offline), or None."""
+    return json.loads(PUBLISHED_CONFIGS.read_text()).get(model_path)
+
+
+def _hub_cached_config(model_path: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_path, "config.json")
+    except Exception:  # not a valid repo id: not in the cache
+        return None
+    return Path(found).read_text() if isinstance(found, str) else None
+
+
+def _config_source(model_path: str) -> tuple[str | None, Callable[[], PretrainedConfig]]:
+    """(the text that identifies the config, or None when only fetching it tells; a loader of the config).
+    The text is read without transformers, so a shape already derived is found without importing it."""
     where = f"model.path={model_path!r}"
     if model_path.startswith("reference:"):
-        from reference.families import FAMILIES
         from reference.specs import get_spec
 
         spec = get_spec(model_path.removeprefix("reference:"))
-        return shape_from_config(FAMILIES.get(spec.family)(spec, {}))
+
+        def reference_config() -> PretrainedConfig:
+            from reference.families import FAMILIES
+
+            return FAMILIES.get(spec.family)(spec, {})
+
+        return json.dumps({"reference": spec.as_dict()}, sort_keys=True), reference_config
     local = Path(model_path).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise QuailoraInputError(f"{where}: no config.json in {local}")
-    try:
-        config = load_model_config(local if local.exists() else model_path, where)
-    except QuailoraInputError as err:
-        raise QuailoraInputError(
-            f"{err} (plan reads only the config; offline, a hub model must be in the hub cache)"
-        ) from None
-    return shape_from_config(config)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise QuailoraInputError(f"{where}: no config.json in {local}")
+        return (local / "config.json").read_text(), lambda: _load_config(local, where)
+    cached = _hub_cached_config(model_path)
+    if cached is not None:
+        return cached, lambda: _config_from_dict(json.loads(cached), where)
+    published = published_config(model_path)
+    if published is not None:
+        return json.dumps(published, sort_keys=True), lambda: _config_from_dict(published, where)
+
+    def fetched() -> PretrainedConfig:
+        try:
+            return _load_config(model_path, where)
+        except QuailoraInputError as err:
+            raise QuailoraInputError(
+                f"{err} (plan reads only the config; offline, a hub model must be in the hub cache)"
+            ) from None
+
+    return None, fetched
+
+
+def _load_config(checkpoint: str | Path, where: str) -> PretrainedConfig:
+    from quailora.architectures import load_model_config
+
+    return load_model_config(checkpoint, where)
+
+
+def _config_from_dict(values: dict, where: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    from quailora.architectures import check_causal_lm
+
+    values = dict(values)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    check_causal_lm(config, where)
+    return config
+
+
+def _shapes_dir() -> Path:
+    from reference.paths import cache_root
+
+    return cache_root() / "shapes"
+
+
+def resolve_shape(model_path: str) -> ModelShape:
+    """Shape of `model.path` from its config only: a reference model's spec, a local checkpoint's
+    config.json, a hub model's config (the hub cache, the published configs of the shipped sweeps' models,
+    or fetched when online). Derived once per config (through transformers, on the meta device) and kept
+    under the cache keyed by the config's content, so later plans import neither torch nor transformers."""
+    text, load = _config_source(model_path)
+    path = None
+    if text is not None:
+        digest = hashlib.sha256(f"{SHAPES_VERSION}\n{text}".encode()).hexdigest()[:24]
+        path = _shapes_dir() / f"{digest}.json"
+    if path is not None and path.is_file():
+        return ModelShape.from_json(path.read_text())
+    shape = shape_from_config(load())
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(shape.to_json())
+        os.replace(tmp, path)  # atomic: concurrent plans never read half a file
+    return shape

@@ -223,7 +223,9 @@ HEAVY_MODULES = ("torch", "bitsandbytes", "transformers", "peft", "mlflow", "pan
 @pytest.mark.parametrize("argv", [["--help"], ["plan", "configs/quickstart.yaml"], ["schema"]])
 def test_commands_that_compute_nothing_import_no_heavy_module(argv):
     """What made `quailora --help` take 5.6 s and `plan` 6.9 s: torch, bitsandbytes & co. imported before the
-    arguments were parsed. A fresh interpreter runs the command and lists what it imported."""
+    arguments were parsed. A fresh interpreter runs the command and lists what it imported. `plan` derives a
+    model's shapes through transformers once per config and keeps them (orchestrator/model_shapes.py): the
+    command runs twice, and the second run must import nothing heavy."""
     script = (
         "import sys, contextlib, io\n"
         "from orchestrator.cli import main\n"
@@ -232,10 +234,11 @@ def test_commands_that_compute_nothing_import_no_heavy_module(argv):
         f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])\n"
     )
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
+    for _ in range(2 if argv[0] == "plan" else 1):
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 

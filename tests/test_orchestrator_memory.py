@@ -150,3 +150,26 @@ def test_plan_sizes_sampled_fields_at_their_worst_corner(llama7b_dir, tmp_path):
     # rank 16 (randint's high end is exclusive) on llama-7b: the hand-computed 4-bit total, 7.69 GiB.
     assert planned.memory.peak == NF4_BYTES + OTHER_BYTES + ADAPTER_BYTES + ACTIVATION_BYTES
     assert not planned.fits
+
+
+def test_shapes_are_derived_once_per_config_and_read_back_equal(tmp_path, monkeypatch):
+    """plan keeps each derived shape keyed by the config's content: a second plan reads it back equal,
+    a changed config.json gets its own, and the shipped sweeps' hub models size offline from their
+    published configs."""
+    import orchestrator.model_shapes as shapes
+
+    monkeypatch.setenv("QUAILORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "llama-7b").mkdir()
+    (tmp_path / "llama-7b" / "config.json").write_text(json.dumps(LLAMA_7B))
+    first = shapes.resolve_shape(str(tmp_path / "llama-7b"))
+    assert len(list((tmp_path / "cache" / "shapes").glob("*.json"))) == 1
+    monkeypatch.setattr(shapes, "shape_from_config", lambda config: pytest.fail("derived again"))
+    assert shapes.resolve_shape(str(tmp_path / "llama-7b")) == first
+    (tmp_path / "llama-7b" / "config.json").write_text(json.dumps({**LLAMA_7B, "num_hidden_layers": 2}))
+    monkeypatch.undo()
+    monkeypatch.setenv("QUAILORA_CACHE", str(tmp_path / "cache"))
+    assert shapes.resolve_shape(str(tmp_path / "llama-7b")).layers == 2
+    published = shapes.resolve_shape(
+        "huggyllama/llama-7b"
+    )  # offline: from orchestrator/published_configs.json
+    assert published.linears() == first.linears() and published.other_params == first.other_params
