@@ -14,6 +14,7 @@ shared StageCache: computed once per key across every trial that shares the cach
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,14 @@ class StageContext:
         return TrialGroup(self.device)
 
 
+def _whole(outcome: StageOutcome, began: float) -> StageOutcome:
+    """The outcome timed over the whole stage: a reuse's seconds include loading the entry, not only finding it."""
+    return dataclasses.replace(outcome, seconds=time.perf_counter() - began)
+
+
 def quantize(ctx: StageContext) -> tuple[nn.Module, StageKey, StageOutcome]:
     """The quantized base model on this worker's device."""
+    began = time.perf_counter()
     key = quantize_key(ctx.config, ctx.checkpoint, ctx.dtype)
     loaded: dict[str, nn.Module] = {}
 
@@ -85,16 +92,11 @@ def quantize(ctx: StageContext) -> tuple[nn.Module, StageKey, StageOutcome]:
             save_quantized_model(loaded["model"], ctx.config, tmp)
 
     if not has_stock_quantized_form(load_model_config(ctx.checkpoint, "model.path")):
-        began = time.perf_counter()
         compute(None)
-        return (
-            loaded["model"],
-            key,
-            StageOutcome("quantize", "computed", key.digest, None, time.perf_counter() - began),
-        )
+        return loaded["model"], key, _whole(StageOutcome("quantize", "computed", key.digest), began)
     outcome = obtain(ctx.cache, key, compute, ctx.group)
     model = loaded.get("model") or load_saved_quantized_model(outcome.path, ctx.config, ctx.dtype, ctx.device)
-    return model, key, outcome
+    return model, key, _whole(outcome, began)
 
 
 def calibrate(
@@ -103,6 +105,7 @@ def calibrate(
     """The Grams of every LoRA-able input, for calibrated methods; skipped for the others."""
     if not needs_gram(ctx.config.init.method):
         return None, None, StageOutcome("calibrate", "skipped")
+    began = time.perf_counter()
     cal = ctx.config.calibration
     key = calibrate_key(ctx.config, ctx.checkpoint, calib_ids, ctx.dtype)
 
@@ -119,7 +122,7 @@ def calibrate(
         )
 
     outcome = obtain(ctx.cache, key, compute, ctx.group)
-    return GramStore(outcome.path), key, outcome
+    return GramStore(outcome.path), key, _whole(outcome, began)
 
 
 def my_layers(model: nn.Module, names: list[str], rank: int, world_size: int) -> list[str]:
@@ -154,6 +157,7 @@ def initialize(
     calibrated: StageKey | None,
 ) -> tuple[StageKey, StageOutcome, dict[str, LayerUpdate]]:
     """Initialize every LoRA layer of ``model`` in place, on every worker; returns the updates too."""
+    began = time.perf_counter()
     key = initialize_key(ctx.config, quantized, calibrated, target_names)
     weights = ModelWeights(ctx.checkpoint)
     solved: dict[str, dict[str, LayerUpdate]] = {}
@@ -166,4 +170,4 @@ def initialize(
     outcome = obtain(ctx.cache, key, compute, ctx.group)
     updates = solved.get("updates") or load_updates(outcome.path)
     apply_adapters(model, updates, weights=weights)
-    return key, outcome, updates
+    return key, _whole(outcome, began), updates
