@@ -37,7 +37,7 @@ def run_trial_command(args: argparse.Namespace) -> int:
     config = load_trial_config(args.config)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    ensure_ray(args.ray_address, args.num_cpus)
+    ensure_ray(args.ray_address, num_cpus=args.num_cpus)
     try:
         metrics = run_trial(
             config,

@@ -14,10 +14,20 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from trials.config import TrialConfig
+from trials.contract import (
+    BITS_TAG,
+    FAILURE_TAG,
+    FAMILY_TAG,
+    METHOD_TAG,
+    QUANTIZER_TAG,
+    RANK_TAG,
+    SIZE_TAG,
+    STOPPED_EARLY_TAG,
+    TRIAL_KEY_TAG,
+    TRIAL_NAME_TAG,
+)
 
-TRIAL_KEY_TAG = "quailora.trial_key"
-FAILURE_TAG = "quailora.failure_reason"
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own
 _BATCH = 100  # MLflow's log_batch limit on params per call
 
 
@@ -69,13 +79,13 @@ def _size_label(num_parameters: int) -> str:
 
 def trial_tags(config: TrialConfig, family: str, num_parameters: int) -> dict[str, str]:
     return {
-        "family": family,
-        "size": _size_label(num_parameters),
-        "bits": str(config.quant.bits),
-        "quantizer": config.quant.method,
-        "method": config.init.method,
-        "rank": str(config.lora.rank),
-        "trial_name": config.name,
+        FAMILY_TAG: family,
+        SIZE_TAG: _size_label(num_parameters),
+        BITS_TAG: str(config.quant.bits),
+        QUANTIZER_TAG: config.quant.method,
+        METHOD_TAG: config.init.method,
+        RANK_TAG: str(config.lora.rank),
+        TRIAL_NAME_TAG: config.name,
         **config.tags,
     }
 
@@ -98,11 +108,14 @@ def open_trial_run(
     tags: dict[str, str],
     parent_run_id: str | None,
 ):
-    """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run."""
+    """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run.
+
+    A reused run is set RUNNING again, unless it finished or the sweep's scheduler stopped it (both stay as
+    they are: the trial does not run again)."""
     key = trial_key(config)
     run = find_run(client, experiment_id, key, parent_run_id)
     if run is not None:
-        if run.info.status != "FINISHED":
+        if run.info.status != "FINISHED" and STOPPED_EARLY_TAG not in run.data.tags:
             if FAILURE_TAG in run.data.tags:  # an earlier attempt's reason does not apply to this one
                 client.delete_tag(run.info.run_id, FAILURE_TAG)
             client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))

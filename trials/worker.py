@@ -23,6 +23,15 @@ from quailora.base_layers import exact_cpu_4bit
 from quailora.initializers import needs_gram
 from trials.adapters import build_adapter
 from trials.config import TrialConfig
+from trials.contract import (
+    MODEL_SIZE_MB,
+    STEP,
+    STOPPED_AT_STEP,
+    TRAIN_LOSS,
+    VAL_PPL,
+    VAL_PPL_FINAL,
+    VAL_PPL_INIT,
+)
 from trials.deepspeed_config import deepspeed_config, use_bf16
 from trials.evaluation import lm_eval_accuracies, perplexity
 from trials.initialization import initialize_distributed
@@ -165,7 +174,7 @@ def _report_checkpoint(engine, progress: TrainProgress, metrics: dict[str, float
             tmp, tag=CHECKPOINT_TAG, client_state=asdict(progress), exclude_frozen_parameters=True
         )
         ray.train.report(
-            {**metrics, "step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+            {**metrics, STEP: progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
         )
 
 
@@ -222,8 +231,8 @@ def train_trial(loop_config: dict) -> None:
     if device.type == "cpu":
         exact_cpu_4bit(model)  # evaluation then computes with the same fp32 Q as training and initialization
     timings = initialize_distributed(model, config, checkpoint, calib_ids, Path(loop_config["gram_dir"]))
-    summary: dict[str, float] = {**timings, "model_size_mb": model_size_mb}
-    summary["val_ppl_init"] = perplexity(model, val_blocks, batch_size, device)
+    summary: dict[str, float] = {**timings, MODEL_SIZE_MB: model_size_mb}
+    summary[VAL_PPL_INIT] = perplexity(model, val_blocks, batch_size, device)
     summary["init_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
@@ -265,11 +274,11 @@ def train_trial(loop_config: dict) -> None:
         train_loss = _all_mean(loss_sum / config.train.grad_accum)
         if not math.isfinite(train_loss):
             stop_reason = f"non-finite loss: train_loss={train_loss} at step {step}"
-            summary.update({STOP_METRIC: 1.0, "stopped_at_step": step})
+            summary.update({STOP_METRIC: 1.0, STOPPED_AT_STEP: step})
             break
-        values = {"train_loss": train_loss, "learning_rate": engine.get_lr()[0]}
+        values = {TRAIN_LOSS: train_loss, "learning_rate": engine.get_lr()[0]}
         if config.train.eval_every and step % config.train.eval_every == 0:
-            values["val_ppl"] = perplexity(engine.module, val_blocks, batch_size, device)
+            values[VAL_PPL] = perplexity(engine.module, val_blocks, batch_size, device)
         tracker.metrics(values, step)
         if (
             config.train.checkpoint_every
@@ -277,20 +286,20 @@ def train_trial(loop_config: dict) -> None:
             and step < config.train.max_steps
         ):
             _report_checkpoint(engine, progress, values)
-        elif "val_ppl" in values and step < config.train.max_steps:
+        elif VAL_PPL in values and step < config.train.max_steps:
             # Eval points reach Ray Tune, whose ASHA stops trials on val_ppl. Not the last step: the final
             # report follows at once, and ASHA would stop a trial whose step reached max_t before it.
-            ray.train.report({**values, "step": step})
+            ray.train.report({**values, STEP: step})
 
     if stop_reason:
-        tracker.metrics({STOP_METRIC: 1.0}, int(summary["stopped_at_step"]))
+        tracker.metrics({STOP_METRIC: 1.0}, int(summary[STOPPED_AT_STEP]))
         tracker.failed(stop_reason)
         ray.train.report(summary)  # no checkpoint: the weights are not finite any more
         return
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     if config.eval.perplexity:
-        summary["val_ppl_final"] = perplexity(engine.module, val_blocks, batch_size, device)
+        summary[VAL_PPL_FINAL] = perplexity(engine.module, val_blocks, batch_size, device)
     if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
         accuracies = [
             lm_eval_accuracies(
