@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from quailora.base_layers import exact_cpu_4bit
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.contract import TRIAL_KEY_TAG
 from trials.run import run_trial
-from trials.tracking import TRIAL_KEY_TAG, flat_params, trial_key
+from trials.tracking import flat_params, trial_key
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "e2e"

@@ -13,8 +13,9 @@ from ray.train import UserCallback
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.config import TrialConfig
+from trials.contract import FAILURE_TAG
 from trials.run import TrialStoppedError, run_trial
-from trials.tracking import FAILURE_TAG, default_tracking_uri
+from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,12 @@ RESULT_METRICS = (
 LMEVAL_PREFIX, LMEVAL_SUFFIX = "lmeval_", "_acc"
 
 
+def accuracy_metric(task: str) -> str:
+    """The metric of an lm-eval task's accuracy, ``lmeval_<task>_acc``."""
+    return f"{LMEVAL_PREFIX}{task}{LMEVAL_SUFFIX}"
+
+
 def is_accuracy(name: str) -> bool:
-    """An lm-eval task accuracy, ``lmeval_<task>_acc``."""
     return name.startswith(LMEVAL_PREFIX) and name.endswith(LMEVAL_SUFFIX)
 
 
