@@ -5,9 +5,10 @@ called ``TorchTrainer.fit()``. Ray Train V2's controller is an actor owned by th
 without running its shutdown, and the placement group of its workers outlives it: Ray removes a placement
 group only once both the actor that created it and that actor's job have exited, and the job is the sweep's
 driver. (Ray Train's own PlacementGroupCleaner would remove it, but it polls the controller through the State
-API, which needs the Ray dashboard that ``ray[tune,train]`` does not install.) So the Tune actor, before it
-exits, aborts its Train runs through the controller's ``abort``, the call TorchTrainer's own Ctrl-C handler
-makes: workers stopped, placement group removed, controller exited.
+API, which needs the Ray dashboard that ``ray[tune,train]`` does not install, and which it cannot find when
+several Ray instances run on one host.) So the Tune actor, before it exits, aborts its Train runs through
+the controller's ``abort``, the call TorchTrainer's own Ctrl-C handler makes: workers stopped, placement
+group removed, controller exited.
 """
 
 from __future__ import annotations
