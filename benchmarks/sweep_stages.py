@@ -40,8 +40,7 @@ from orchestrator.runner import run  # noqa: E402
 from orchestrator.sweep_config import SweepConfig  # noqa: E402
 from orchestrator.tracking import child_runs  # noqa: E402
 from reference.tokenizer import load_tokenizer  # noqa: E402
-from trials.cache import STAGES  # noqa: E402
-from trials.tracking import stage_tag  # noqa: E402
+from trials.contract import STAGES, stage_tag  # noqa: E402
 
 VOCAB = 4096
 

@@ -23,12 +23,31 @@ matplotlib.use("Agg")  # headless: the report runs on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from trials.cache import STAGES  # noqa: E402
-from trials.tracking import stage_tag  # noqa: E402
+from trials.contract import (  # noqa: E402
+    BITS_TAG,
+    FAMILY_TAG,
+    METHOD_TAG,
+    MODEL_SIZE_MB,
+    QUANTIZER_TAG,
+    RANK_TAG,
+    REPORT_TAGS,
+    SEED_TAG,
+    SIZE_TAG,
+    STAGES,
+    STOPPED_AT_STEP,
+    STOPPED_EARLY_TAG,
+    VAL_PPL,
+    VAL_PPL_FINAL,
+    VAL_PPL_INIT,
+    is_accuracy,
+    stage_saved_seconds,
+    stage_seconds,
+    stage_tag,
+)
 
 BASELINE = "gaussian"
-MODEL_KEYS = ["family", "size"]
-MATCH_KEYS = [*MODEL_KEYS, "rank", "seed"]  # from trial tags; the other swept fields come from run params
+MODEL_KEYS = [FAMILY_TAG, SIZE_TAG]
+MATCH_KEYS = [*MODEL_KEYS, RANK_TAG, SEED_TAG]  # from trial tags; the other swept fields come from run params
 METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-bit gaussian peers
 TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
 NA = "n/a"
@@ -40,6 +59,9 @@ class SweepReport:
     recovered: pd.DataFrame  # per model, method, rank: mean and std over seeds
     figures: dict[str, bytes]  # file name -> PNG
     stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cached stage: runs and seconds
+    stopped: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # trials the scheduler stopped: trial, step, val_ppl
 
     def markdown(self) -> str:
         parts = [
@@ -48,6 +70,8 @@ class SweepReport:
         ]
         if not self.stages.empty:
             parts.append(f"### {STAGES_TITLE}\n\n{self.stages.to_markdown(index=False, floatfmt='.1f')}")
+        if not self.stopped.empty:
+            parts.append(f"### {STOPPED_TITLE}\n\n{self.stopped.to_markdown(index=False, floatfmt='.3f')}")
         if self.recovered.empty:
             parts.append(
                 "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
@@ -68,6 +92,8 @@ class SweepReport:
             body += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="%.3f")]
         if not self.stages.empty:
             body += [f"<h2>{STAGES_TITLE}</h2>", self.stages.to_html(index=False, float_format="%.1f")]
+        if not self.stopped.empty:
+            body += [f"<h2>{STOPPED_TITLE}</h2>", self.stopped.to_html(index=False, float_format="%.3f")]
         body += [
             "<h2>Recovered fraction of the 4-to-8-bit gap</h2>",
             self.recovered.to_html(index=False, float_format="%.3f", na_rep=NA),
@@ -95,27 +121,30 @@ class SweepReport:
         return written
 
 
+STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
+
+
 def _accuracy(records: pd.DataFrame) -> pd.Series:
-    acc_cols = [c for c in records.columns if c.startswith("lmeval_") and c.endswith("_acc")]
+    acc_cols = [c for c in records.columns if is_accuracy(c)]
     return records[acc_cols].mean(axis=1) if acc_cols else pd.Series(float("nan"), index=records.index)
 
 
 def normalize(records: pd.DataFrame) -> pd.DataFrame:
     """Typed columns and one `accuracy` column (mean over lm-eval tasks)."""
     df = records.copy()
-    for col in ("bits", "rank", "seed"):
+    for col in (BITS_TAG, RANK_TAG, SEED_TAG):
         df[col] = pd.to_numeric(df[col]).astype(int)
-    for col in ("family", "size", "method"):
+    for col in (FAMILY_TAG, SIZE_TAG, METHOD_TAG):
         df[col] = df[col].astype(str)
-    if "quantizer" not in df:
-        df["quantizer"] = ""
+    if QUANTIZER_TAG not in df:
+        df[QUANTIZER_TAG] = ""
     df["accuracy"] = _accuracy(df)
     return df
 
 
 def method_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    cols = {"val_ppl_init": "ppl after init", "val_ppl_final": "ppl after fine-tuning",
-            "accuracy": "accuracy", "model_size_mb": "model MB"}  # fmt: skip
+    cols = {VAL_PPL_INIT: "ppl after init", VAL_PPL_FINAL: "ppl after fine-tuning",
+            "accuracy": "accuracy", MODEL_SIZE_MB: "model MB"}  # fmt: skip
     present = {k: v for k, v in cols.items() if k in df and df[k].notna().any()}
     tables = {}
     for (family, size, bits), group in df.groupby([*MODEL_KEYS, "bits"], sort=True):
@@ -165,8 +194,8 @@ def summarize_recovered(df: pd.DataFrame, keys: Sequence[str] = MATCH_KEYS) -> p
     parts = []
     # perplexity_init: the initialization's own share of the gap, before fine-tuning changes it.
     for value, label in (
-        ("val_ppl_final", "perplexity"),
-        ("val_ppl_init", "perplexity_init"),
+        (VAL_PPL_FINAL, "perplexity"),
+        (VAL_PPL_INIT, "perplexity_init"),
         ("accuracy", "accuracy"),
     ):
         if value not in df or df[value].isna().all():
@@ -213,17 +242,17 @@ def ppl_vs_rank_figure(df: pd.DataFrame):
     for ax, (family, size, bits) in zip(axes[0], panels, strict=True):
         model = df[(df.family == family) & (df["size"] == size)]
         for (method, quant), runs in model[model.bits == bits].groupby(["method", "quantizer"]):
-            mean = runs.groupby("rank")["val_ppl_final"].mean()
+            mean = runs.groupby(RANK_TAG)[VAL_PPL_FINAL].mean()
             ax.plot(mean.index, mean.values, marker="o", label=_line_label(method, quant))
         reference = model[model.bits == REFERENCE_BITS] if bits != REFERENCE_BITS else model.iloc[:0]
         for style, ((method, quant), runs) in zip(
             ["--", ":", "-."] * len(reference), reference.groupby(["method", "quantizer"]), strict=False
         ):
-            mean = runs.groupby("rank")["val_ppl_final"].mean()
+            mean = runs.groupby(RANK_TAG)[VAL_PPL_FINAL].mean()
             # a third of an octave either side of each rank (the rank axis is log2)
             ax.hlines(mean.values, mean.index * 2**-0.33, mean.index * 2**0.33, colors="black", linestyles=style,
                       label=f"{REFERENCE_BITS}-bit {_line_label(method, quant)}")  # fmt: skip
-        ranks = sorted(model["rank"].unique())
+        ranks = sorted(model[RANK_TAG].unique())
         ax.set(title=f"{family} {size}, {bits}-bit", xlabel="LoRA rank", ylabel="val ppl after fine-tuning")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -268,21 +297,26 @@ def stage_table(df: pd.DataFrame) -> pd.DataFrame:
                 "computed": int(computed.sum()),
                 "reused": int((status == "reused").sum()),
                 "skipped": int((status == "skipped").sum()),
-                "seconds computed": float(df.loc[computed, f"{stage}_seconds"].sum()),
-                "seconds saved": float(df[f"{stage}_saved_seconds"].fillna(0).sum()),
+                "seconds computed": float(df.loc[computed, stage_seconds(stage)].sum()),
+                "seconds saved": float(df[stage_saved_seconds(stage)].fillna(0).sum()),
             }
         )
     return pd.DataFrame(rows)
 
 
-def build_report(records: pd.DataFrame, swept: Sequence[str] = ()) -> SweepReport:
-    """`swept`: the sweep's grid-swept field paths; the recovered fraction matches runs on them (see match_keys)."""
+def build_report(
+    records: pd.DataFrame, swept: Sequence[str] = (), stopped: pd.DataFrame | None = None
+) -> SweepReport:
+    """`swept`: the sweep's grid-swept field paths; the recovered fraction matches runs on them (see match_keys).
+    `stopped`: the trials the scheduler stopped early (stopped_from_mlflow), listed apart."""
     df = normalize(records)
     recovered = summarize_recovered(df, match_keys(df, swept))
-    figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df["val_ppl_final"].notna().any() else {}
+    figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df[VAL_PPL_FINAL].notna().any() else {}
     if not recovered.empty and (recovered.metric == "perplexity").any():
         figures["recovered_per_family.png"] = plot_recovered(recovered)
-    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures, stages=stage_table(df))
+    stopped = pd.DataFrame() if stopped is None else stopped
+    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures, stopped=stopped,
+                       stages=stage_table(df))  # fmt: skip
 
 
 def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
@@ -295,13 +329,32 @@ def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
         if run.info.status != "FINISHED":
             continue
         tags = run.data.tags
-        row = {k: tags.get(k) for k in ("family", "size", "bits", "method", "rank", "seed", "quantizer")}
-        row["method"] = method_label(row["method"], run.data.params.get("init.options"))
+        row = {k: tags.get(k) for k in REPORT_TAGS}
+        row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
         row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
         row.update({k: v for k, v in run.data.params.items() if _under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def stopped_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
+    """One row per child run the scheduler stopped early: its name, the step it was stopped at and its last val_ppl."""
+    from orchestrator.tracking import child_runs
+
+    rows = [
+        {
+            "trial": run.info.run_name,
+            "stopped at step": run.data.metrics.get(STOPPED_AT_STEP),
+            f"last {VAL_PPL}": run.data.metrics.get(VAL_PPL),
+        }  # fmt: skip
+        for run in child_runs(client, parent_run_id)
+        if STOPPED_EARLY_TAG in run.data.tags
+    ]
+    if not rows:
+        return pd.DataFrame()
+    stopped = pd.DataFrame(rows).sort_values("trial", ignore_index=True)
+    return stopped.astype({"stopped at step": "Int64"})  # MLflow keeps metrics as floats
 
 
 def method_label(method: str | None, options_param: str | None) -> str | None:
@@ -319,9 +372,10 @@ def publish_report(client, state) -> str:
 
     swept = [path for path, domain in state.sweep_config().space.items() if isinstance(domain, GridDomain)]
     records = records_from_mlflow(client, state.parent_run_id, swept)
+    stopped = stopped_from_mlflow(client, state.parent_run_id)
     if records.empty:
-        return f"sweep {state.name!r}: no finished trials yet"
-    report = build_report(records, swept)
+        return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
+    report = build_report(records, swept, stopped)
     local = "://" not in state.path
     out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
     report.write(out_dir, title=f"quailora sweep {state.name}")

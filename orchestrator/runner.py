@@ -30,32 +30,22 @@ def prepare(sweep: SweepConfig, address: str | None) -> TrialMatrix:
     return matrix
 
 
-def _init_ray(address: str | None) -> None:
-    """Join `address`, or start a private local instance: a bare ray.init() would join a cluster that
-    RAY_ADDRESS names or that another process on this machine started."""
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
 def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *, resume: bool) -> int:
     """Run the Tuner under the parent MLflow run; returns the number of trials that ended in error."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import publish_report
-    from orchestrator.tracking import end_stopped_runs, ensure_parent_run, finish_parent
+    from orchestrator.tracking import ensure_parent_run, finish_parent
     from orchestrator.tuning import build_tuner, restore_tuner
+    from trials.run import ensure_ray
 
     client = MlflowClient(state.tracking_uri)
     state.parent_run_id = ensure_parent_run(
         client, state.name, state.tracking_uri, state.sweep, state.parent_run_id
     )
     state.save()
-    _init_ray(address)
+    connected = ensure_ray(address, log_to_driver=False)  # False: the caller's Ray (a test's), left running
     try:
         tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
         results = list(tuner.fit())
@@ -63,10 +53,9 @@ def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *
         finish_parent(client, state.parent_run_id, failed=True)
         raise
     finally:
-        ray.shutdown()
+        if connected:
+            ray.shutdown()
     errors = sum(r.error is not None for r in results)
-    ended = {r.metrics["trial_id"] for r in results if r.error is None and r.metrics}
-    end_stopped_runs(client, state.parent_run_id, ended)
     print(publish_report(client, state), flush=True)
     finish_parent(client, state.parent_run_id, failed=errors > 0)
     if errors:

@@ -7,10 +7,19 @@ from collections import Counter
 import pandas as pd
 
 from orchestrator.experiment import ExperimentState
+from trials.contract import STOPPED_EARLY_TAG
+
+STOPPED_EARLY = "STOPPED_EARLY"
+
+
+def _outcome(run) -> str:
+    """The run's MLflow status, except STOPPED_EARLY for a run the scheduler stopped (KILLED and tagged);
+    a KILLED run without the tag was interrupted with its sweep."""
+    return STOPPED_EARLY if STOPPED_EARLY_TAG in run.data.tags else run.info.status
 
 
 def _trial_counts(state: ExperimentState) -> dict[str, int]:
-    """MLflow child-run states of the sweep (the one record that survives a killed driver)."""
+    """Outcomes of the sweep's MLflow child runs (the one record that survives a killed driver)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import child_runs
@@ -18,7 +27,7 @@ def _trial_counts(state: ExperimentState) -> dict[str, int]:
     if not state.parent_run_id:
         return {}
     client = MlflowClient(state.tracking_uri)
-    return dict(Counter(run.info.status for run in child_runs(client, state.parent_run_id)))
+    return dict(Counter(_outcome(run) for run in child_runs(client, state.parent_run_id)))
 
 
 def experiments_table(storage_path: str) -> pd.DataFrame:
@@ -37,7 +46,8 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
                 "finished": counts.get("FINISHED", 0),
                 "running": counts.get("RUNNING", 0),
                 "failed": counts.get("FAILED", 0),
-                "stopped early": counts.get("KILLED", 0),  # by the scheduler (ASHA), see end_stopped_runs
+                "stopped early": counts.get(STOPPED_EARLY, 0),  # by the scheduler (ASHA)
+                "interrupted": counts.get("KILLED", 0),  # with their sweep; `quailora resume` continues them
                 "path": state.path,
             }
         )

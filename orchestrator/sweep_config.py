@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from quailora.errors import QuailoraInputError
 from trials.config import read_yaml_file
+from trials.contract import STEP, VAL_PPL, VAL_PPL_FINAL
 
 # Relative to the working directory; the one default of storage_path, tracking_uri and every --storage.
 DEFAULT_STORAGE = "runs"
@@ -105,9 +106,9 @@ CATEGORICAL_DOMAINS = (GridDomain, ChoiceDomain)
 class AshaSpec(_Strict):
     """Asynchronous successive halving at the trial's eval points, measured in optimizer steps."""
 
-    metric: str = "val_ppl"  # reported at every eval point (train.eval_every), unlike the final sweep metric
-    # Every report carries "step"; Tune's training_iteration would also count checkpoint-only reports.
-    time_attr: str = "step"
+    metric: str = VAL_PPL  # reported at every eval point (train.eval_every), unlike the final sweep metric
+    # Every report carries the step; Tune's training_iteration would also count checkpoint-only reports.
+    time_attr: str = STEP
     max_t: int = Field(100, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
@@ -117,7 +118,7 @@ class SearchSpec(_Strict):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     # Grid: repetitions of the whole grid. Random/Optuna: number of samples drawn.
     num_samples: int = Field(1, ge=1)
-    metric: str = "val_ppl_final"
+    metric: str = VAL_PPL_FINAL
     mode: Literal["min", "max"] = "min"
     # None: as many trials at once as the cluster's CPUs (GPUs) hold.
     max_concurrent_trials: int | None = Field(None, ge=1)

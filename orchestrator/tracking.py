@@ -10,10 +10,8 @@ import json
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG
 from trials.tracking import PARENT_TAG, ensure_experiment
-
-TRIAL_ID_TAG = "tune_trial_id"
-STOPPED_EARLY_TAG = "quailora.stopped_early"
 
 
 def ensure_parent_run(
@@ -37,22 +35,20 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
     )
 
 
-def end_stopped_runs(client: MlflowClient, parent_run_id: str, trial_ids: set[str]) -> int:
-    """KILLED, tagged stopped early: the runs of trials the scheduler (ASHA) stopped.
-
-    Tune stops such a trial by killing its driver mid-training, so nothing in the trial ends its run;
-    `trial_ids` are Tune trials that ended without error, so any of their runs still RUNNING was stopped.
-    Returns how many runs were ended.
-    """
-    stopped = [
-        run
-        for run in child_runs(client, parent_run_id)
-        if run.info.status == "RUNNING" and run.data.tags.get(TRIAL_ID_TAG) in trial_ids
-    ]
-    for run in stopped:
-        client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(stopped)
+def mark_stopped_early(client: MlflowClient, parent_run_id: str, trial_id: str, step: int | None) -> bool:
+    """End the run of a trial the sweep's scheduler (ASHA) stopped: KILLED, tagged stopped early, with the step
+    of the result it was stopped on (its metrics so far stay). False if the trial has no run yet."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if not runs:
+        return False
+    run_id = runs[0].info.run_id
+    client.set_tag(run_id, STOPPED_EARLY_TAG, "true")
+    if step is not None:
+        client.log_metric(run_id, STOPPED_AT_STEP, step, step=int(step))
+    client.set_terminated(run_id, status="KILLED")
+    return True
 
 
 def finish_parent(client: MlflowClient, parent_run_id: str, *, failed: bool) -> None:

@@ -2,7 +2,9 @@
 
 Ray 2.60 runs Ray Train V2: the Tune trial is a light function ("driver") that starts a TorchTrainer
 whose workers reserve their own resources, so the driver asks only for `driver_cpus` and the
-concurrency limit keeps the cluster from being oversubscribed by waiting trainers.
+concurrency limit keeps the cluster from being oversubscribed by waiting trainers. When Tune stops a
+trial (ASHA prunes it, or the sweep ends), the driver aborts its Train run before its actor exits
+(`trials/train_runs.py` says why Ray would not release the run's placement group otherwise).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.result import DONE
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.trainable import wrap_function
 
 from orchestrator.expand import TrialMatrix, TrialPoint
 from orchestrator.experiment import ExperimentState
@@ -29,6 +34,7 @@ from orchestrator.sweep_config import (
     UniformDomain,
 )
 from quailora.errors import QuailoraInputError
+from trials.contract import SEED_TAG, STEP, TRIAL_ID_TAG, VAL_PPL_FINAL
 
 # Tune domain per sampled sweep domain; categorical choices travel as indices (Optuna needs plain values).
 TUNE_DOMAINS: dict[type, Callable[[Any], Any]] = {
@@ -64,28 +70,74 @@ def trial_driver(
     """One Tune trial: run (or, after a retry, continue) the trial and report its final metrics to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.tracking import TRIAL_ID_TAG
-    from trials.run import run_trial
+    from trials.run import TrialAbortedError, run_trial
 
     trial_id = tune.get_context().get_trial_id()
     values = decode_sampled(sampled, config)
     trial = points[config["point"]].trial_config(values)
     if values:  # sampled trials share a grid name; the Tune id tells them apart
         trial.name = f"{trial.name}_{trial_id}"
-    trial.tags = {**trial.tags, TRIAL_ID_TAG: trial_id, "seed": str(trial.seed)}
+    trial.tags = {**trial.tags, TRIAL_ID_TAG: trial_id, SEED_TAG: str(trial.seed)}
 
     # A retry or resume reaches the same MLflow run (and Train checkpoint): run_trial keys them by the
     # trial's config, which the stable Tune trial id in its tags makes unique to this trial.
-    metrics = run_trial(
-        trial,
-        tracking_uri=state["tracking_uri"],
-        experiment_name=state["name"],
-        storage_path=f"{state['storage_path'].rstrip('/')}/{state['name']}/train",
-        parent_run_id=state["parent_run_id"],
-        callbacks=[TuneReportCallback()],
-        cache_path=state["cache_path"],
-    )
+    try:
+        metrics = run_trial(
+            trial,
+            tracking_uri=state["tracking_uri"],
+            experiment_name=state["name"],
+            storage_path=f"{state['storage_path'].rstrip('/')}/{state['name']}/train",
+            parent_run_id=state["parent_run_id"],
+            callbacks=[TuneReportCallback()],
+            cache_path=state["cache_path"],
+        )
+    except TrialAbortedError:
+        return  # Tune is stopping this trial (StopTrainRuns.cleanup aborted its Train run); nothing to report
     tune.report(metrics)
+
+
+def _discard_pending_report() -> None:
+    """Ray's TuneReportCallback hands each Train report to the trial's actor through a queue of one item, which
+    Tune stops reading once it stops the trial; the Train controller would block on its next report there and
+    never get to its abort."""
+    from ray.train._internal.session import get_session
+    from ray.util.queue import Empty
+
+    queue = get_session()._inter_actor_queue  # the queue TuneReportCallback puts into
+    if queue is not None:
+        with suppress(Empty):
+            queue.get_nowait()
+
+
+class StopTrainRuns:
+    """Tune trainable mixin: before Tune ends a trial's actor, abort the Train runs it started, so their
+    workers and placement group are released (see trials/train_runs.py)."""
+
+    def cleanup(self) -> None:
+        from trials.train_runs import abort_train_runs
+
+        abort_train_runs(while_waiting=_discard_pending_report)
+        super().cleanup()
+
+
+class StoppedEarlyCallback(tune.Callback):
+    """Records, when Tune's scheduler (ASHA) stops a trial, its MLflow run as KILLED and stopped early, with the
+    step of the result it stopped on; before the trial's actor is stopped, so a sweep interrupted meanwhile
+    still knows the trial was stopped (a resume then does not train it again)."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str) -> None:
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if not result.get(DONE):  # Tune marks the result it stops a trial on done; a finished trial's last
+            return  # result reaches callbacks without it
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.tracking import mark_stopped_early
+
+        mark_stopped_early(
+            MlflowClient(self.tracking_uri), self.parent_run_id, trial.trial_id, result.get(STEP)
+        )
 
 
 class ProgressCallback(tune.Callback):
@@ -93,6 +145,7 @@ class ProgressCallback(tune.Callback):
 
     def __init__(self, names: list[str], total: int, every_s: float = 30.0) -> None:
         self.names, self.total, self.every_s, self._last, self._done = names, total, every_s, 0.0, 0
+        self._stopped: set[str] = set()
 
     def _say(self, text: str) -> None:
         print(f"[quailora {time.strftime('%H:%M:%S')}] {text}", file=sys.stdout, flush=True)
@@ -100,13 +153,19 @@ class ProgressCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._say(f"started  {trial.trial_id} {self.names[trial.config['point']]}")
 
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get(DONE):  # the scheduler stops the trial on this result (see StoppedEarlyCallback)
+            self._stopped.add(trial.trial_id)
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._done += 1
-        ppl = (trial.last_result or {}).get("val_ppl_final")
-        shown = f" val_ppl_final={ppl:.3f}" if isinstance(ppl, float) else ""
-        self._say(
-            f"finished {trial.trial_id} {self.names[trial.config['point']]}{shown} ({self._done}/{self.total} this session)"
-        )
+        name, last = self.names[trial.config["point"]], trial.last_result or {}
+        if trial.trial_id in self._stopped:
+            what, shown = "stopped ", f" early at {STEP} {last.get(STEP)}"
+        else:
+            ppl = last.get(VAL_PPL_FINAL)
+            what, shown = "finished", f" {VAL_PPL_FINAL}={ppl:.3f}" if isinstance(ppl, float) else ""
+        self._say(f"{what} {trial.trial_id} {name}{shown} ({self._done}/{self.total} this session)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(f"error    {trial.trial_id}: {trial.error_file or 'see logs'}")
@@ -224,7 +283,17 @@ def make_trainable(matrix: TrialMatrix, state: ExperimentState):
             "cache_path": matrix.sweep.resolved_cache_path(),
         },
     )
-    return tune.with_resources(driver, {**matrix.sweep.driver_resources, "cpu": matrix.sweep.driver_cpus})
+    # Tune's function trainable, with a cleanup that aborts the trial's Train run first.
+    trainable = type("TrialDriver", (StopTrainRuns, wrap_function(driver)), {})
+    return tune.with_resources(trainable, {**matrix.sweep.driver_resources, "cpu": matrix.sweep.driver_cpus})
+
+
+def _callbacks(matrix: TrialMatrix, state: ExperimentState) -> list[tune.Callback]:
+    # StoppedEarlyCallback first: the progress line of a stopped trial comes after its run is marked.
+    return [
+        StoppedEarlyCallback(state.tracking_uri, state.parent_run_id),
+        ProgressCallback([p.name for p in matrix.points], matrix.num_trials),
+    ]
 
 
 def _trial_dirname(trial) -> str:
@@ -252,7 +321,7 @@ def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
             name=sweep.name,
             storage_path=state.storage_path,
             failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
-            callbacks=[ProgressCallback([p.name for p in matrix.points], matrix.num_trials)],
+            callbacks=_callbacks(matrix, state),
             verbose=0,
         ),
     )

@@ -34,9 +34,10 @@ from quailora.qalora.compressed import save_compressed
 from quailora.qalora.layer import quantize_model_groupwise
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.adapters import build_adapter
+from trials.contract import BASE_ARTIFACT
 from trials.export import LOAD_FILE, README_FILE
 from trials.quantized_model import load_quantized_model
-from trials.tracking import BASE_ARTIFACT, default_tracking_uri, flat_params
+from trials.tracking import default_tracking_uri, flat_params
 from trials.validation import validate_trial
 
 # Relative max error of an export's logits against the trial's probe logits. Stock bitsandbytes on a

@@ -35,6 +35,7 @@ SHIPPED_SWEEPS = {
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
 }
 SHIPPED_TRIALS = {"trial_micro"}
+SHIPPED_EXAMPLES = {"asha_micro"}  # sweeps that show a feature rather than compare methods
 
 
 def _sweep(**fields) -> SweepConfig:
@@ -247,7 +248,7 @@ def test_json_schema_export_has_domains():
 
 
 def test_every_shipped_config_is_tested():
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SHIPPED_SWEEPS) | SHIPPED_TRIALS
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SHIPPED_SWEEPS) | SHIPPED_TRIALS | SHIPPED_EXAMPLES
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_SWEEPS))
@@ -259,6 +260,12 @@ def test_shipped_sweeps_fit_and_compare_each_method_with_both_baselines(name):
     assert {m for _, m in methods} == SHIPPED_SWEEPS[name]
     # The recovered fraction needs the 4-bit and 8-bit gaussian runs; 8 bits is only the baseline.
     assert (4, "gaussian") in methods and {m for bits, m in methods if bits == 8} == {"gaussian"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_EXAMPLES))
+def test_shipped_example_sweeps_fit(name):
+    planned = plan_trials(expand(load_sweep(CONFIGS / f"{name}.yaml")))
+    assert planned and all(p.fits for p in planned)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_TRIALS))

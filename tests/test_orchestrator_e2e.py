@@ -1,10 +1,11 @@
-"""End to end on the micro reference model: a two-trial sweep, and resume after the driver is killed.
+"""End to end on the micro reference model: a two-trial sweep, an ASHA sweep, and resume after the driver is killed.
 
 Real trials (quantized micro llama, DeepSpeed on Ray Train, MLflow in SQLite); slow on 2 cores.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -14,13 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
-from trials.tracking import stage_tag
+from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRAIN_LOSS, VAL_PPL, stage_tag
+from trials.run import ensure_ray
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +36,19 @@ MICRO_BASE = {
 }
 
 
-def _sweep(tmp_path: Path, name: str, space: dict, **extra) -> str:
-    sweep = {"name": name, "base": MICRO_BASE, "space": space, "driver_cpus": 0.05, **extra}
+def _sweep(tmp_path: Path, name: str, space: dict, base: dict = MICRO_BASE, **extra) -> str:
+    sweep = {"name": name, "base": base, "space": space, "driver_cpus": 0.05, **extra}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray for this module's in-process sweeps: `run` and `resume` use a Ray they find and leave it running."""
+    assert ensure_ray(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 STARTED = "] started "  # ProgressCallback's line when Tune starts a trial
@@ -51,7 +62,7 @@ def _children(state: ExperimentState):
     return child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
 
 
-def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeypatch, capsys):
+def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeypatch, capsys, local_ray):
     monkeypatch.chdir(tmp_path)
     config = _sweep(tmp_path, "e2e", {"init.method": {"grid": ["gaussian", "quailora"]}})
     assert main(["run", config]) == 0
@@ -93,6 +104,71 @@ def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeyp
     assert STARTED not in capsys.readouterr().out  # Tune restored both trials as finished and started none
     after = {r.info.run_id: r.info.end_time for r in _children(state)}
     assert after == before  # the same two runs, neither ended again
+
+
+def _live_placement_groups() -> list[dict]:
+    """Placement groups Ray still holds (or is placing), from the GCS: Tune's per-trial ones and Train's worker groups."""
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def _set_tune_status(experiment_dir: str, trial_id: str, status: str) -> None:
+    """Rewrite one trial's status in Tune's saved experiment state, as if the sweep had stopped before Tune saved it."""
+    (path,) = Path(experiment_dir).glob("experiment_state-*.json")
+    state = json.loads(path.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial["trial_id"] == trial_id:
+            trial["status"] = status
+            entry[0] = json.dumps(trial)
+    path.write_text(json.dumps(state))
+
+
+def test_asha_sweep_stops_a_trial_cleanly_and_resume_does_not_train_it_again(
+    tmp_path, monkeypatch, capsys, local_ray
+):
+    """Issue 18, one trial at a time, the better learning rate first: ASHA stops the second at its grace period,
+    step 4 (at step 2, one step after the warmup step, the adapters have barely moved and the trials tie)."""
+    monkeypatch.chdir(tmp_path)
+    base = {**MICRO_BASE, "train": {**MICRO_BASE["train"], "max_steps": 8, "eval_every": 2}}
+    asha = {"max_t": 8, "grace_period": 4, "reduction_factor": 2}
+    config = _sweep(tmp_path, "asha", {"train.learning_rate": {"grid": [3e-3, 1e-6]}}, base=base,
+                    search={"max_concurrent_trials": 1, "asha": asha})  # fmt: skip
+    assert main(["run", config]) == 0  # the sweep finishes
+    out = capsys.readouterr().out
+    state = ExperimentState.load("asha")
+    client = MlflowClient(state.tracking_uri)
+    runs = {r.data.tags["tune_trial_id"]: r for r in _children(state)}
+    (best,) = (r for r in runs.values() if r.info.status == "FINISHED")
+    assert best.data.params["train.learning_rate"] == "0.003"
+    ((trial_id, stopped),) = ((t, r) for t, r in runs.items() if STOPPED_EARLY_TAG in r.data.tags)
+    assert f"stopped  {trial_id}" in out and "Stopped early by the scheduler" in out  # progress line, report
+    assert stopped.info.status == "KILLED" and stopped.data.metrics[STOPPED_AT_STEP] == 4  # not FAILED
+    kept = client.get_metric_history(stopped.info.run_id, VAL_PPL)  # its partial metrics
+    assert 4 in {m.step for m in kept}
+
+    # The stopped trial's Train run gave its workers' placement group back: with no trial left running,
+    # Ray holds no placement group, and all of the cluster's CPUs are free again.
+    assert _live_placement_groups() == []
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+    while ray.available_resources().get("CPU") != total and time.monotonic() < deadline:
+        time.sleep(0.5)  # the driver's view of free resources follows the node's next report
+    assert ray.available_resources().get("CPU") == total
+
+    assert main(["status"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| asha " in line)
+    # finished, running, failed, stopped early, interrupted
+    assert [cell.strip() for cell in row.split("|")[3:8]] == ["1", "0", "0", "1", "0"]
+
+    # Interrupted while the trial was being stopped: Tune's saved state still has it running.
+    _set_tune_status(state.path, trial_id, "RUNNING")
+    steps = [m.step for m in client.get_metric_history(stopped.info.run_id, TRAIN_LOSS)]
+    assert main(["resume", "asha"]) == 0
+    (restarted,) = _started_lines(capsys.readouterr().out)
+    assert trial_id in restarted  # Tune starts it again, and it returns without training:
+    again = client.get_run(stopped.info.run_id)
+    assert (again.info.status, again.info.end_time) == ("KILLED", stopped.info.end_time)
+    assert [m.step for m in client.get_metric_history(stopped.info.run_id, TRAIN_LOSS)] == steps
+    assert _live_placement_groups() == []
 
 
 def test_resume_after_driver_is_killed(tmp_path):

@@ -9,7 +9,8 @@ from orchestrator.experiment import ExperimentState
 from orchestrator.report import publish_report
 from orchestrator.status import experiments_table
 from orchestrator.sweep_config import SweepConfig
-from orchestrator.tracking import STOPPED_EARLY_TAG, TRIAL_ID_TAG, end_stopped_runs, ensure_parent_run
+from orchestrator.tracking import ensure_parent_run, mark_stopped_early
+from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_PPL
 from trials.tracking import PARENT_TAG
 
 
@@ -26,20 +27,27 @@ def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
 
     def child(trial_id: str, status: str | None = None) -> str:
         run = client.create_run(experiment_id, tags={PARENT_TAG: state.parent_run_id, TRIAL_ID_TAG: trial_id})
+        client.log_metric(run.info.run_id, VAL_PPL, 50.0, step=10)
         if status:
             client.set_terminated(run.info.run_id, status=status)
         return run.info.run_id
 
-    stopped, finished, errored = child("a"), child("b", "FINISHED"), child("c")
-    # Tune ended a and b without error; c errored (Tune retries it on resume), so its run is left alone.
-    assert end_stopped_runs(client, state.parent_run_id, {"a", "b"}) == 1
-    runs = {rid: client.get_run(rid) for rid in (stopped, finished, errored)}
+    stopped, finished, running, interrupted = (
+        child("a"),
+        child("b", "FINISHED"),
+        child("c"),
+        child("d", "KILLED"),
+    )
+    assert mark_stopped_early(client, state.parent_run_id, "a", 10)
+    assert not mark_stopped_early(client, state.parent_run_id, "no-such-trial", 10)
+    runs = {rid: client.get_run(rid) for rid in (stopped, finished, running, interrupted)}
     assert runs[stopped].info.status == "KILLED" and runs[stopped].data.tags[STOPPED_EARLY_TAG] == "true"
-    assert runs[finished].info.status == "FINISHED" and STOPPED_EARLY_TAG not in runs[finished].data.tags
-    assert runs[errored].info.status == "RUNNING"
+    assert runs[stopped].data.metrics == {VAL_PPL: 50.0, STOPPED_AT_STEP: 10}  # its partial metrics stay
+    assert all(STOPPED_EARLY_TAG not in runs[r].data.tags for r in (finished, running, interrupted))
 
     (row,) = experiments_table(str(tmp_path)).to_dict("records")
-    assert (row["finished"], row["running"], row["failed"], row["stopped early"]) == (1, 1, 0, 1)
+    counts = ("finished", "running", "failed", "stopped early", "interrupted")
+    assert tuple(row[c] for c in counts) == (1, 1, 0, 1, 1)
 
 
 def test_published_report_matches_runs_on_their_swept_params(tmp_path):
@@ -54,23 +62,28 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
     state.parent_run_id = ensure_parent_run(client, state.name, state.tracking_uri, state.sweep, None)
     experiment_id = client.get_run(state.parent_run_id).info.experiment_id
 
-    def child(method: str, bits: int, alpha: str, ppl: float, status: str = "FINISHED") -> None:
+    def child(method: str, bits: int, alpha: str, ppl: float, trial_id: str = "") -> None:
         quantizer = "nf4" if bits == 4 else "int8"
         tags = {PARENT_TAG: state.parent_run_id, "family": "llama", "size": "1M", "bits": str(bits),
-                "method": method, "rank": "8", "seed": "0", "quantizer": quantizer}  # fmt: skip
-        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+                "method": method, "rank": "8", "seed": "0", "quantizer": quantizer, TRIAL_ID_TAG: trial_id}  # fmt: skip
+        run_id = client.create_run(experiment_id, tags=tags, run_name=f"{method}_{bits}_{alpha}").info.run_id
         for key, value in {"lora.alpha": alpha, "init.method": method, "quant.method": quantizer}.items():
             client.log_param(run_id, key, value)
-        client.log_metric(run_id, "val_ppl_final", ppl)
-        client.set_terminated(run_id, status=status)
+        if trial_id:  # a trial the scheduler stops while it runs: partial metrics only
+            client.log_metric(run_id, VAL_PPL, ppl, step=3)
+            assert mark_stopped_early(client, state.parent_run_id, trial_id, 3)
+        else:
+            client.log_metric(run_id, "val_ppl_final", ppl)
+            client.set_terminated(run_id, status="FINISHED")
 
     for alpha, (p4, p8, quail) in {"16": (20.0, 10.0, 15.0), "32": (10.0, 10.0, 9.0)}.items():
         child("gaussian", 4, alpha, p4)
         child("gaussian", 8, alpha, p8)
         child("quailora", 4, alpha, quail)
-    child("quailora", 4, "16", 1.0, status="KILLED")  # stopped early: not a result
+    child("quailora", 4, "16", 1.0, trial_id="t1")  # stopped early: listed apart, not a result
 
     text = publish_report(client, state)
+    assert "Stopped early by the scheduler" in text and "| quailora_4_16 |                 3 |" in text
     assert "| perplexity | llama    | 1M     | quailora |      8 |           16 |            0.500 |" in text
     assert "| perplexity | llama    | 1M     | quailora |      8 |           32 |          n/a     |" in text
     metrics = client.get_run(state.parent_run_id).data.metrics

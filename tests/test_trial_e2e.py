@@ -25,8 +25,9 @@ from quailora.base_layers import exact_cpu_4bit
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
+from trials.contract import TRIAL_KEY_TAG, stage_param, stage_tag
 from trials.run import run_trial
-from trials.tracking import TRIAL_KEY_TAG, flat_params, stage_param, stage_tag, trial_key
+from trials.tracking import flat_params, trial_key
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "e2e"

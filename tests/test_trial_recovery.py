@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
-from trials.cache import STAGES
 from trials.config import TrialConfig
+from trials.contract import FAILURE_TAG, STAGES, stage_tag
 from trials.run import TrialStoppedError, run_trial
-from trials.tracking import FAILURE_TAG, default_tracking_uri, stage_tag
+from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.contract import STOPPED_EARLY_TAG, VAL_PPL, VAL_PPL_INIT
+from trials.run import run_trial
 from trials.tracking import PARENT_TAG, default_tracking_uri, find_run, open_trial_run, trial_key
 from trials.worker import _peak_memory_mb, _reset_peak_memory
 
@@ -36,3 +39,30 @@ def test_peak_memory_phase_starts_after_a_reset():
     init_peak = _peak_memory_mb(cpu)
     _reset_peak_memory(cpu)
     assert init_peak - _peak_memory_mb(cpu) > 200
+
+
+def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(tmp_path):
+    """What a resumed sweep does with a trial whose stop its Tune state missed: the run stays as it ended."""
+    config = micro_trial_config(make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path))
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("x")
+    parent = client.create_run(experiment_id).info.run_id
+    run_id = open_trial_run(client, experiment_id, config, {}, parent).info.run_id
+    client.log_metric(run_id, VAL_PPL_INIT, 9.0, step=0)
+    client.log_metric(run_id, VAL_PPL, 7.0, step=4)
+    client.set_tag(run_id, STOPPED_EARLY_TAG, "true")
+    client.set_terminated(run_id, status="KILLED")
+    stopped = client.get_run(run_id)
+
+    metrics = run_trial(
+        config,
+        tracking_uri=uri,
+        experiment_name="x",
+        storage_path=str(tmp_path / "ray"),
+        parent_run_id=parent,
+    )
+    assert metrics == {VAL_PPL_INIT: 9.0}  # its recorded result metrics, without training
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
+    again = client.get_run(run_id)
+    assert (again.info.status, again.info.end_time) == ("KILLED", stopped.info.end_time)

@@ -31,8 +31,8 @@ from typing import Any, Literal, Protocol
 from filelock import FileLock, Timeout
 
 from quailora.errors import QuailoraInputError
+from trials.contract import STAGES
 
-STAGES = ("quantize", "calibrate", "initialize")
 INPUTS_FILE = "inputs.json"
 META_FILE = "meta.json"
 LAST_USED_FILE = ".last_used"  # its mtime is the entry's last use

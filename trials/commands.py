@@ -36,7 +36,7 @@ def run_trial_command(args: argparse.Namespace) -> int:
     validate_trial(config)  # bad input (an unsupported architecture, ...) exits 2 before Ray starts
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    ensure_ray(args.ray_address, args.num_cpus)
+    ensure_ray(args.ray_address, num_cpus=args.num_cpus)
     try:
         metrics = run_trial(
             config,

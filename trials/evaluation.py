@@ -7,6 +7,7 @@ import functools
 from torch import nn
 
 from quailora.errors import QuailoraInputError
+from trials.contract import accuracy_metric
 
 
 def lm_eval_tasks(names: list[str]):
@@ -56,7 +57,7 @@ def lm_eval_accuracies(
     if results is None:  # lm-eval hands its results only to the process with LOCAL_RANK 0
         return {}
     return {
-        f"lmeval_{task}_acc": float(values["acc,none"])
+        accuracy_metric(task): float(values["acc,none"])
         for task, values in results["results"].items()
         if "acc,none" in values
     }

@@ -46,15 +46,13 @@ from quailora.qalora.merge import merge_qalora
 from quailora.registry import Registry
 from reference.cache import resolve_model
 from trials.config import TrialConfig
+from trials.contract import ADAPTER_ARTIFACT, BASE_ARTIFACT, DEEPSPEED_ARTIFACT, PROBE_ARTIFACT, PROBE_LOGITS
 from trials.quantized_model import load_quantized_model
-from trials.tracking import BASE_ARTIFACT, config_from_params
+from trials.tracking import config_from_params
 
 LOAD_FILE = "load.json"
 README_FILE = "README.md"
 PROBE_FILE = "probe.safetensors"
-ADAPTER_ARTIFACT = "adapter"
-PROBE_ARTIFACT = "probe/logits.safetensors"  # what trials/worker.py logs at the end of a trial
-DEEPSPEED_ARTIFACT = "deepspeed_config.json"
 CPU = torch.device("cpu")
 
 
@@ -73,7 +71,7 @@ class TrialRun:
 
     @property
     def probe(self) -> Path:
-        return self.artifacts / PROBE_ARTIFACT
+        return self.artifacts / PROBE_ARTIFACT / PROBE_LOGITS
 
     @property
     def qalora(self) -> bool:
@@ -93,14 +91,14 @@ def fetch_run(tracking_uri: str, run_id: str, dest: Path) -> TrialRun:
     if run.info.status != "FINISHED":
         raise QuailoraInputError(f"run {run_id!r}: status {run.info.status}, only finished trials export")
     names = {f.path for f in client.list_artifacts(run_id)}
-    if not {ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT} <= names:
+    if not {ADAPTER_ARTIFACT, PROBE_ARTIFACT, DEEPSPEED_ARTIFACT} <= names:
         raise QuailoraInputError(
             f"run {run_id!r}: artifacts {sorted(names)} lack adapter/, probe/ or {DEEPSPEED_ARTIFACT}; "
             "is it a trial's run (not a sweep's parent run)?"
         )
     config = config_from_params(run.data.params)
     check_base_exportable(config)  # before any download
-    wanted = [ADAPTER_ARTIFACT, "probe", DEEPSPEED_ARTIFACT]
+    wanted = [ADAPTER_ARTIFACT, PROBE_ARTIFACT, DEEPSPEED_ARTIFACT]
     if changes_base(config.init.method):
         if BASE_ARTIFACT not in names:
             raise QuailoraInputError(

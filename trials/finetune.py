@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trials.config import TrialConfig
+from trials.contract import STEP, TRAIN_LOSS, VAL_PPL
 from trials.deepspeed_config import deepspeed_config, warmup_scheduler
 
 CHECKPOINT_TAG = "trial"
@@ -96,7 +97,7 @@ def report_checkpoint(engine, progress: TrainProgress, metrics: dict[str, float]
             tmp, tag=CHECKPOINT_TAG, client_state=asdict(progress), exclude_frozen_parameters=True
         )
         ray.train.report(
-            {**metrics, "step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+            {**metrics, STEP: progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
         )
 
 
@@ -158,14 +159,14 @@ def fine_tune(
         if not math.isfinite(train_loss):
             result.stop_reason = f"non-finite loss: train_loss={train_loss} at step {step}"
             return result
-        values = {"train_loss": train_loss, "learning_rate": learning_rate}
+        values = {TRAIN_LOSS: train_loss, "learning_rate": learning_rate}
         if train.eval_every and step % train.eval_every == 0:
-            values["val_ppl"] = evaluate(engine.module)
+            values[VAL_PPL] = evaluate(engine.module)
         log(values, step)
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
             report_checkpoint(engine, progress, values)
-        elif "val_ppl" in values and step < train.max_steps:
+        elif VAL_PPL in values and step < train.max_steps:
             # Eval points reach Ray Tune, whose ASHA stops trials on val_ppl. Not the last step: the final
             # report follows at once, and ASHA would stop a trial whose step reached max_t before it.
-            ray.train.report({**values, "step": step})
+            ray.train.report({**values, STEP: step})
     return result

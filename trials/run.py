@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,54 +11,39 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from trials.cache import STAGES
 from trials.config import TrialConfig
-from trials.tracking import (
-    FAILURE_TAG,
-    ensure_experiment,
-    mark_failed,
-    open_trial_run,
-    trial_key,
-    trial_tags,
-)
+from trials.contract import FAILURE_TAG, STOPPED_EARLY_TAG, is_result_metric
+from trials.tracking import ensure_experiment, mark_failed, open_trial_run, trial_key, trial_tags
+from trials.train_runs import train_run
 from trials.validation import validate_trial
 from trials.worker import train_trial
-
-# The metrics a trial returns (the sweep report reads these names), plus any lmeval_<task>_acc.
-RESULT_METRICS = (
-    "val_ppl_init",
-    "val_ppl_final",
-    *(f"{stage}_{kind}" for stage in STAGES for kind in ("seconds", "saved_seconds")),
-    "train_seconds",
-    "tokens_per_second",
-    "init_peak_memory_mb",
-    "train_peak_memory_mb",
-    "model_size_mb",
-)
 
 
 class TrialStoppedError(RuntimeError):
     """The trial stopped itself (e.g. a non-finite loss); the reason is on its MLflow run."""
 
 
+class TrialAbortedError(RuntimeError):
+    """This process aborted the trial's Train run (Tune stopped the trial); its MLflow run ended KILLED."""
+
+
 def _result_metrics(metrics: dict) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if (k in RESULT_METRICS or (k.startswith("lmeval_") and k.endswith("_acc"))) and v is not None
-    }
+    return {k: float(v) for k, v in metrics.items() if is_result_metric(k) and v is not None}
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (else RAY_ADDRESS) if given, otherwise start a private local instance: a bare
-    ray.init() would join whichever cluster another process on this machine started last."""
+def ensure_ray(
+    address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True
+) -> bool:
+    """Join the cluster at ``address``, or start a private local instance (a bare ray.init() would join a
+    cluster that RAY_ADDRESS names or that another process on this machine started). Returns False when Ray
+    was already initialized here (then the caller did not connect it and must not shut it down)."""
     if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
+        return False
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    return True
 
 
 def private_cache_path(storage_path: str, run_name: str) -> Path:
@@ -107,38 +91,47 @@ def run_trial(
         client, experiment_id, config, trial_tags(config, plan.model_type, plan.num_parameters), parent_run_id
     )
     run_id = run.info.run_id
-    if run.info.status == "FINISHED":
+    if run.info.status == "FINISHED" or STOPPED_EARLY_TAG in run.data.tags:
         return _result_metrics(run.data.metrics)
 
     storage_path = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     run_name = f"{config.name}_{trial_key(config)}"
     ensure_ray()
-    trainer = TorchTrainer(
-        train_trial,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "checkpoint": str(plan.checkpoint),
-            "target_names": plan.target_names,
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "cache_path": str(cache_path or private_cache_path(storage_path, run_name)),
-        },
-        scaling_config=scaling_config(config),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        mark_failed(client, run_id, f"{type(err).__name__}: {err}")
-        raise
-    reason = client.get_run(run_id).data.tags.get(FAILURE_TAG)  # set by rank 0 when the trial stops itself
-    if reason:
-        raise TrialStoppedError(f"trial {config.name!r} stopped: {reason}")
-    client.set_terminated(run_id, status="FINISHED")
+
+    def killed() -> None:  # the run's end when this process aborts it, unless the run already ended
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+
+    with train_run(on_abort=killed) as handle:
+        trainer = TorchTrainer(
+            train_trial,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "checkpoint": str(plan.checkpoint),
+                "target_names": plan.target_names,
+                "tracking_uri": tracking_uri,
+                "run_id": run_id,
+                "cache_path": str(cache_path or private_cache_path(storage_path, run_name)),
+            },
+            scaling_config=scaling_config(config),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                callbacks=[handle.callback, *callbacks],  # the handoff first: before Tune sees any report
+                failure_config=FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            if handle.aborted:
+                raise TrialAbortedError(f"trial {config.name!r}: Train run aborted") from err
+            mark_failed(client, run_id, f"{type(err).__name__}: {err}")
+            raise
+    tags = client.get_run(run_id).data.tags
+    if tags.get(FAILURE_TAG):  # set by rank 0 when the trial stops itself
+        raise TrialStoppedError(f"trial {config.name!r} stopped: {tags[FAILURE_TAG]}")
+    if STOPPED_EARLY_TAG not in tags:  # the scheduler's stop came as the trial finished: it stays stopped
+        client.set_terminated(run_id, status="FINISHED")
     return _result_metrics(result.metrics)

@@ -15,16 +15,23 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from trials.config import TrialConfig
+from trials.contract import (
+    BITS_TAG,
+    FAILURE_TAG,
+    FAMILY_TAG,
+    METHOD_TAG,
+    QUANTIZER_TAG,
+    RANK_TAG,
+    SIZE_TAG,
+    STOPPED_EARLY_TAG,
+    TRIAL_KEY_TAG,
+    TRIAL_NAME_TAG,
+)
 
 if TYPE_CHECKING:  # mlflow is imported where a run is touched: `quailora plan` needs only the paths here
     from mlflow.tracking import MlflowClient
 
-TRIAL_KEY_TAG = "quailora.trial_key"
-FAILURE_TAG = "quailora.failure_reason"
-PARENT_TAG = "mlflow.parentRunId"
-STAGE_TAG_PREFIX = "quailora.stage."  # + stage: computed, reused or skipped
-STAGE_KEY_PREFIX = "stage_key."  # + stage: the param holding the stage's cache key
-BASE_ARTIFACT = "base_residuals"  # methods that change the base: Q = quant(W − L·R) per changed layer
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own
 _BATCH = 100  # MLflow's log_batch limit on params per call
 
 
@@ -102,13 +109,13 @@ def _size_label(num_parameters: int) -> str:
 
 def trial_tags(config: TrialConfig, family: str, num_parameters: int) -> dict[str, str]:
     return {
-        "family": family,
-        "size": _size_label(num_parameters),
-        "bits": str(config.quant.bits),
-        "quantizer": config.quant.method,
-        "method": config.init.method,
-        "rank": str(config.lora.rank),
-        "trial_name": config.name,
+        FAMILY_TAG: family,
+        SIZE_TAG: _size_label(num_parameters),
+        BITS_TAG: str(config.quant.bits),
+        QUANTIZER_TAG: config.quant.method,
+        METHOD_TAG: config.init.method,
+        RANK_TAG: str(config.lora.rank),
+        TRIAL_NAME_TAG: config.name,
         **config.tags,
     }
 
@@ -131,13 +138,16 @@ def open_trial_run(
     tags: dict[str, str],
     parent_run_id: str | None,
 ):
-    """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run."""
+    """Reuse this trial's run if there is one, else create it with every param and tag. Returns the run.
+
+    A reused run is set RUNNING again, unless it finished or the sweep's scheduler stopped it (both stay as
+    they are: the trial does not run again)."""
     from mlflow.entities import RunStatus
 
     key = trial_key(config)
     run = find_run(client, experiment_id, key, parent_run_id)
     if run is not None:
-        if run.info.status != "FINISHED":
+        if run.info.status != "FINISHED" and STOPPED_EARLY_TAG not in run.data.tags:
             if FAILURE_TAG in run.data.tags:  # an earlier attempt's reason does not apply to this one
                 client.delete_tag(run.info.run_id, FAILURE_TAG)
             client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -165,11 +175,3 @@ def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:
 
     client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
     client.set_terminated(run_id, status="FAILED")
-
-
-def stage_tag(stage: str) -> str:
-    return f"{STAGE_TAG_PREFIX}{stage}"
-
-
-def stage_param(stage: str) -> str:
-    return f"{STAGE_KEY_PREFIX}{stage}"

@@ -30,14 +30,28 @@ from trials import stages
 from trials.adapters import build_adapter
 from trials.cache import StageCache, StageOutcome
 from trials.config import TrialConfig
+from trials.contract import (
+    ADAPTER_ARTIFACT,
+    BASE_ARTIFACT,
+    DEEPSPEED_ARTIFACT,
+    MODEL_SIZE_MB,
+    PROBE_ARTIFACT,
+    PROBE_LOGITS,
+    STOPPED_AT_STEP,
+    VAL_PPL_FINAL,
+    VAL_PPL_INIT,
+    stage_param,
+    stage_saved_seconds,
+    stage_seconds,
+    stage_tag,
+)
 from trials.deepspeed_config import use_bf16
 from trials.evaluation import lm_eval_accuracies
 from trials.finetune import fine_tune, report_checkpoint
 from trials.quantized_model import serialized_size_mb
 from trials.sources import load_texts, token_blocks
-from trials.tracking import BASE_ARTIFACT, log_metrics, mark_failed, stage_param, stage_tag
+from trials.tracking import log_metrics, mark_failed
 
-PROBE_ARTIFACT = "probe"  # input ids and logits of the final model, to check a reloaded adapter against
 STOP_METRIC = "stopped_nonfinite_loss"
 
 
@@ -103,8 +117,8 @@ def stage_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
     """Seconds each stage took in this trial, and the compute seconds a reused entry saved it."""
     values = {}
     for outcome in outcomes:
-        values[f"{outcome.stage}_seconds"] = outcome.seconds
-        values[f"{outcome.stage}_saved_seconds"] = outcome.saved_seconds
+        values[stage_seconds(outcome.stage)] = outcome.seconds
+        values[stage_saved_seconds(outcome.stage)] = outcome.saved_seconds
     return values
 
 
@@ -145,8 +159,8 @@ def _save_adapter_and_probe(
             if dist.get_rank() == 0:
                 model.save_pretrained(f"{tmp}/adapter", safe_serialization=True)
                 Path(f"{tmp}/probe").mkdir()
-                save_file({"input_ids": probe_ids.cpu(), "logits": logits}, f"{tmp}/probe/logits.safetensors")
-        tracker.artifacts(f"{tmp}/adapter", "adapter")
+                save_file({"input_ids": probe_ids.cpu(), "logits": logits}, f"{tmp}/probe/{PROBE_LOGITS}")
+        tracker.artifacts(f"{tmp}/adapter", ADAPTER_ARTIFACT)
         tracker.artifacts(f"{tmp}/probe", PROBE_ARTIFACT)
 
 
@@ -188,8 +202,8 @@ def train_trial(loop_config: dict) -> None:
     def evaluate(module) -> float:
         return perplexity(module, data.validation, config.train.batch_size, device, data.validation_labels)
 
-    summary: dict[str, float] = {**stage_metrics(outcomes), "model_size_mb": model_size_mb}
-    summary["val_ppl_init"] = evaluate(model)
+    summary: dict[str, float] = {**stage_metrics(outcomes), MODEL_SIZE_MB: model_size_mb}
+    summary[VAL_PPL_INIT] = evaluate(model)
     summary["init_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
@@ -203,12 +217,12 @@ def train_trial(loop_config: dict) -> None:
         bf16,
         log=tracker.metrics,
         evaluate=evaluate,
-        log_config=lambda resolved: tracker.json_artifact("deepspeed_config.json", resolved),
+        log_config=lambda resolved: tracker.json_artifact(DEEPSPEED_ARTIFACT, resolved),
     )
     engine, progress = tuned.engine, tuned.progress
     summary["resumed_from_step"] = tuned.resumed_from_step
     if tuned.stop_reason:
-        summary.update({STOP_METRIC: 1.0, "stopped_at_step": progress.step})
+        summary.update({STOP_METRIC: 1.0, STOPPED_AT_STEP: progress.step})
         tracker.metrics({STOP_METRIC: 1.0}, progress.step)
         tracker.failed(tuned.stop_reason)
         ray.train.report(summary)  # no checkpoint: the weights are not finite any more
@@ -217,7 +231,7 @@ def train_trial(loop_config: dict) -> None:
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     if config.eval.perplexity:
-        summary["val_ppl_final"] = evaluate(engine.module)
+        summary[VAL_PPL_FINAL] = evaluate(engine.module)
     if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
         accuracies = [
             lm_eval_accuracies(
