@@ -146,6 +146,16 @@ def _token(path: str, value: Any) -> str:
     return f"{path.rsplit('.', 1)[-1]}={_shown(path, value)}".replace("\n", " ")
 
 
+def sampled_trial_name(point_name: str, sweep_name: str, sampled: Mapping[str, Any]) -> str:
+    """A sampled trial's name: its grid name (left out when nothing in the grid varies, so it is the sweep's)
+    and each sampled value, floats to 3 significant digits: 'rank=8_learning_rate=0.000316'."""
+    tokens = [] if point_name == sweep_name and sampled else [point_name]
+    tokens += [
+        _token(path, f"{value:.3g}" if isinstance(value, float) else value) for path, value in sampled.items()
+    ]
+    return "_".join(tokens)
+
+
 def _corner_values(domain: Any) -> list[Any]:
     """Values that bound a sampled domain, used to validate before anything runs."""
     if isinstance(domain, GridDomain):

@@ -1,18 +1,17 @@
-"""Sweep report: tables per model and bit width, the recovered fraction of the 4-to-8-bit gap, plots, one HTML page.
+"""Sweep report: tables per model and bit width, every 4-bit arm against 4-bit and 8-bit QLoRA paired by seed
+(orchestrator/comparison.py), learning curves, plots, one HTML page.
 
-recovered = (p4 - p4m) / (p4 - p8) with p4 the 4-bit gaussian (QLoRA) value, p4m another 4-bit method
-and p8 the 8-bit gaussian value (methods.md), matched on model, rank, seed and every other grid-swept
-field except the method's own (init.*, quant.*); n/a where p4 == p8. The same ratio with accuracies.
-Sampled (random/Optuna) fields differ per trial, so they are not matched. Works on a plain records
-table so it can be tested without MLflow or Ray.
+Works on a plain records table (and a table of learning curves) so it can be tested without MLflow or Ray.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,22 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the report runs on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from orchestrator.comparison import (  # noqa: E402
+    ARM,
+    LEARNING_RATE,
+    MATCH_KEYS,
+    MODEL_KEYS,
+    choose_learning_rate,
+    comparison_metrics,
+    final_perplexity,
+    match_keys,
+    paired_comparison,
+    under,
+)
+from orchestrator.curves import PLATEAU_TOLERANCE, PLATEAU_WINDOW, mean_curves, plateau  # noqa: E402
+from orchestrator.paired import LEVEL  # noqa: E402
 from trials.contract import (  # noqa: E402
     BITS_TAG,
     FAMILY_TAG,
@@ -34,8 +48,10 @@ from trials.contract import (  # noqa: E402
     SEED_TAG,
     SIZE_TAG,
     STAGES,
+    STEP,
     STOPPED_AT_STEP,
     STOPPED_EARLY_TAG,
+    TEST_PPL_FINAL,
     VAL_PPL,
     VAL_PPL_FINAL,
     VAL_PPL_INIT,
@@ -45,59 +61,87 @@ from trials.contract import (  # noqa: E402
     stage_tag,
 )
 
-BASELINE = "gaussian"
-MODEL_KEYS = [FAMILY_TAG, SIZE_TAG]
-MATCH_KEYS = [*MODEL_KEYS, RANK_TAG, SEED_TAG]  # from trial tags; the other swept fields come from run params
-METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-bit gaussian peers
-TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
 NA = "n/a"
+CHOSEN_TITLE = "Learning rate per arm, chosen on validation (lowest mean val_ppl_final over seeds)"
+STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
+PLATEAU_TITLE = (
+    f"Plateau: val ppl improved by < {100 * PLATEAU_TOLERANCE:g} % over the last {PLATEAU_WINDOW} steps"
+)
+STAGES_TITLE = "Cached stages: computed once per key, reused by every other trial"
+PER_VALUE_TITLE = "Paired comparison at each learning rate (every arm at the same rate)"
+PAIRED_NOTE = (
+    f"Δ = arm - QLoRA baseline, paired by seed: mean difference with its {100 * LEVEL:g} % paired-t interval. "
+    f"recovered = mean(p4 - arm) / mean(p4 - p8) with Fieller's {100 * LEVEL:g} % interval (unbounded when the "
+    "4-to-8-bit gap itself is not distinguishable from 0). The last column names the intervals that contain 0."
+)
+
+
+NO_BASELINES = "(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
 
 
 @dataclass
 class SweepReport:
-    tables: dict[str, pd.DataFrame]  # title -> per (method, rank) table
-    recovered: pd.DataFrame  # per model, method, rank: mean and std over seeds
+    tables: dict[str, pd.DataFrame]  # title -> per (method, rank, other swept field) table
+    recovered: pd.DataFrame  # the main paired comparison (comparison.paired_comparison), numeric
     figures: dict[str, bytes]  # file name -> PNG
+    recovered_title: str = "Paired comparison by seed"
+    # With a learning rate chosen per arm: the rates chosen, and the comparison at each rate as well.
+    chosen: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_value: pd.DataFrame = field(default_factory=pd.DataFrame)
+    plateau: pd.DataFrame = field(default_factory=pd.DataFrame)  # per arm: did its learning curve flatten
     stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cached stage: runs and seconds
     stopped: pd.DataFrame = field(
         default_factory=pd.DataFrame
-    )  # trials the scheduler stopped: trial, step, val_ppl
+    )  # stopped by the scheduler: trial, step, val_ppl
+
+    def sections(self) -> list[tuple[str, pd.DataFrame | str, str]]:
+        """(title, table or text, float format) in reading order; empty tables left out."""
+        parts: list[tuple[str, pd.DataFrame | str, str]] = [
+            (t, table, ".3f") for t, table in self.tables.items()
+        ]
+        parts.append((CHOSEN_TITLE, self.chosen, ".3f"))
+        if self.recovered.empty:
+            parts.append((self.recovered_title, NO_BASELINES, ""))
+        else:
+            parts.append((self.recovered_title, comparison_display(self.recovered), ""))
+        if not self.per_value.empty:
+            parts.append((PER_VALUE_TITLE, comparison_display(self.per_value), ""))
+        parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
+                  (STOPPED_TITLE, self.stopped, ".3f")]  # fmt: skip
+        return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
+
+    def _note(self, title: str) -> str:
+        return (
+            PAIRED_NOTE
+            if title in (self.recovered_title, PER_VALUE_TITLE) and not self.recovered.empty
+            else ""
+        )
 
     def markdown(self) -> str:
-        parts = [
-            f"### {title}\n\n{table.to_markdown(index=False, floatfmt='.3f')}"
-            for title, table in self.tables.items()
-        ]
-        if not self.stages.empty:
-            parts.append(f"### {STAGES_TITLE}\n\n{self.stages.to_markdown(index=False, floatfmt='.1f')}")
-        if not self.stopped.empty:
-            parts.append(f"### {STOPPED_TITLE}\n\n{self.stopped.to_markdown(index=False, floatfmt='.3f')}")
-        if self.recovered.empty:
-            parts.append(
-                "### Recovered fraction of the 4-to-8-bit gap\n\n(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
-            )
-        else:
-            parts.append(
-                "### Recovered fraction of the 4-to-8-bit gap\n\n"
+        parts = []
+        for title, content, fmt in self.sections():
+            if isinstance(content, pd.DataFrame):
                 # tabulate writes missingval only for None, not NaN
-                + self.recovered.astype(object)
-                .where(self.recovered.notna(), None)
-                .to_markdown(index=False, floatfmt=".3f", missingval=NA)
-            )
+                shown = content.astype(object).where(content.notna(), None)
+                formats = [
+                    "g" if "." in str(c) or not fmt else fmt for c in content.columns
+                ]  # fields as they are
+                content = shown.to_markdown(index=False, floatfmt=formats, missingval=NA)
+            note = self._note(title)
+            parts.append(f"### {title}\n\n{note + chr(10) * 2 if note else ''}{content}")
         return "\n\n".join(parts)
 
     def html(self, title: str) -> str:
         body = [f"<h1>{html.escape(title)}</h1>"]
-        for name, table in self.tables.items():
-            body += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="%.3f")]
-        if not self.stages.empty:
-            body += [f"<h2>{STAGES_TITLE}</h2>", self.stages.to_html(index=False, float_format="%.1f")]
-        if not self.stopped.empty:
-            body += [f"<h2>{STOPPED_TITLE}</h2>", self.stopped.to_html(index=False, float_format="%.3f")]
-        body += [
-            "<h2>Recovered fraction of the 4-to-8-bit gap</h2>",
-            self.recovered.to_html(index=False, float_format="%.3f", na_rep=NA),
-        ]
+        for name, content, fmt in self.sections():
+            body.append(f"<h2>{html.escape(name)}</h2>")
+            if self._note(name):
+                body.append(f"<p>{html.escape(self._note(name))}</p>")
+            if isinstance(content, str):
+                body.append(f"<p>{html.escape(content)}</p>")
+            else:
+                body.append(content.to_html(index=False, na_rep=NA,
+                                            float_format=lambda v, f=fmt: format(v, f or "g")))  # fmt: skip
         for name, png in self.figures.items():
             data = base64.b64encode(png).decode()
             body.append(
@@ -121,7 +165,35 @@ class SweepReport:
         return written
 
 
-STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
+def _params_shown(content: pd.DataFrame | str) -> pd.DataFrame | str:
+    """Field columns ('train.learning_rate') at full precision: the tables' fixed 3 decimals would show 1e-4 as 0."""
+    if isinstance(content, str):
+        return content
+    params = [c for c in content.columns if "." in c and pd.api.types.is_float_dtype(content[c])]
+    return content.assign(**{c: content[c].map(lambda v: NA if pd.isna(v) else f"{v:g}") for c in params})
+
+
+def _interval(estimate: float, lo: float, hi: float) -> str:
+    if math.isnan(estimate):
+        return NA
+    if math.isnan(lo):
+        return f"{estimate:.3f} (one seed: no interval)"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{estimate:.3f} [unbounded]"
+    return f"{estimate:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparison as a reader sees it: each estimate with its interval in one cell."""
+    numeric = {f"{name}{suffix}" for name in ("vs4", "vs8", "recovered") for suffix in ("", "_lo", "_hi")}
+    shown = comparison[[c for c in comparison.columns if c not in numeric and c != "straddles_0"]].copy()
+    for name, title in (("vs4", "Δ vs 4-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered")):
+        shown[title] = [
+            _interval(*values)
+            for values in comparison[[name, f"{name}_lo", f"{name}_hi"]].itertuples(index=False)
+        ]
+    shown["CI contains 0"] = comparison["straddles_0"]
+    return shown
 
 
 def _accuracy(records: pd.DataFrame) -> pd.Series:
@@ -130,7 +202,7 @@ def _accuracy(records: pd.DataFrame) -> pd.Series:
 
 
 def normalize(records: pd.DataFrame) -> pd.DataFrame:
-    """Typed columns and one `accuracy` column (mean over lm-eval tasks)."""
+    """Typed columns, one `accuracy` column (mean over lm-eval tasks), and numeric field params as numbers."""
     df = records.copy()
     for col in (BITS_TAG, RANK_TAG, SEED_TAG):
         df[col] = pd.to_numeric(df[col]).astype(int)
@@ -138,79 +210,29 @@ def normalize(records: pd.DataFrame) -> pd.DataFrame:
         df[col] = df[col].astype(str)
     if QUANTIZER_TAG not in df:
         df[QUANTIZER_TAG] = ""
+    params = [c for c in df.columns if "." in c and not pd.api.types.is_numeric_dtype(df[c])]
+    for (
+        col
+    ) in params:  # field params as logged ('train.learning_rate': '0.001'); numbers sort and plot as such
+        with contextlib.suppress(ValueError, TypeError):  # not a number: kept as logged
+            df[col] = pd.to_numeric(df[col])
     df["accuracy"] = _accuracy(df)
     return df
 
 
-def method_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    cols = {VAL_PPL_INIT: "ppl after init", VAL_PPL_FINAL: "ppl after fine-tuning",
-            "accuracy": "accuracy", MODEL_SIZE_MB: "model MB"}  # fmt: skip
+def method_tables(df: pd.DataFrame, extra: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
+    """Per model and bit width: the mean over seeds per method, quantizer, rank and other swept field."""
+    cols = {VAL_PPL_INIT: "val ppl after init", VAL_PPL_FINAL: "val ppl after fine-tuning",
+            TEST_PPL_FINAL: "test ppl after fine-tuning", "accuracy": "accuracy",
+            MODEL_SIZE_MB: "model MB"}  # fmt: skip
     present = {k: v for k, v in cols.items() if k in df and df[k].notna().any()}
     tables = {}
-    for (family, size, bits), group in df.groupby([*MODEL_KEYS, "bits"], sort=True):
-        table = group.groupby(["method", "quantizer", "rank"], as_index=False).agg(
-            seeds=("seed", "nunique"), **{label: (col, "mean") for col, label in present.items()}
-        )
+    for (family, size, bits), group in df.groupby([*MODEL_KEYS, BITS_TAG], sort=True):
+        table = group.groupby(
+            [METHOD_TAG, QUANTIZER_TAG, RANK_TAG, *extra], as_index=False, dropna=False
+        ).agg(seeds=(SEED_TAG, "nunique"), **{label: (col, "mean") for col, label in present.items()})
         tables[f"{family} {size}, {bits}-bit"] = table
     return tables
-
-
-def _under(param: str, paths: Sequence[str]) -> bool:
-    return any(param == p or param.startswith(p + ".") for p in paths)
-
-
-def match_keys(df: pd.DataFrame, swept: Sequence[str]) -> list[str]:
-    """MATCH_KEYS plus the columns of the other grid-swept fields (`swept` paths), except the method's own."""
-    extra = [
-        c
-        for c in df.columns
-        if _under(c, swept) and c.split(".")[0] not in METHOD_SECTIONS and c not in TAGGED_PARAMS
-    ]
-    return [*MATCH_KEYS, *extra]
-
-
-def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
-    """(p4 - p4m) / (p4 - p8) per combination of `keys` and method, from column `value`; NaN where p4 == p8."""
-    keys = list(keys)
-    base4 = df[(df.bits == 4) & (df.method == BASELINE)]
-    base8 = df[(df.bits == 8) & (df.method == BASELINE)]
-    base4 = base4.groupby([*keys, "quantizer"], as_index=False)[value].mean()
-    base8 = base8.groupby(keys, as_index=False)[value].mean().rename(columns={value: "p8"})
-    others = df[(df.bits == 4) & (df.method != BASELINE)][[*keys, "quantizer", "method", value]]
-    # Same 4-bit quantizer as the method when the sweep has it (QA-LoRA's INT4), otherwise any 4-bit gaussian run.
-    same = others.merge(base4.rename(columns={value: "p4"}), on=[*keys, "quantizer"], how="left")
-    any4 = base4.groupby(keys, as_index=False)[value].mean().rename(columns={value: "p4_any"})
-    merged = same.merge(any4, on=keys, how="left").merge(base8, on=keys, how="inner")
-    merged["p4"] = merged["p4"].fillna(merged["p4_any"])
-    merged = merged.dropna(subset=["p4", "p8", value])
-    gap = merged["p4"] - merged["p8"]
-    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(gap != 0)  # no gap: nothing to recover
-    return merged[[*keys, "method", "p4", value, "p8", "recovered"]]
-
-
-def summarize_recovered(df: pd.DataFrame, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
-    """Mean and std over seeds of the recovered fraction, per model, method, rank and other matched field."""
-    by = [*MODEL_KEYS, "method", *(k for k in keys if k not in (*MODEL_KEYS, "seed"))]
-    parts = []
-    # perplexity_init: the initialization's own share of the gap, before fine-tuning changes it.
-    for value, label in (
-        (VAL_PPL_FINAL, "perplexity"),
-        (VAL_PPL_INIT, "perplexity_init"),
-        ("accuracy", "accuracy"),
-    ):
-        if value not in df or df[value].isna().all():
-            continue
-        per_seed = recovered_fraction(df, value, keys)
-        if per_seed.empty:
-            continue
-        summary = per_seed.groupby(by, as_index=False, dropna=False).agg(
-            recovered_mean=("recovered", "mean"),
-            recovered_std=("recovered", "std"),
-            seeds=("seed", "nunique"),
-        )
-        summary.insert(0, "metric", label)
-        parts.append(summary)
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def _png(fig) -> bytes:
@@ -223,14 +245,19 @@ def _png(fig) -> bytes:
 REFERENCE_BITS = 8  # the upper end of the gap: drawn on the lower-bit panels of the same model
 
 
-def _line_label(method: str, quantizer: str) -> str:
-    return f"{method} ({quantizer})" if quantizer else method
+def _line_label(method: str, quantizer: str, extra: dict | None = None) -> str:
+    label = f"{method} ({quantizer})" if quantizer else method
+    return " ".join([label, *(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else
+                              f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (extra or {}).items())])  # fmt: skip
 
 
-def ppl_vs_rank_figure(df: pd.DataFrame):
-    """One panel per model and bit width below 8: perplexity after fine-tuning against rank, with the 8-bit runs
-    of the same model drawn on the same axes as a dashed segment per rank, so the 4-to-8-bit gap reads off
-    one axis. A model with only 8-bit runs keeps its own panel. Constrained layout keeps labels apart."""
+def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
+    """One panel per model and bit width below 8: perplexity after fine-tuning against rank (test split when
+    the runs have it), one line per method, quantizer and other swept field (`extra`), with the 8-bit runs of
+    the same model drawn on the same axes as a dashed segment per rank, so the 4-to-8-bit gap reads off one
+    axis. A model with only 8-bit runs keeps its own panel. Constrained layout keeps labels apart."""
+    value, split = final_perplexity(df)
+    lines = [METHOD_TAG, QUANTIZER_TAG, *extra]
     panels = sorted(df[df.bits != REFERENCE_BITS].groupby([*MODEL_KEYS, "bits"]).groups)
     models = {p[:2] for p in panels}
     panels += sorted(
@@ -241,19 +268,23 @@ def ppl_vs_rank_figure(df: pd.DataFrame):
     )
     for ax, (family, size, bits) in zip(axes[0], panels, strict=True):
         model = df[(df.family == family) & (df["size"] == size)]
-        for (method, quant), runs in model[model.bits == bits].groupby(["method", "quantizer"]):
-            mean = runs.groupby(RANK_TAG)[VAL_PPL_FINAL].mean()
-            ax.plot(mean.index, mean.values, marker="o", label=_line_label(method, quant))
+        for (method, quant, *values), runs in model[model.bits == bits].groupby(lines, dropna=False):
+            mean = runs.groupby(RANK_TAG)[value].mean()
+            label = _line_label(method, quant, dict(zip(extra, values, strict=True)))
+            ax.plot(mean.index, mean.values, marker="o", label=label)
         reference = model[model.bits == REFERENCE_BITS] if bits != REFERENCE_BITS else model.iloc[:0]
-        for style, ((method, quant), runs) in zip(
-            ["--", ":", "-."] * len(reference), reference.groupby(["method", "quantizer"]), strict=False
+        for style, ((method, quant, *values), runs) in zip(
+            ["--", ":", "-."] * len(reference), reference.groupby(lines, dropna=False), strict=False
         ):
-            mean = runs.groupby(RANK_TAG)[VAL_PPL_FINAL].mean()
+            mean = runs.groupby(RANK_TAG)[value].mean()
+            label = _line_label(method, quant, dict(zip(extra, values, strict=True)))
             # a third of an octave either side of each rank (the rank axis is log2)
             ax.hlines(mean.values, mean.index * 2**-0.33, mean.index * 2**0.33, colors="black", linestyles=style,
-                      label=f"{REFERENCE_BITS}-bit {_line_label(method, quant)}")  # fmt: skip
+                      label=f"{REFERENCE_BITS}-bit {label}")  # fmt: skip
         ranks = sorted(model[RANK_TAG].unique())
-        ax.set(title=f"{family} {size}, {bits}-bit", xlabel="LoRA rank", ylabel="val ppl after fine-tuning")
+        ax.set(
+            title=f"{family} {size}, {bits}-bit", xlabel="LoRA rank", ylabel=f"{split} ppl after fine-tuning"
+        )
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
@@ -261,14 +292,10 @@ def ppl_vs_rank_figure(df: pd.DataFrame):
     return fig
 
 
-def plot_ppl_vs_rank(df: pd.DataFrame) -> bytes:
-    return _png(ppl_vs_rank_figure(df))
-
-
-def plot_recovered(summary: pd.DataFrame) -> bytes:
-    ppl = summary[summary.metric == "perplexity"]
+def plot_recovered(comparison: pd.DataFrame) -> bytes:
+    ppl = comparison[comparison.metric == "perplexity"]
     per_family = ppl.groupby(["family", "method"], as_index=False).agg(
-        mean=("recovered_mean", "mean"), std=("recovered_mean", "std")
+        mean=("recovered", "mean"), std=("recovered", "std")
     )
     pivot_mean = per_family.pivot(index="family", columns="method", values="mean")
     pivot_std = per_family.pivot(index="family", columns="method", values="std").fillna(0)
@@ -279,7 +306,55 @@ def plot_recovered(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-STAGES_TITLE = "Cached stages: computed once per key, reused by every other trial"
+def _arm_label(bits: int, method: str, quantizer: str, rate=None) -> str:
+    rate = "" if rate is None else f", lr {rate:g}" if isinstance(rate, float) else f", lr {rate}"
+    return f"{bits}-bit {_line_label(method, quantizer)}{rate}"
+
+
+def curve_panels(keys: Sequence[str]) -> list[str]:
+    """What a learning-curve panel holds fixed: model, rank and every other swept field but seed and learning
+    rate (an arm's curve is at the rate it is shown at)."""
+    return [k for k in keys if k not in (SEED_TAG, LEARNING_RATE)]
+
+
+def learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Mean val_ppl over seeds per step, per panel and arm (and learning rate, when swept)."""
+    rate = [LEARNING_RATE] if LEARNING_RATE in keys else []
+    return mean_curves(curves, runs, [*curve_panels(keys), *ARM, *rate])
+
+
+def plateau_table(mean: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Per panel and arm: plateau() of its mean learning curve."""
+    by = [c for c in mean.columns if c not in (STEP, VAL_PPL)]
+    rows = [
+        {**dict(zip(by, group, strict=True)), **plateau(curve.set_index(STEP)[VAL_PPL])}
+        for group, curve in mean.groupby(by, dropna=False, sort=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
+    """Validation perplexity against optimizer step, one panel per model, rank and other swept field, one line
+    per arm (at its shown learning rate), log scale: the first eval points sit far above the rest."""
+    panels = curve_panels(keys)
+    groups = list(mean.groupby(panels, dropna=False, sort=True))
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False, layout="constrained"
+    )
+    rate = LEARNING_RATE in mean.columns
+    for ax, (panel, rows) in zip(axes[0], groups, strict=True):
+        for arm, curve in rows.groupby([*ARM, *([LEARNING_RATE] if rate else [])], dropna=False, sort=True):
+            style = "--" if arm[0] == REFERENCE_BITS else "-"
+            ax.plot(curve[STEP], curve[VAL_PPL], style, marker=".", label=_arm_label(*arm))
+        shown = dict(zip(panels, panel, strict=True))
+        title = f"{shown.pop(FAMILY_TAG)} {shown.pop(SIZE_TAG)}, rank {shown.pop(RANK_TAG)}"
+        title += "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items())
+        ax.set(title=title, xlabel="optimizer step", ylabel="val ppl (mean over seeds)", yscale="log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30 rather than 2×10¹
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+    return fig
 
 
 def stage_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -305,18 +380,43 @@ def stage_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_report(
-    records: pd.DataFrame, swept: Sequence[str] = (), stopped: pd.DataFrame | None = None
+    records: pd.DataFrame,
+    swept: Sequence[str] = (),
+    stopped: pd.DataFrame | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> SweepReport:
-    """`swept`: the sweep's grid-swept field paths; the recovered fraction matches runs on them (see match_keys).
-    `stopped`: the trials the scheduler stopped early (stopped_from_mlflow), listed apart."""
+    """`swept`: the sweep's swept and sampled field paths; runs that differ in one are never averaged together
+    (comparison.match_keys). `stopped`: the trials the scheduler stopped early (stopped_from_mlflow), listed
+    apart. `curves`: (run_id, step, val_ppl) rows (curves.curves_from_mlflow) for the learning curves."""
     df = normalize(records)
-    recovered = summarize_recovered(df, match_keys(df, swept))
-    figures = {"ppl_vs_rank.png": plot_ppl_vs_rank(df)} if df[VAL_PPL_FINAL].notna().any() else {}
+    keys = match_keys(df, swept)
+    extra = keys[len(MATCH_KEYS) :]
+    shown, chosen, per_value = df, pd.DataFrame(), pd.DataFrame()
+    title = f"Paired comparison by seed ({final_perplexity(df)[1]} split)"
+    if LEARNING_RATE in keys:  # each arm at its own rate; the same-rate comparison kept below it
+        shown, chosen = choose_learning_rate(df, keys)
+        per_value = paired_comparison(df, keys, comparison_metrics(df, selected=False))
+        recovered = paired_comparison(shown, [k for k in keys if k != LEARNING_RATE],
+                                      comparison_metrics(df, selected=True))  # fmt: skip
+        title = "Paired comparison by seed, each arm at its learning rate chosen on validation (test split)"
+    else:
+        recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
+    figures = {}
+    if shown[final_perplexity(shown)[0]].notna().any():
+        figures["ppl_vs_rank.png"] = _png(ppl_vs_rank_figure(shown, [k for k in extra if k != LEARNING_RATE]))
     if not recovered.empty and (recovered.metric == "perplexity").any():
         figures["recovered_per_family.png"] = plot_recovered(recovered)
-    stopped = pd.DataFrame() if stopped is None else stopped
-    return SweepReport(tables=method_tables(df), recovered=recovered, figures=figures, stopped=stopped,
-                       stages=stage_table(df))  # fmt: skip
+    plateaus = pd.DataFrame()
+    if curves is not None and not curves.empty:
+        mean = learning_curves(shown, curves, keys)
+        if not mean.empty:
+            figures["learning_curves.png"] = _png(learning_curves_figure(mean, keys))
+            plateaus = plateau_table(mean, keys)
+    return SweepReport(
+        tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
+        chosen=chosen, plateau=plateaus, figures=figures, stages=stage_table(df),
+        stopped=pd.DataFrame() if stopped is None else stopped,
+    )  # fmt: skip
 
 
 def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
@@ -332,7 +432,7 @@ def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
         row = {k: tags.get(k) for k in REPORT_TAGS}
         row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
         row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
-        row.update({k: v for k, v in run.data.params.items() if _under(k, swept)})
+        row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -368,27 +468,27 @@ def publish_report(client, state) -> str:
     """Build the report from the sweep's MLflow child runs, write it next to the experiment, log it to the parent run."""
     import tempfile
 
-    from orchestrator.sweep_config import GridDomain
+    from orchestrator.curves import curves_from_mlflow
 
-    swept = [path for path, domain in state.sweep_config().space.items() if isinstance(domain, GridDomain)]
+    swept = list(state.sweep_config().space)  # grid and sampled fields alike: never averaged over
     records = records_from_mlflow(client, state.parent_run_id, swept)
     stopped = stopped_from_mlflow(client, state.parent_run_id)
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
-    report = build_report(records, swept, stopped)
+    report = build_report(records, swept, stopped, curves_from_mlflow(client, records))
     local = "://" not in state.path
     out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
     report.write(out_dir, title=f"quailora sweep {state.name}")
     client.log_artifacts(state.parent_run_id, str(out_dir), artifact_path="report")
-    extra = match_keys(records, swept)[len(MATCH_KEYS) :]
+    extra = [k for k in match_keys(normalize(records), swept)[len(MATCH_KEYS) :] if k in report.recovered]
     for row in report.recovered.to_dict("records"):
-        if pd.isna(row["recovered_mean"]):  # no 4-to-8-bit gap: n/a in the report, no metric
+        if pd.isna(row["recovered"]):  # no 4-to-8-bit gap: n/a in the report, no metric
             continue
         key = f"recovered_{row['metric']}_{row['family']}_{row['size']}_{row['method']}_r{row['rank']}"
         key += "".join(f"_{c}-{row[c]}" for c in extra)
         client.log_metric(
             state.parent_run_id,
             "".join(c if c.isalnum() or c in "_-./" else "_" for c in key),
-            row["recovered_mean"],
+            row["recovered"],
         )
     return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"

@@ -112,6 +112,10 @@ class AshaSpec(_Strict):
     max_t: int = Field(100, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+    # Swept fields ASHA compares trials across, e.g. [train.learning_rate, seed]: trials that agree on every
+    # other swept field form their own ASHA, so one arm's learning rates compete with each other and not with
+    # other arms, models or ranks. None: every trial in one ASHA (Ray's).
+    compare_across: list[str] | None = None
 
 
 class SearchSpec(_Strict):
@@ -187,6 +191,16 @@ class SweepConfig(_Strict):
                         f"space.{path}: search.algorithm='grid' allows only 'grid' domains; "
                         "use algorithm 'random' or 'optuna' to sample"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _asha_compares_across_swept_fields(self) -> SweepConfig:
+        asha = self.search.asha
+        for path in (asha.compare_across or []) if asha else []:
+            if path not in self.space:
+                raise ValueError(
+                    f"search.asha.compare_across: {path!r} is not a swept field (space: {', '.join(self.space)})"
+                )
         return self
 
     def resolved_storage_path(self) -> str:

@@ -24,7 +24,7 @@ from ray.tune.result import DONE
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.trainable import wrap_function
 
-from orchestrator.expand import TrialMatrix, TrialPoint
+from orchestrator.expand import TrialMatrix, TrialPoint, sampled_trial_name
 from orchestrator.experiment import ExperimentState
 from orchestrator.sweep_config import (
     ChoiceDomain,
@@ -74,9 +74,9 @@ def trial_driver(
 
     trial_id = tune.get_context().get_trial_id()
     values = decode_sampled(sampled, config)
-    trial = points[config["point"]].trial_config(values)
-    if values:  # sampled trials share a grid name; the Tune id tells them apart
-        trial.name = f"{trial.name}_{trial_id}"
+    point = points[config["point"]]
+    trial = point.trial_config(values)
+    trial.name = sampled_trial_name(point.name, state["name"], values)  # the MLflow run's name
     trial.tags = {**trial.tags, TRIAL_ID_TAG: trial_id, SEED_TAG: str(trial.seed)}
 
     # A retry or resume reaches the same MLflow run (and Train checkpoint): run_trial keys them by the
@@ -141,17 +141,29 @@ class StoppedEarlyCallback(tune.Callback):
 
 
 class ProgressCallback(tune.Callback):
-    """One line per trial event and a periodic summary, so a long sweep shows where it is."""
+    """One line per trial event and a periodic summary, so a long sweep shows where it is. Trials are named
+    as their MLflow runs are: grid values and sampled values."""
 
-    def __init__(self, names: list[str], total: int, every_s: float = 30.0) -> None:
-        self.names, self.total, self.every_s, self._last, self._done = names, total, every_s, 0.0, 0
+    def __init__(self, matrix: TrialMatrix, every_s: float = 30.0) -> None:
+        self.matrix, self.total, self.every_s, self._last, self._done = (
+            matrix,
+            matrix.num_trials,
+            every_s,
+            0.0,
+            0,
+        )
         self._stopped: set[str] = set()
+
+    def name(self, trial) -> str:
+        point = self.matrix.points[trial.config["point"]]
+        values = decode_sampled(self.matrix.sampled, trial.config)
+        return sampled_trial_name(point.name, self.matrix.sweep.name, values)
 
     def _say(self, text: str) -> None:
         print(f"[quailora {time.strftime('%H:%M:%S')}] {text}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._say(f"started  {trial.trial_id} {self.names[trial.config['point']]}")
+        self._say(f"started  {trial.trial_id} {self.name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get(DONE):  # the scheduler stops the trial on this result (see StoppedEarlyCallback)
@@ -159,7 +171,7 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._done += 1
-        name, last = self.names[trial.config["point"]], trial.last_result or {}
+        name, last = self.name(trial), trial.last_result or {}
         if trial.trial_id in self._stopped:
             what, shown = "stopped ", f" early at {STEP} {last.get(STEP)}"
         else:
@@ -168,10 +180,10 @@ class ProgressCallback(tune.Callback):
         self._say(f"{what} {trial.trial_id} {name}{shown} ({self._done}/{self.total} this session)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(f"error    {trial.trial_id}: {trial.error_file or 'see logs'}")
+        self._say(f"error    {trial.trial_id} {self.name(trial)}: {trial.error_file or 'see logs'}")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self._say(f"retrying {trial.trial_id} (failure {trial.run_metadata.num_failures})")
+        self._say(f"retrying {trial.trial_id} {self.name(trial)} (failure {trial.run_metadata.num_failures})")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.monotonic() - self._last >= self.every_s:
@@ -261,16 +273,21 @@ def _search_alg(sweep: SweepConfig, max_concurrent: int):
     return BasicVariantGenerator(random_state=s.seed, max_concurrent=max_concurrent)
 
 
-def _scheduler(sweep: SweepConfig):
-    asha = sweep.search.asha
+def _scheduler(matrix: TrialMatrix):
+    asha = matrix.sweep.search.asha
     if asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(
-        metric=asha.metric, mode=sweep.search.mode, time_attr=asha.time_attr, max_t=asha.max_t,
+    options = dict(
+        metric=asha.metric, mode=matrix.sweep.search.mode, time_attr=asha.time_attr, max_t=asha.max_t,
         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
     )  # fmt: skip
+    if asha.compare_across is None:
+        return ASHAScheduler(**options)
+    from orchestrator.grouped_asha import GroupedASHA, trial_groups
+
+    return GroupedASHA(*trial_groups(matrix, asha.compare_across, _key), **options)
 
 
 def make_trainable(matrix: TrialMatrix, state: ExperimentState):
@@ -292,7 +309,7 @@ def _callbacks(matrix: TrialMatrix, state: ExperimentState) -> list[tune.Callbac
     # StoppedEarlyCallback first: the progress line of a stopped trial comes after its run is marked.
     return [
         StoppedEarlyCallback(state.tracking_uri, state.parent_run_id),
-        ProgressCallback([p.name for p in matrix.points], matrix.num_trials),
+        ProgressCallback(matrix),
     ]
 
 
@@ -313,7 +330,7 @@ def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
             search_alg=_search_alg(
                 sweep, concurrency
             ),  # the searcher enforces the limit (Tune ignores it otherwise)
-            scheduler=_scheduler(sweep),
+            scheduler=_scheduler(matrix),
             num_samples=sweep.search.num_samples,
             trial_dirname_creator=_trial_dirname,
         ),

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from orchestrator.drop_rules import DropRule
-from orchestrator.expand import expand
+from orchestrator.expand import expand, sampled_trial_name
 from orchestrator.plan import plan_trials
 from orchestrator.sweep_config import SweepConfig, load_sweep
 from quailora.errors import QuailoraInputError
@@ -33,6 +33,7 @@ SHIPPED_SWEEPS = {
     "reference_replication": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
     "reference_controls": {"gaussian", "svd", "quailora", "closed_form", "loftq", "qalora_closed_form"},
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
+    "fair_comparison": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
 }
 SHIPPED_TRIALS = {"trial_micro"}
 SHIPPED_EXAMPLES = {"asha_micro"}  # sweeps that show a feature rather than compare methods
@@ -90,6 +91,17 @@ def test_random_search_validates_sampled_bounds_and_counts_samples():
     bad = _sweep(space={"lora.dropout": {"uniform": [0.0, 1.5]}}, search={"algorithm": "random"})
     with pytest.raises(QuailoraInputError, match=r"space.lora.dropout=1.5.*lora.dropout"):
         expand(bad)
+
+
+def test_sampled_trials_are_named_by_their_sampled_values():
+    # Optuna over a rate and a rank choice: without a varying grid the name is the values alone
+    values = {"train.learning_rate": 0.00031622776, "lora.rank": 8}
+    assert sampled_trial_name("t", "t", values) == "learning_rate=0.000316_rank=8"
+    assert sampled_trial_name("method=svd", "t", values) == "method=svd_learning_rate=0.000316_rank=8"
+    assert sampled_trial_name("method=svd", "t", {}) == "method=svd"  # a grid-only trial keeps its name
+    assert sampled_trial_name("t", "t", {}) == "t"
+    quant = {"quant": {"method": "int", "bits": 3}}
+    assert sampled_trial_name("t", "t", quant) == "quant=int-3"  # a sampled sub-config, as the grid shows one
 
 
 @pytest.mark.parametrize(

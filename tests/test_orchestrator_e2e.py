@@ -64,10 +64,16 @@ def _children(state: ExperimentState):
 
 def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeypatch, capsys, local_ray):
     monkeypatch.chdir(tmp_path)
-    config = _sweep(tmp_path, "e2e", {"init.method": {"grid": ["gaussian", "quailora"]}})
+    # A grid field and a sampled one: trials are named by both, and never averaged over the sampled one.
+    space = {
+        "init.method": {"grid": ["gaussian", "quailora"]},
+        "train.learning_rate": {"loguniform": [1e-4, 1e-3]},
+    }
+    config = _sweep(tmp_path, "e2e", space, search={"algorithm": "random", "seed": 0})
     assert main(["run", config]) == 0
     out = capsys.readouterr().out
-    assert "finished" in out and "method=quailora" in out  # progress lines
+    started = _started_lines(out)
+    assert len(started) == 2 and all("method=" in line and "_learning_rate=0.000" in line for line in started)
     assert "| quailora " in out and "ppl after fine-tuning" in out  # the comparison table
 
     state = ExperimentState.load("e2e")
@@ -79,8 +85,13 @@ def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeyp
         assert run.info.status == "FINISHED"
         assert run.data.tags["family"] == "llama" and run.data.tags["bits"] == "4"
         assert math.isfinite(run.data.metrics["val_ppl_final"]) and run.data.metrics["val_ppl_final"] > 1
+        # the held-out test split, scored once at the end: not the validation number again
+        assert 1 < run.data.metrics["test_ppl_final"] != run.data.metrics["val_ppl_final"]
+        rate = float(run.data.params["train.learning_rate"])
+        assert run.info.run_name == f"method={run.data.tags['method']}_learning_rate={rate:.3g}"
+        assert any(run.info.run_name in line for line in started)  # progress lines name trials as MLflow does
     report_files = {a.path for a in client.list_artifacts(state.parent_run_id, "report")}
-    assert {"report/report.html", "report/ppl_vs_rank.png"} <= report_files
+    assert {"report/report.html", "report/ppl_vs_rank.png", "report/learning_curves.png"} <= report_files
     assert (Path(state.path) / "report" / "report.html").is_file()
     # Both trials quantize the same model the same way: one computed it, the other reused the entry
     # (waiting for it if they ran at once); only quailora calibrates; each init is its own.

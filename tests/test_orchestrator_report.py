@@ -7,14 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator.report import (
-    build_report,
-    match_keys,
-    method_label,
-    normalize,
-    ppl_vs_rank_figure,
-    recovered_fraction,
-)
+from orchestrator.comparison import match_keys, recovered_fraction
+from orchestrator.report import build_report, method_label, normalize, ppl_vs_rank_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,22 +51,31 @@ def test_report_tables_plots_and_html(records, tmp_path):
     assert list(report.tables) == ["llama 1.2M, 4-bit", "llama 1.2M, 8-bit"]
     four = report.tables["llama 1.2M, 4-bit"]
     row = four[(four.method == "quailora") & (four["rank"] == 8)].iloc[0]
-    assert row["ppl after fine-tuning"] == pytest.approx(((20 - 7.5) + (21 - 8.5)) / 2)
-    assert row["ppl after init"] == pytest.approx(row["ppl after fine-tuning"] + 5)
+    assert row["val ppl after fine-tuning"] == pytest.approx(((20 - 7.5) + (21 - 8.5)) / 2)
+    assert row["val ppl after init"] == pytest.approx(row["val ppl after fine-tuning"] + 5)
     assert row["seeds"] == 2 and row["model MB"] == 1.0
     assert set(four.method) == {"gaussian", "quailora", "qalora_closed_form"}
 
     rec = report.recovered.set_index(["metric", "method", "rank"])
-    assert rec.loc[("perplexity", "quailora", 4), "recovered_mean"] == pytest.approx(0.80)
-    assert rec.loc[("perplexity", "quailora", 4), "recovered_std"] == pytest.approx(math.sqrt(0.005))
-    assert rec.loc[("accuracy", "quailora", 8), "recovered_mean"] == pytest.approx(0.5)
+    quail = rec.loc[("perplexity", "quailora", 4)]
+    # mean(p4 - arm) / mean(p4 - p8) = 8 / 10; the gap is 10 in both seeds, so Fieller's interval is the paired
+    # t interval of the numerator over 10: (8 ± t(0.975, 1) · 0.7071 / √2) / 10, t(0.975, 1) = 12.7062
+    assert quail.recovered == pytest.approx(0.80)
+    assert (quail.recovered_lo, quail.recovered_hi) == pytest.approx((0.8 - 0.63531, 0.8 + 0.63531), abs=1e-4)
+    assert quail.vs4 == pytest.approx(-8.0) and quail.vs8 == pytest.approx(2.0)
+    assert quail.straddles_0 == "vs 8-bit"  # better than 4-bit QLoRA, not distinguishable from 8-bit
+    assert rec.loc[("accuracy", "quailora", 8), "recovered"] == pytest.approx(0.5)
+    assert report.recovered.split.loc[report.recovered.metric == "perplexity"].unique().tolist() == [
+        "validation"  # the records have no test_ppl_final
+    ]
 
     assert set(report.figures) == {"ppl_vs_rank.png", "recovered_per_family.png"}
     assert all(png.startswith(PNG_MAGIC) for png in report.figures.values())
     written = report.write(tmp_path, "sweep t")
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "http" not in page  # self-contained
-    assert "0.800" in report.markdown()
+    assert "0.800 [0.165, 1.435]" in report.markdown() and "paired-t interval" in report.markdown()
+    assert "0.800 [0.165, 1.435]" in page
     assert {p.name for p in written} == {
         "ppl_vs_rank.png",
         "recovered_per_family.png",
@@ -131,15 +134,17 @@ def test_recovered_fraction_matches_every_swept_field_but_the_methods_own():
     per_seed = recovered_fraction(df, "val_ppl_final", keys).set_index("lora.alpha")
     # Matched on alpha: (20-15)/(20-10) and (30-15)/(30-10); matching on rank and seed only would average
     # the baselines into one 0.667 for both. No gap at alpha 64: n/a, not inf.
-    assert per_seed.loc["16", "recovered"] == pytest.approx(0.5)
-    assert per_seed.loc["32", "recovered"] == pytest.approx(0.75)
-    assert math.isnan(per_seed.loc["64", "recovered"])
+    assert per_seed.loc[16, "recovered"] == pytest.approx(0.5)
+    assert per_seed.loc[32, "recovered"] == pytest.approx(0.75)
+    assert math.isnan(per_seed.loc[64, "recovered"])
 
     report = build_report(pd.DataFrame(rows), swept)
     ppl = report.recovered[report.recovered.metric == "perplexity"].set_index("lora.alpha")
-    assert ppl.recovered_mean.loc[["16", "32"]].tolist() == pytest.approx([0.5, 0.75])
-    table = report.markdown().split("### Recovered fraction")[1]
+    assert ppl.recovered.loc[[16, 32]].tolist() == pytest.approx([0.5, 0.75])
+    assert math.isnan(ppl.recovered.loc[64])
+    table = report.markdown().split("### Paired comparison")[1]
     assert "n/a" in table and "inf" not in table and "nan" not in table
+    assert "one seed: no interval" in table
     assert "n/a" in report.html("t")
 
 
@@ -152,12 +157,12 @@ def test_init_options_make_a_separate_method_arm():
 
 
 def test_recovered_fraction_after_init_is_reported_too(records):
-    from orchestrator.report import summarize_recovered
-
-    summary = summarize_recovered(normalize(records))
-    assert set(summary.metric) == {"perplexity", "perplexity_init", "accuracy"}
-    init = summary[(summary.metric == "perplexity_init") & (summary.method == "quailora")]
-    assert init.recovered_mean.tolist() == pytest.approx([0.8, 0.8])  # val_ppl_init = final + 5 in every run
+    report = build_report(records)
+    assert set(report.recovered.metric) == {"perplexity", "perplexity_init", "accuracy"}
+    init = report.recovered[
+        (report.recovered.metric == "perplexity_init") & (report.recovered.method == "quailora")
+    ]
+    assert init.recovered.tolist() == pytest.approx([0.8, 0.8])  # val_ppl_init = final + 5 in every run
 
 
 def test_stage_table_counts_computations_and_the_seconds_reuse_saved(records):
@@ -176,3 +181,113 @@ def test_stage_table_counts_computations_and_the_seconds_reuse_saved(records):
     assert table.loc["calibrate", ["computed", "reused", "skipped"]].tolist() == [0, 0, n]
     assert table.loc["initialize", "seconds computed"] == 3.0
     assert "Cached stages" in report.markdown() and "seconds saved" in report.html("x")
+
+
+LR = "train.learning_rate"
+
+
+def _lr_runs() -> pd.DataFrame:
+    """Two learning rates x three seeds per arm. On validation 4-bit QLoRA is best at 1e-3, 8-bit QLoRA and
+    QuAILoRA at 1e-4; on test the other rate would look better for each, so choosing there would show."""
+    rows = []
+    for seed, noise in zip((0, 1, 2), (0.0, 0.3, -0.3), strict=True):
+        for method, bits, rate, val, test in (
+            ("gaussian", 4, "0.001", 20.0, 21.0), ("gaussian", 4, "0.0001", 25.0, 19.0),
+            ("gaussian", 8, "0.0001", 10.0, 11.0), ("gaussian", 8, "0.001", 12.0, 9.0),
+            ("quailora", 4, "0.0001", 14.0, 16.0 + noise), ("quailora", 4, "0.001", 18.0, 12.0),
+        ):  # fmt: skip
+            rows.append(
+                _rec(method, bits, 8, seed, val + seed, 0.5, test_ppl_final=test + seed, **{LR: rate})
+            )
+    return pd.DataFrame(rows)
+
+
+def test_each_arm_is_shown_at_its_learning_rate_chosen_on_validation_and_scored_on_test():
+    report = build_report(_lr_runs(), swept=[LR, "init.method", "quant", "seed"])
+    chosen = {(r.bits, r.method): r[LR] for r in report.chosen.to_dict("records") for r in [pd.Series(r)]}
+    assert chosen == {(4, "gaussian"): 0.001, (8, "gaussian"): 0.0001, (4, "quailora"): 0.0001}
+    assert set(report.chosen["rates compared"]) == {2} and set(report.chosen.seeds) == {3}
+
+    ppl = report.recovered[report.recovered.metric == "perplexity"].iloc[0]
+    assert ppl.split == "test" and ppl.seeds == 3 and LR not in report.recovered
+    # test values at the chosen rates: p4 = 21 + s, p8 = 11 + s, arm = 16 + s + (0, 0.3, -0.3):
+    # p4 - arm = (5, 4.7, 5.3), s = 0.3, half-width t(0.975, 2) · 0.3 / √3 = 0.74524; the gap is 10 in every seed
+    assert ppl.vs4 == pytest.approx(-5.0) and (ppl.vs4_lo, ppl.vs4_hi) == pytest.approx(
+        (-5.74524, -4.25476), abs=1e-4
+    )
+    assert ppl.recovered == pytest.approx(0.5)
+    assert (ppl.recovered_lo, ppl.recovered_hi) == pytest.approx((0.425476, 0.574524), abs=1e-5)
+    assert ppl.straddles_0 == ""
+
+    # the same-rate comparison stays, one row per rate; there p4 at 1e-4 is 4-bit QLoRA's worse rate on validation
+    same = report.per_value[report.per_value.metric == "perplexity"].set_index(LR)
+    assert sorted(same.index) == [0.0001, 0.001]
+    assert same.loc[0.0001, "vs4"] == pytest.approx(16.0 - 19.0)
+    text = report.markdown()
+    assert "chosen on validation" in text and "learning rate chosen on validation (test split)" in text
+
+
+def test_without_a_test_metric_nothing_chosen_on_validation_is_reported_as_final():
+    runs = _lr_runs().drop(columns="test_ppl_final")
+    report = build_report(runs, swept=[LR])
+    assert "perplexity" not in set(report.recovered.metric)  # only validation exists: it chose the rate
+    assert set(report.per_value.metric) >= {"perplexity"}  # at a fixed rate nothing was chosen
+    assert set(report.per_value.split[report.per_value.metric == "perplexity"]) == {"validation"}
+
+
+def test_runs_that_differ_in_a_sampled_field_are_never_averaged():
+    # Optuna/random: every trial draws its own rate; the seed is the only thing a table averages over.
+    rows = [_rec(method, bits, 8, seed, 10.0 + i, 0.5, **{LR: str(10 ** -(3 + i / 10))})
+            for i, (method, bits, seed) in enumerate(
+                [(m, b, s) for m, b in (("gaussian", 4), ("gaussian", 8), ("quailora", 4)) for s in (0, 1)])]  # fmt: skip
+    report = build_report(pd.DataFrame(rows), swept=[LR])
+    four = report.tables["llama 1.2M, 4-bit"]
+    assert len(four) == 4 and set(four.seeds) == {1}  # 4 four-bit runs, 4 rows
+    assert sorted(four["val ppl after fine-tuning"]) == [10.0, 11.0, 14.0, 15.0]
+    assert len(report.chosen) == 3  # each arm at its best sampled rate (one seed there: no interval)
+
+
+def _curve(run_id: str, points: dict[int, float]) -> list[dict]:
+    return [{"run_id": run_id, "step": step, "val_ppl": value} for step, value in points.items()]
+
+
+def test_learning_curves_per_arm_and_the_plateau_criterion(records):
+    runs = records[(records["rank"] == "8") & (records.quantizer != "int")].reset_index(drop=True)
+    runs["run_id"] = [f"r{i}" for i in range(len(runs))]
+    shapes = {  # per method and bits: val ppl at steps 0, 100, 200, 300
+        ("gaussian", "4"): (30.0, 22.0, 21.0, 20.95),  # -0.24 % over the last 100 steps: a plateau
+        ("quailora", "4"): (25.0, 20.0, 18.0, 16.0),  # -11 %: still improving
+        ("gaussian", "8"): (15.0, 12.0, 11.0, 10.97),
+    }
+    curves = pd.DataFrame(
+        [p for r in runs.itertuples() for p in _curve(r.run_id, dict(zip((0, 100, 200, 300), shapes[(r.method, r.bits)], strict=True)))]
+    )  # fmt: skip
+    short = pd.DataFrame(_curve("r0", {0: 30.0, 50: 25.0}))  # a curve shorter than the window
+    report = build_report(runs, curves=curves)
+    assert report.figures["learning_curves.png"].startswith(PNG_MAGIC)
+    table = report.plateau.set_index(["bits", "method"])
+    assert table.plateau.loc[[(4, "gaussian"), (4, "quailora")]].tolist() == [True, False]
+    assert table.loc[(4, "gaussian"), "improvement %"] == pytest.approx(100 * 0.05 / 21.0)
+    assert table.loc[(4, "quailora"), ["last step", "compared with step"]].tolist() == [300, 200]
+    assert "Plateau: val ppl improved by < 0.5 % over the last 100 steps" in report.markdown()
+    only_short = build_report(runs[runs.run_id == "r0"], curves=short).plateau.iloc[0]
+    assert only_short["plateau"] is None and only_short["last step"] == 50
+
+
+def test_a_calibration_sweep_of_the_calibrated_arms_pairs_with_the_one_set_of_qlora_runs():
+    # QLoRA reads no calibration data, so the sweep runs it once; each calibration set of QuAILoRA is paired with it.
+    cal = "calibration.dataset"
+    rows = []
+    for seed in (0, 1):
+        rows += [
+            _rec("gaussian", 4, 8, seed, 20.0 + seed, 0.5, **{cal: "reference:calibration"}),
+            _rec("gaussian", 8, 8, seed, 10.0 + seed, 0.5, **{cal: "reference:calibration"}),
+            _rec("quailora", 4, 8, seed, 15.0 + seed, 0.5, **{cal: "reference:calibration"}),
+            _rec("quailora", 4, 8, seed, 12.0 + seed, 0.5, **{cal: "reference:finetune-train"}),
+        ]
+    report = build_report(pd.DataFrame(rows), swept=[cal, "init", "quant", "seed"])
+    ppl = report.recovered[report.recovered.metric == "perplexity"].set_index(cal)
+    assert ppl.recovered.to_dict() == pytest.approx(
+        {"reference:calibration": 0.5, "reference:finetune-train": 0.8}
+    )
+    assert set(ppl.seeds) == {2}

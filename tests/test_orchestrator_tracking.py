@@ -73,7 +73,9 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
             client.log_metric(run_id, VAL_PPL, ppl, step=3)
             assert mark_stopped_early(client, state.parent_run_id, trial_id, 3)
         else:
-            client.log_metric(run_id, "val_ppl_final", ppl)
+            for step, value in ((0, ppl + 5), (2, ppl + 1)):  # the learning curve: init and an eval point
+                client.log_metric(run_id, VAL_PPL, value, step=step)
+            client.log_metric(run_id, "val_ppl_final", ppl, step=4)
             client.set_terminated(run_id, status="FINISHED")
 
     for alpha, (p4, p8, quail) in {"16": (20.0, 10.0, 15.0), "32": (10.0, 10.0, 9.0)}.items():
@@ -84,10 +86,14 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
 
     text = publish_report(client, state)
     assert "Stopped early by the scheduler" in text and "| quailora_4_16 |                 3 |" in text
-    assert "| perplexity | llama    | 1M     | quailora |      8 |           16 |            0.500 |" in text
-    assert "| perplexity | llama    | 1M     | quailora |      8 |           32 |          n/a     |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| perplexity ")]
+    assert "|           16 | quailora | nf4         |       1 | -5.000 (one seed: no interval)" in rows[0]
+    assert rows[0].endswith("| 0.500 (one seed: no interval) |                 |")
+    assert "|           32 |" in rows[1] and "| n/a " in rows[1]
     metrics = client.get_run(state.parent_run_id).data.metrics
     assert metrics == {"recovered_perplexity_llama_1M_quailora_r8_lora.alpha-16": 0.5}  # none for n/a
+    report_files = {a.path for a in client.list_artifacts(state.parent_run_id, "report")}
+    assert "report/learning_curves.png" in report_files  # from the runs' val_ppl histories
 
     for run in client.search_runs([experiment_id], "tags.bits = '8'"):
         client.delete_run(run.info.run_id)

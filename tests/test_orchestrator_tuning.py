@@ -59,3 +59,42 @@ def test_sampled_resources_are_checked_at_their_largest():
     with pytest.raises(QuailoraInputError, match=r"all its workers and driver .*GPU: 3"):
         check_fits_cluster(matrix, [GPU_NODE])
     assert default_concurrency(matrix, {"CPU": 32.0, "GPU": 6.0}) == 2
+
+
+def test_grouped_asha_prunes_learning_rates_within_an_arm_not_arms_against_each_other():
+    """Ray's ASHA and Trial objects, no cluster: two arms x two learning rates; the 8-bit arm's perplexities are
+    all lower than the 4-bit arm's, so one global ASHA would stop 4-bit QLoRA itself."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.tuning import _scheduler, param_space
+
+    space = {
+        "quant": {"grid": [{"method": "int8", "bits": 8}, {"method": "nf4", "bits": 4}]},
+        "train.learning_rate": {"grid": [1e-3, 1e-4]},
+    }
+    asha = {"max_t": 8, "grace_period": 2, "reduction_factor": 2}
+    grouped = _matrix({}, space=space, search={"asha": {**asha, "compare_across": ["train.learning_rate"]}})
+    assert sorted(param_space(grouped)) == ["point", "sampled"]
+    ppl = {(8, 1e-3): 10.0, (8, 1e-4): 11.0, (4, 1e-3): 20.0, (4, 1e-4): 21.0}
+
+    def decisions(matrix) -> dict:
+        scheduler, trials = _scheduler(matrix), []
+        for index, point in enumerate(matrix.points):
+            trial = Trial("driver", config={"point": index, "sampled": {}}, stub=True)
+            scheduler.on_trial_add(None, trial)
+            trials.append((point, trial))
+        out = {}
+        for point, trial in trials:  # in grid order: the 8-bit arm reaches the rung first
+            key = (point.grid_values["quant"]["bits"], point.grid_values["train.learning_rate"])
+            out[key] = scheduler.on_trial_result(None, trial, {"step": 2, "val_ppl": ppl[key]})
+        return out
+
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    # Within each arm the first rate is kept (nothing to compare with yet), the worse second one stopped.
+    assert decisions(grouped) == {(8, 1e-3): go, (8, 1e-4): stop, (4, 1e-3): go, (4, 1e-4): stop}
+    flat = _matrix({}, space=space, search={"asha": asha})  # Ray's ASHA: the 4-bit arm loses to the 8-bit one
+    assert decisions(flat)[(4, 1e-3)] == stop
+
+    with pytest.raises(ValueError, match=r"compare_across: 'seed' is not a swept field"):
+        _matrix({}, space=space, search={"asha": {**asha, "compare_across": ["seed"]}})

@@ -119,11 +119,12 @@ def test_two_worker_trial_finishes_quickly_with_every_metric(trial):
     metrics, config = trial["metrics"], trial["config"]
     stage_metrics = {f"{stage}_{kind}" for stage in ("quantize", "calibrate", "initialize")
                      for kind in ("seconds", "saved_seconds")}  # fmt: skip
-    assert set(metrics) == {"val_ppl_init", "val_ppl_final", "train_seconds", "tokens_per_second",
+    assert set(metrics) == {"val_ppl_init", "val_ppl_final", "test_ppl_final", "train_seconds", "tokens_per_second",
                             "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
                             *stage_metrics}  # fmt: skip
     assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
+    assert 1 < metrics["test_ppl_final"] < 2 * 320 and metrics["test_ppl_final"] != metrics["val_ppl_final"]
     assert metrics["initialize_seconds"] > 0 and 0 < metrics["train_seconds"] < trial["seconds"]
     train = config.train
     tokens = train.max_steps * train.grad_accum * train.batch_size * config.data.seq_len * 2  # 2 workers

@@ -52,7 +52,12 @@ def make_trial_checkpoint(path: Path, family: str = "llama", **kwargs) -> Path:
 
 def make_texts(root: Path) -> dict[str, Path]:
     lines = prose_lines()
-    files = {"train": lines[:400], "validation": lines[400:480], "calibration": lines[480:560]}
+    files = {
+        "train": lines[:400],
+        "validation": lines[400:480],
+        "calibration": lines[480:560],
+        "test": lines[560:640],
+    }
     out = {}
     for name, chunk in files.items():
         out[name] = root / f"{name}.txt"
@@ -71,6 +76,7 @@ def micro_trial_config(checkpoint: Path, texts: dict[str, Path], **overrides) ->
         "data": {
             "train": str(texts["train"]),
             "validation": str(texts["validation"]),
+            "test": str(texts["test"]),
             "seq_len": 32,
             "max_eval_sequences": 8,
         },

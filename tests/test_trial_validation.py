@@ -63,6 +63,7 @@ def test_good_config_lists_every_linear_layer_but_the_head(setup):
             "lora.rank=4 exceeds min(out_features, in_features / quant.group_size)=2",
         ),
         ({"data": {"train": "/no/such/train.txt"}}, "data.train='/no/such/train.txt'"),
+        ({"data": {"test": "/no/such/test.txt"}}, "data.test='/no/such/test.txt'"),
         ({"data": {"seq_len": 512}}, "data.seq_len=512 exceeds"),
         (
             {"init": {"method": "quailora"}, "calibration": {"seq_len": 512}},
@@ -91,6 +92,10 @@ def test_init_options_of_the_declared_types_pass(setup):
         init={"method": "qalora_closed_form", "options": {"group_size": 16, "damping": 1, "solver": "exact"}},
     )
     validate_trial(config)  # an int where a float is declared is fine; group_size may repeat quant's
+
+
+def test_a_trial_without_a_test_split_is_valid(setup):
+    validate_trial(micro_trial_config(*setup, data={"test": None}))  # no test_ppl_final then
 
 
 def test_calibration_settings_matter_only_to_calibrated_methods(setup):

@@ -69,7 +69,10 @@ class CalibrationSpec(_Strict):
 class DataSpec(_Strict):
     # Text sources as for calibration.dataset.
     train: str = "reference:finetune-train"
-    validation: str = "reference:finetune-validation"
+    validation: str = "reference:finetune-validation"  # eval points, ASHA and choosing (e.g. a learning rate)
+    # Scored once after fine-tuning (test_ppl_final), on at most max_eval_sequences blocks; never chosen on.
+    # None: no test evaluation.
+    test: str | None = "reference:finetune-test"
     # text: the text_field of each record; alpaca: instruction/input/output with the prompt masked out of
     # the loss; chat: a messages list through the tokenizer's chat template (trials.sources.TEMPLATES).
     template: Literal["text", "alpaca", "chat"] = "text"

@@ -17,6 +17,9 @@ STOPPED_AT_STEP = "stopped_at_step"
 # What a finished trial returns (the sweep metric and the report read these), plus every LMEVAL_PREFIX..._acc.
 VAL_PPL_INIT = "val_ppl_init"
 VAL_PPL_FINAL = "val_ppl_final"
+# Perplexity after fine-tuning on the held-out test split (`data.test`): a sweep chooses on validation and
+# reports on test, so what it chose with never scores the choice.
+TEST_PPL_FINAL = "test_ppl_final"
 MODEL_SIZE_MB = "model_size_mb"
 # The cached stages of a trial (trials/cache.py), in order; each logs what it took in this trial and, when it
 # reused a cached entry, the compute seconds that entry cost (what the reuse saved).
@@ -34,6 +37,7 @@ def stage_saved_seconds(stage: str) -> str:
 RESULT_METRICS = (
     VAL_PPL_INIT,
     VAL_PPL_FINAL,
+    TEST_PPL_FINAL,
     *(name for stage in STAGES for name in (stage_seconds(stage), stage_saved_seconds(stage))),
     "train_seconds",
     "tokens_per_second",

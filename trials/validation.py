@@ -106,9 +106,10 @@ def validate_trial(config: TrialConfig) -> TrialPlan:
         raise QuailoraInputError(
             f"model.path={config.model.path!r}: no usable tokenizer in {checkpoint}: {err}"
         ) from None
-    for field in ("data.train", "data.validation"):
+    for field in ("data.train", "data.validation", "data.test"):
         source = getattr(config.data, field.split(".")[1])
-        check_data(tokenizer, source, field, config.data.template, config.data.text_field)
+        if source is not None:
+            check_data(tokenizer, source, field, config.data.template, config.data.text_field)
     if needs_gram(config.init.method):
         check_data(
             tokenizer,

@@ -38,6 +38,7 @@ from trials.contract import (
     PROBE_ARTIFACT,
     PROBE_LOGITS,
     STOPPED_AT_STEP,
+    TEST_PPL_FINAL,
     VAL_PPL_FINAL,
     VAL_PPL_INIT,
     stage_param,
@@ -94,6 +95,7 @@ class TrialData:
     validation: torch.Tensor
     validation_labels: torch.Tensor
     calibration: torch.Tensor | None
+    test: tuple[torch.Tensor, torch.Tensor] | None  # input ids and labels; None without data.test
 
 
 def load_data(config: TrialConfig, checkpoint: Path) -> TrialData:
@@ -106,11 +108,15 @@ def load_data(config: TrialConfig, checkpoint: Path) -> TrialData:
     validation, validation_labels = token_blocks(tokenizer, data.validation, data.seq_len,
                                                  field="data.validation", max_blocks=data.max_eval_sequences,
                                                  **shape)  # fmt: skip
+    test = None
+    if data.test and config.eval.perplexity:
+        test = token_blocks(tokenizer, data.test, data.seq_len, field="data.test",
+                            max_blocks=data.max_eval_sequences, **shape)  # fmt: skip
     calibration = None
     if needs_gram(config.init.method):
         texts = load_texts(cal.dataset, "calibration.dataset", cal.text_field)
         calibration = tokenize_blocks(tokenizer, texts, cal.seq_len, cal.num_sequences)
-    return TrialData(tokenizer, torch.stack(train, dim=1), validation, validation_labels, calibration)
+    return TrialData(tokenizer, torch.stack(train, dim=1), validation, validation_labels, calibration, test)
 
 
 def stage_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
@@ -199,8 +205,8 @@ def train_trial(loop_config: dict) -> None:
         if dist.get_rank() == 0 and save_base_residuals(updates, tmp):
             tracker.artifacts(tmp, BASE_ARTIFACT)
 
-    def evaluate(module) -> float:
-        return perplexity(module, data.validation, config.train.batch_size, device, data.validation_labels)
+    def evaluate(module, blocks=(data.validation, data.validation_labels)) -> float:
+        return perplexity(module, blocks[0], config.train.batch_size, device, blocks[1])
 
     summary: dict[str, float] = {**stage_metrics(outcomes), MODEL_SIZE_MB: model_size_mb}
     summary[VAL_PPL_INIT] = evaluate(model)
@@ -232,6 +238,8 @@ def train_trial(loop_config: dict) -> None:
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     if config.eval.perplexity:
         summary[VAL_PPL_FINAL] = evaluate(engine.module)
+    if data.test is not None:
+        summary[TEST_PPL_FINAL] = evaluate(engine.module, data.test)
     if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
         accuracies = [
             lm_eval_accuracies(

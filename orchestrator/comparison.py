@@ -1,0 +1,151 @@
+"""How a sweep's arms are compared: which runs are peers, the learning rate each arm is shown at, and the
+4-bit arms against 4-bit and 8-bit QLoRA paired by seed.
+
+An arm is a bit width, init method (with its options) and quantizer. Runs are peers when they agree on
+model, rank, seed and every other swept or sampled field outside the method's own sections (init.*,
+quant.*). Seeds are the only thing averaged or paired over: runs that differ in any swept or sampled field
+are never averaged together. When the sweep varies `train.learning_rate`, each arm can also be shown at
+its own learning rate, the one with the lowest mean validation perplexity over seeds (chosen on
+validation); the numbers shown for it then come from the test split.
+
+recovered = mean(p4 - p4m) / mean(p4 - p8) over seeds, with p4 the 4-bit gaussian (QLoRA) value, p4m the
+arm's and p8 the 8-bit gaussian value (methods.md): a ratio of mean paired differences, not a mean of
+per-seed ratios, which one seed with a near-zero gap can drive to any size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from orchestrator.paired import Interval, mean_ci, ratio_ci
+from quailora.initializers import needs_gram
+from trials.contract import (
+    BITS_TAG,
+    FAMILY_TAG,
+    METHOD_TAG,
+    QUANTIZER_TAG,
+    RANK_TAG,
+    SEED_TAG,
+    SIZE_TAG,
+    TEST_PPL_FINAL,
+    VAL_PPL_FINAL,
+    VAL_PPL_INIT,
+)
+
+BASELINE = "gaussian"
+MODEL_KEYS = [FAMILY_TAG, SIZE_TAG]
+MATCH_KEYS = [*MODEL_KEYS, RANK_TAG, SEED_TAG]  # from trial tags; the other swept fields come from run params
+ARM = [BITS_TAG, METHOD_TAG, QUANTIZER_TAG]
+CALIBRATION_SECTION = "calibration"
+METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-bit gaussian peers
+TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
+LEARNING_RATE = "train.learning_rate"  # the field an arm may be shown at its best value of
+CHOSEN_ON = "val ppl (chosen on)"  # the chosen-rate table's column of the validation mean
+
+
+def under(param: str, paths: Sequence[str]) -> bool:
+    return any(param == p or param.startswith(p + ".") for p in paths)
+
+
+def match_keys(df: pd.DataFrame, swept: Sequence[str]) -> list[str]:
+    """MATCH_KEYS plus the columns of the other swept or sampled fields (`swept` paths), except the method's own."""
+    extra = [
+        c
+        for c in df.columns
+        if under(c, swept) and c.split(".")[0] not in METHOD_SECTIONS and c not in TAGGED_PARAMS
+    ]
+    return [*MATCH_KEYS, *extra]
+
+
+def final_perplexity(df: pd.DataFrame) -> tuple[str, str]:
+    """The column and split of the perplexity after fine-tuning to report: test when the runs have it
+    (data.test), else validation (runs from before it, or with data.test unset)."""
+    if TEST_PPL_FINAL in df and df[TEST_PPL_FINAL].notna().any():
+        return TEST_PPL_FINAL, "test"
+    return VAL_PPL_FINAL, "validation"
+
+
+def choose_learning_rate(df: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per arm and every other key but the seed and the learning rate: the learning rate with the lowest mean
+    validation perplexity over seeds. Returns (the runs at each arm's chosen rate, the table of choices)."""
+    fixed = [k for k in keys if k not in (SEED_TAG, LEARNING_RATE)] + ARM
+    scored = df.dropna(subset=[VAL_PPL_FINAL])
+    per_rate = scored.groupby([*fixed, LEARNING_RATE], as_index=False, dropna=False).agg(
+        **{CHOSEN_ON: (VAL_PPL_FINAL, "mean"), "seeds": (SEED_TAG, "nunique")}
+    )
+    compared = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE].transform("size")
+    per_rate["rates compared"] = compared
+    chosen = per_rate.loc[per_rate.groupby(fixed, dropna=False)[CHOSEN_ON].idxmin()]
+    chosen = chosen.sort_values(fixed, ignore_index=True)
+    runs = df.merge(chosen[[*fixed, LEARNING_RATE]], on=[*fixed, LEARNING_RATE])
+    return runs, chosen
+
+
+def baseline_keys(keys: Sequence[str]) -> list[str]:
+    """The keys a method's QLoRA peers are matched on: QLoRA reads no calibration data, so a sweep of
+    calibration.* for the calibrated arms pairs each of its values with the same QLoRA runs (which the sweep
+    then needs only once; runs that differ in calibration.* alone are the same training, so their mean is kept)."""
+    if needs_gram(BASELINE):
+        return list(keys)
+    return [k for k in keys if k.split(".")[0] != CALIBRATION_SECTION]
+
+
+def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
+    """Per 4-bit non-gaussian run and its peers (`keys`): p4, its value, p8 and the per-seed ratio
+    (p4 - p4m) / (p4 - p8), NaN where p4 == p8. p4 is the 4-bit gaussian run on the method's own quantizer
+    when the sweep has one (QA-LoRA on INT4 against gaussian INT4), else any 4-bit gaussian peer."""
+    keys, base = list(keys), baseline_keys(keys)
+    base4 = df[(df.bits == 4) & (df.method == BASELINE)]
+    base8 = df[(df.bits == 8) & (df.method == BASELINE)]
+    base4 = base4.groupby([*base, QUANTIZER_TAG], as_index=False, dropna=False)[value].mean()
+    base8 = base8.groupby(base, as_index=False, dropna=False)[value].mean().rename(columns={value: "p8"})
+    others = df[(df.bits == 4) & (df.method != BASELINE)][[*keys, QUANTIZER_TAG, METHOD_TAG, value]]
+    same = others.merge(base4.rename(columns={value: "p4"}), on=[*base, QUANTIZER_TAG], how="left")
+    any4 = base4.groupby(base, as_index=False, dropna=False)[value].mean().rename(columns={value: "p4_any"})
+    merged = same.merge(any4, on=base, how="left").merge(base8, on=base, how="inner")
+    merged["p4"] = merged["p4"].fillna(merged["p4_any"])
+    merged = merged.dropna(subset=["p4", "p8", value])
+    gap = merged["p4"] - merged["p8"]
+    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(gap != 0)  # no gap: nothing to recover
+    return merged[[*keys, METHOD_TAG, QUANTIZER_TAG, "p4", value, "p8", "recovered"]]
+
+
+def _columns(name: str, interval: Interval) -> dict:
+    return {name: interval.estimate, f"{name}_lo": interval.lo, f"{name}_hi": interval.hi}
+
+
+def paired_comparison(
+    df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[tuple[str, str, str]]
+) -> pd.DataFrame:
+    """Per model, arm, rank and other key (seed aside), for each (label, column, split) of `metrics`: the arm
+    minus 4-bit QLoRA and minus 8-bit QLoRA as mean paired differences over seeds with 95 % paired-t intervals,
+    and the recovered fraction with Fieller's interval (orchestrator/paired.py). `straddles_0` names the
+    intervals that contain 0 (the recovered fraction's does exactly when the one against 4-bit does)."""
+    by = [k for k in keys if k != SEED_TAG] + [METHOD_TAG, QUANTIZER_TAG]
+    parts = []
+    for label, value, split in metrics:
+        if value not in df or df[value].isna().all():
+            continue
+        per_seed = recovered_fraction(df, value, keys)
+        rows = []
+        for group, runs in per_seed.groupby(by, dropna=False, sort=True):
+            arm, p4, p8 = runs[value], runs["p4"], runs["p8"]
+            vs4, vs8 = mean_ci(arm - p4), mean_ci(arm - p8)
+            recovered = ratio_ci(p4 - arm, p4 - p8)
+            straddles = [name for name, ci in (("vs 4-bit", vs4), ("vs 8-bit", vs8)) if ci.straddles_zero]
+            rows.append({"metric": label, "split": split, **dict(zip(by, group, strict=True)), "seeds": len(runs),
+                         **_columns("vs4", vs4), **_columns("vs8", vs8), **_columns("recovered", recovered),
+                         "straddles_0": ", ".join(straddles)})  # fmt: skip
+        parts.append(pd.DataFrame(rows))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def comparison_metrics(df: pd.DataFrame, selected: bool) -> list[tuple[str, str, str]]:
+    """(label, column, split) of what the paired tables compare. After choosing on validation, the perplexity
+    after fine-tuning is the test split's only (no test metric: not shown); perplexity after init does not
+    depend on the learning rate."""
+    final, split = final_perplexity(df)
+    metrics = [] if selected and split != "test" else [("perplexity", final, split)]
+    return [*metrics, ("perplexity_init", VAL_PPL_INIT, "validation"), ("accuracy", "accuracy", "lm-eval")]
