@@ -398,7 +398,7 @@ def build_report(
         per_value = paired_comparison(df, keys, comparison_metrics(df, selected=False))
         recovered = paired_comparison(shown, [k for k in keys if k != LEARNING_RATE],
                                       comparison_metrics(df, selected=True))  # fmt: skip
-        title = "Paired comparison by seed, each arm at its learning rate chosen on validation (test split)"
+        title = "Paired comparison by seed, each arm at its learning rate chosen on validation (final perplexity on test)"
     else:
         recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
     figures = {}

@@ -224,7 +224,10 @@ def test_each_arm_is_shown_at_its_learning_rate_chosen_on_validation_and_scored_
     assert sorted(same.index) == [0.0001, 0.001]
     assert same.loc[0.0001, "vs4"] == pytest.approx(16.0 - 19.0)
     text = report.markdown()
-    assert "chosen on validation" in text and "learning rate chosen on validation (test split)" in text
+    assert (
+        "chosen on validation" in text
+        and "learning rate chosen on validation (final perplexity on test)" in text
+    )
 
 
 def test_without_a_test_metric_nothing_chosen_on_validation_is_reported_as_final():
