@@ -17,6 +17,7 @@ from trials.config import TrialConfig
 
 TRIAL_KEY_TAG = "quailora.trial_key"
 FAILURE_TAG = "quailora.failure_reason"
+EVAL_PATH_TAG = "quailora.eval_path"  # how the quantized base computed: quailora.base_layers.eval_path
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG_PREFIX = "quailora.stage."  # + stage: computed, reused or skipped
 STAGE_KEY_PREFIX = "stage_key."  # + stage: the param holding the stage's cache key
