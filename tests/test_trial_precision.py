@@ -27,7 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, checkpoint, texts, train, out):
+def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_type="cpu"):
+    """One worker of the trial's stages (quantize, initialize) and its fine-tuning; writes what it saw to
+    ``out/rank<r>.json``. ``device_type`` cuda: NCCL, worker r on GPU r (tests/test_gpu.py)."""
     import bitsandbytes as bnb
     import ray.train
 
@@ -42,21 +44,24 @@ def _worker(rank, world_size, port, checkpoint, texts, train, out):
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank)
-    )  # as Ray Train sets
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    )  # as Ray Train does
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     ray.train.get_checkpoint = lambda: None  # no Ray Train session: nothing to resume from
     try:
         config = micro_trial_config(checkpoint, texts, train={**train, "max_steps": 3, "checkpoint_every": 0},
                                     resources={"num_workers": world_size})  # fmt: skip
         targets = validate_trial(config).target_names
-        device = torch.device("cpu")
         precision = resolve_precision(config.train.precision, device)
         dtype = compute_dtype(precision, config.model.dtype)
         ctx = stages.StageContext(config, checkpoint, device, dtype, StageCache(f"{out}/cache"))
         base, quantized, _ = stages.quantize(ctx)
         data = load_data(config, checkpoint)
         model = build_adapter(base, config, targets)
-        exact_cpu_4bit(model)
+        if device.type == "cpu":
+            exact_cpu_4bit(model)
         stages.initialize(ctx, model, None, targets, quantized, None)
         packed = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         record = {"storage": sorted({str(p.dtype) for p in packed}), "losses": [], "numel": packed[0].numel()}
@@ -69,6 +74,7 @@ def _worker(rank, world_size, port, checkpoint, texts, train, out):
         if config.train.zero_stage == 3:  # each worker now holds its share of the packed base
             record["partition"] = [p.ds_tensor.numel() for p in packed[:1]] + [packed[0].ds_numel]
         record["stop_reason"] = tuned.stop_reason
+        record["precision"] = precision
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump(record, f, default=str)
     finally:
@@ -88,7 +94,9 @@ def test_fine_tuning_runs_the_asked_precision(tmp_path, train, engine_flag):
     checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
     world_size = 2
     mp.spawn(
-        _worker, args=(world_size, _free_port(), checkpoint, texts, train, str(tmp_path)), nprocs=world_size
+        train_worker,
+        args=(world_size, _free_port(), checkpoint, texts, train, str(tmp_path)),
+        nprocs=world_size,
     )
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
     for record in records:
