@@ -117,7 +117,7 @@ def fine_tune(
     config: TrialConfig,
     train_blocks: torch.Tensor,  # [n, 2, seq_len]: input ids and labels
     device: torch.device,
-    precision: str,
+    precision: str,  # resolved: bf16, fp16 or fp32 (trials.deepspeed_config.resolve_precision)
     log: Callable[[dict[str, float], int], None],
     evaluate: Callable[[nn.Module], float],
     log_config: Callable[[dict], None],
