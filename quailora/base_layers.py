@@ -68,6 +68,15 @@ def exact_cpu_4bit(model: nn.Module) -> int:
     return len(layers)
 
 
+def eval_path(device: torch.device, dtype: torch.dtype) -> str:
+    """How the quantized base layers compute a trial's forwards (evaluation and training), e.g.
+    ``cuda-bfloat16``: on ``device``, with each layer's Q rounded to ``dtype`` before the matmul
+    (bitsandbytes 4-bit on CUDA, or on CPU once exact_cpu_4bit turned its bf16 kernel off; GroupwiseLinear).
+    ``float32`` computes with the very Q initialization solved against; bf16/fp16 round it, so one config
+    evaluated on two paths gives slightly different perplexities."""
+    return f"{device.type}-{str(dtype).removeprefix('torch.')}"
+
+
 def _linear4bit_quantizer(layer: nn.Module) -> Quantizer:
     w = layer.weight
     return get_quantizer(
