@@ -87,6 +87,14 @@ class RankZeroTracker:
                 if outcome.digest:
                     self.client.log_param(self.run_id, stage_param(outcome.stage), outcome.digest)
 
+    def changed_base(self, updates: dict) -> None:
+        """A method that changed the base (LoftQ) leaves what rebuilds it from the checkpoint: thin factors,
+        not a copy of the base (`quailora export` writes the changed base from these)."""
+        if self.client:
+            with tempfile.TemporaryDirectory() as tmp:
+                if save_base_residuals(updates, tmp):
+                    self.artifacts(tmp, BASE_ARTIFACT)
+
     def failed(self, reason: str) -> None:
         if self.client:
             mark_failed(self.client, self.run_id, reason)
@@ -184,6 +192,26 @@ def _save_adapter_and_probe(
         tracker.artifacts(f"{tmp}/probe", PROBE_ARTIFACT)
 
 
+def evaluate_final(model, config: TrialConfig, data: TrialData, evaluate) -> dict[str, float]:
+    """Perplexity after fine-tuning and the lm-eval accuracies, on every rank (ZeRO-3 forwards are collective)."""
+    results = {}
+    if config.eval.perplexity:
+        results[VAL_PPL_FINAL] = evaluate(model)
+    if config.eval.lm_eval_tasks:
+        accuracies = [
+            lm_eval_accuracies(
+                model,
+                data.tokenizer,
+                config.eval.lm_eval_tasks,
+                config.eval.lm_eval_limit,
+                config.train.batch_size,
+            )  # fmt: skip
+        ]
+        dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
+        results.update(accuracies[0])
+    return results
+
+
 def train_trial(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker for one trial (config and plan arrive as plain dicts)."""
     config = TrialConfig.model_validate(loop_config["config"])
@@ -213,11 +241,7 @@ def train_trial(loop_config: dict) -> None:
     )
     outcomes = [quantize_outcome, calibrate_outcome, initialize_outcome]
     tracker.stages(outcomes)
-    with tempfile.TemporaryDirectory() as tmp:
-        # A method that changed the base (LoftQ) leaves what rebuilds it from the checkpoint: thin factors,
-        # not a copy of the base (`quailora export` writes the changed base from these).
-        if dist.get_rank() == 0 and save_base_residuals(updates, tmp):
-            tracker.artifacts(tmp, BASE_ARTIFACT)
+    tracker.changed_base(updates)
     tracker.tag(EVAL_PATH_TAG, eval_path(device, dtype))
 
     def evaluate(module) -> float:
@@ -251,20 +275,7 @@ def train_trial(loop_config: dict) -> None:
 
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
-    if config.eval.perplexity:
-        summary[VAL_PPL_FINAL] = evaluate(engine.module)
-    if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
-        accuracies = [
-            lm_eval_accuracies(
-                engine.module,
-                data.tokenizer,
-                config.eval.lm_eval_tasks,
-                config.eval.lm_eval_limit,
-                config.train.batch_size,
-            )
-        ]
-        dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
-        summary.update(accuracies[0])
+    summary.update(evaluate_final(engine.module, config, data, evaluate))
     _save_adapter_and_probe(
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
     )
