@@ -10,8 +10,11 @@ Terms (bytes), all stated so a reader can check them by hand:
   MoE experts one by one, all resident (orchestrator.model_shapes derives them from the config).
 - adapters r·(in+out) per targeted linear, in fp32, plus fp32 grads and Adam's two fp32 moments;
   ZeRO-2/3 shard grads and optimizer state over the workers.
+- weights count whole per worker under ZeRO-3 too: each worker loads the whole quantized model before
+  deepspeed.initialize partitions it (transformers 5 never loads a quantized model under zero.Init), so
+  that is the worker's peak at load; ZeRO-3 saves memory only once training runs.
 - activations per layer b·s·h·(34 + 5·a·s/h) bytes at 16 bits (Korthikanti et al. 2022, eq. 2),
-  x2 for fp32 training (precision "auto" is fp32 on CPU workers, trials.deepspeed_config.use_bf16);
+  x2 for fp32 training (precision "auto" is fp32 on CPU workers, trials.deepspeed_config.resolve_precision);
   with gradient checkpointing 2·b·s·h per layer plus one full layer; plus fp32 logits and their
   gradient 2·4·b·s·V.
 - calibration (inits that need the Gram, quailora.initializers.needs_gram): the largest block's weights
@@ -79,10 +82,12 @@ def adapter_params(trial: TrialConfig, shape: ModelShape) -> int:
 
 
 def activation_bytes(trial: TrialConfig) -> int:
-    """2 when the trial trains in bf16. "auto" is fp32 on CPU workers and costed as bf16 on GPU workers
-    (plan cannot see the GPUs; use_bf16 falls back to fp32 on ones without bf16)."""
-    bf16 = trial.train.precision == "bf16" or (trial.train.precision == "auto" and trial.resources.use_gpu)
-    return 2 if bf16 else 4
+    """2 when the trial trains in bf16 or fp16. "auto" is fp32 on CPU workers and bf16 or fp16 on GPU
+    workers (trials.deepspeed_config.resolve_precision); plan checked that devices.kind agrees with
+    resources.use_gpu (orchestrator.plan.check_devices)."""
+    precision = trial.train.precision
+    half = precision in ("bf16", "fp16") or (precision == "auto" and trial.resources.use_gpu)
+    return 2 if half else 4
 
 
 def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:

@@ -11,6 +11,8 @@ from orchestrator.expand import TrialMatrix
 from orchestrator.memory import GIB, MemoryEstimate, estimate
 from orchestrator.model_shapes import ModelShape, resolve_shape
 from quailora.errors import QuailoraInputError
+from trials.config import TrialConfig
+from trials.validation import check_resources
 
 MIB = 1024**2
 
@@ -28,13 +30,28 @@ def _shape(model_path: str) -> ModelShape:
     return resolve_shape(model_path)
 
 
+def check_devices(kind: str, name: str, trial: TrialConfig) -> None:
+    """``devices.kind`` says what the trials' workers run on, and so what ``devices.memory_gb`` bounds and
+    how the estimate costs ``train.precision: auto`` (bf16 on GPUs, fp32 on CPUs): a trial on the other
+    kind of device would be planned against the wrong memory."""
+    check_resources(trial.resources)
+    if (kind == "gpu") != trial.resources.use_gpu:
+        raise QuailoraInputError(
+            f"trial {name!r}: resources.use_gpu={trial.resources.use_gpu} but devices.kind={kind!r}; "
+            f"set devices.kind: {'gpu' if trial.resources.use_gpu else 'cpu'} or change resources.use_gpu"
+        )
+
+
 def plan_trials(matrix: TrialMatrix) -> list[PlannedTrial]:
     """Each grid point at the worst corner of its sampled fields, since Tune may draw any value in between."""
     limit = matrix.sweep.devices.memory_gb * GIB
     planned = []
     for point in matrix.points:
+        corners = list(matrix.corner_trials(point))
+        for trial in corners:
+            check_devices(matrix.sweep.devices.kind, point.name, trial)
         mem, trial = max(
-            ((estimate(t, _shape(t.model.path)), t) for t in matrix.corner_trials(point)),
+            ((estimate(t, _shape(t.model.path)), t) for t in corners),
             key=lambda pair: pair[0].peak,
         )
         planned.append(PlannedTrial(point.name, trial.resources.model_dump(), mem, mem.peak <= limit))

@@ -68,6 +68,15 @@ def exact_cpu_4bit(model: nn.Module) -> int:
     return len(layers)
 
 
+def eval_path(device: torch.device, dtype: torch.dtype) -> str:
+    """How the quantized base layers compute a trial's forwards (evaluation and training), e.g.
+    ``cuda-bfloat16``: on ``device``, with each layer's Q rounded to ``dtype`` before the matmul
+    (bitsandbytes 4-bit on CUDA, or on CPU once exact_cpu_4bit turned its bf16 kernel off; GroupwiseLinear).
+    ``float32`` computes with the very Q initialization solved against; bf16/fp16 round it, so one config
+    evaluated on two paths gives slightly different perplexities."""
+    return f"{device.type}-{str(dtype).removeprefix('torch.')}"
+
+
 def _linear4bit_quantizer(layer: nn.Module) -> Quantizer:
     w = layer.weight
     return get_quantizer(
@@ -76,9 +85,14 @@ def _linear4bit_quantizer(layer: nn.Module) -> Quantizer:
 
 
 def _linear4bit_requantize(layer: nn.Module, weight: torch.Tensor) -> None:
+    _store_4bit(layer, weight.to(layer.weight.quant_state.dtype))
+
+
+def _store_4bit(layer: nn.Module, weight: torch.Tensor) -> None:
+    """quant(``weight``) into a Linear4bit with the layer's own 4-bit settings: packed codes and quant state."""
     old = layer.weight
     packed, state = bnbf.quantize_4bit(
-        weight.to(old.quant_state.dtype).contiguous(),
+        weight.contiguous(),
         blocksize=old.blocksize,
         compress_statistics=old.compress_statistics,
         quant_type=old.quant_type,
@@ -178,26 +192,7 @@ def quantize_bnb(linear: nn.Linear, config) -> nn.Module:
             quant_storage=storage,
             device="meta",
         )
-        old = layer.weight
-        packed, state = bnbf.quantize_4bit(
-            weight.contiguous(),
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-        )
-        layer.weight = bnb.nn.Params4bit(
-            packed,
-            requires_grad=False,
-            quant_state=state,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=layer,
-            bnb_quantized=True,
-        )
-        layer.quant_state = state
+        _store_4bit(layer, weight)
     elif config.load_in_8bit:
         layer = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False

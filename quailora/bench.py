@@ -50,11 +50,23 @@ def quantizer_for_bits(bits: int) -> Quantizer:
     return get_quantizer(name, **opts)
 
 
+def layer_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer of one decoder layer of any causal LM (``transformers`` config), named
+    within the layer: what a worker solves per layer, read through quailora.architectures."""
+    from quailora.architectures import Layout
+
+    layout = Layout.from_config(config)
+    prefix = layout.layer_name(0) + "."
+    return {name.removeprefix(prefix): (n_out, n_in) for name, (n_in, n_out) in layout.linears(0).items()}
+
+
 def decoder_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of a LLaMA decoder layer's seven projections: what a worker solves per layer."""
-    square = (hidden, hidden)
-    return {"q": square, "k": square, "v": square, "o": square, "gate": (mlp, hidden), "up": (mlp, hidden),
-            "down": (hidden, mlp)}  # fmt: skip
+    """The projections of one LLaMA decoder layer of that width (heads of 128, no GQA, as LLaMA 1)."""
+    from transformers import LlamaConfig
+
+    heads = hidden // 128 if hidden % 128 == 0 else 1
+    return layer_shapes(LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
+                                    num_attention_heads=heads, vocab_size=8))  # fmt: skip
 
 
 def _return_free_memory_to_os() -> None:
@@ -207,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
     parser.add_argument("--full", action="store_true", help="add LLaMA-7B and LLaMA-30B layer shapes")
     parser.add_argument("--shapes", nargs="*", help="OUTxIN shapes instead of the defaults, e.g. 6656x17920")
+    parser.add_argument(
+        "--model", help="the distinct layer shapes of this model's decoder layer (a checkpoint dir or hub id)"
+    )
     parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--bits", type=int, nargs="*", default=[4], choices=sorted(QUANTIZER_FOR_BITS))
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
@@ -217,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     shapes = (
         [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     )
-    if args.full and not args.shapes:
+    if args.model:
+        from transformers import AutoConfig
+
+        shapes = sorted(set(layer_shapes(AutoConfig.from_pretrained(args.model)).values()))
+    elif args.full and not args.shapes:
         shapes = shapes + FULL_SHAPES
     if not args.json:
         print(

@@ -44,3 +44,17 @@ def test_bad_arguments_fail_before_any_row(kwargs, needle):
     args = {"shapes": [(96, 64)], "ranks": [4], "bits_list": [4], "methods": ["svd"]} | kwargs
     with pytest.raises(QuailoraInputError, match=needle.replace("[", r"\[")):
         next(bench_rows(**args))
+
+
+def test_layer_shapes_come_from_the_architecture_of_any_model():
+    """bench reads a decoder layer's projections through quailora.architectures, not a table of its own."""
+    from quailora.bench import decoder_shapes, layer_shapes
+    from tests.micro_models import make_micro_config
+
+    assert sorted(decoder_shapes(6656, 17920).values()) == sorted(
+        [(6656, 6656)] * 4 + [(17920, 6656)] * 2 + [(6656, 17920)]
+    )  # LLaMA-30B
+    phi3 = layer_shapes(make_micro_config("phi3"))
+    assert phi3["self_attn.qkv_proj"] == (64 + 2 * 32, 64) and phi3["mlp.gate_up_proj"] == (2 * 128, 64)
+    mixtral = layer_shapes(make_micro_config("mixtral"))
+    assert sum(".experts." in name for name in mixtral) == 4 * 3  # every expert's projections, split

@@ -139,3 +139,62 @@ def test_loftq_on_two_workers_equals_one_worker(tmp_path):
         if key in one:
             original[key] = base_layer_kind(module).dequantize(module)
     assert original and all(not torch.equal(original[k], one[k]) for k in original)
+
+
+class OnAccelerator:
+    """Stands in for a tensor on an accelerator (this machine has none): ``.cpu()`` copies it back."""
+
+    device = torch.device("cuda", 1)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def cpu(self) -> torch.Tensor:
+        return self.tensor
+
+
+def test_solved_updates_are_gathered_as_cpu_tensors(tmp_path, monkeypatch):
+    """A pickled CUDA tensor unpickles onto the sender's GPU index, creating a context on the peer's GPU:
+    every tensor a worker sends through all_gather_object must be on the CPU, whatever it was solved on."""
+    from quailora.architectures import ModelWeights
+    from quailora.peft_init import LayerUpdate
+    from trials import stages
+    from trials.adapters import build_adapter
+    from trials.cache import StageCache
+    from trials.validation import validate_trial
+
+    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+    config = micro_trial_config(checkpoint, texts, init={"method": "loftq", "options": {"iterations": 2}},
+                                resources={"num_workers": 1})  # fmt: skip
+    targets = validate_trial(config).target_names
+    solve = stages.compute_adapters
+
+    def solved_on_accelerator(*args, **kwargs):
+        return {
+            name: LayerUpdate(
+                OnAccelerator(u.lora_A),
+                OnAccelerator(u.lora_B),
+                u.base_residual and tuple(OnAccelerator(t) for t in u.base_residual),
+            )  # fmt: skip
+            for name, u in solve(*args, **kwargs).items()
+        }
+
+    sent = []
+    gather = dist.all_gather_object
+    monkeypatch.setattr(stages, "compute_adapters", solved_on_accelerator)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: (sent.append(obj), gather(out, obj))[1])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ctx = stages.StageContext(
+            config, checkpoint, torch.device("cpu"), torch.float32, StageCache(tmp_path / "cache")
+        )
+        model = build_adapter(stages.quantize(ctx)[0], config, targets)
+        gathered = stages._solve_shared(model, ctx, ModelWeights(checkpoint), None)
+    finally:
+        dist.destroy_process_group()
+    (payload,) = sent
+    assert payload.keys() == gathered.keys() and len(payload) == len(targets)
+    assert all(update.base_residual for update in payload.values())  # LoftQ moves Q: thin factors travel
+    for update in (*payload.values(), *gathered.values()):
+        for tensor in (update.lora_A, update.lora_B, *update.base_residual):
+            assert isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"

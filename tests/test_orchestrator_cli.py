@@ -74,6 +74,34 @@ def _assert_nothing_started(tmp_path):
             {**QUICK, "tracking_uri": f"http://127.0.0.1:{_closed_port()}"},
             ["tracking_uri", "cannot connect"],
         ),
+        ({**QUICK, "devices": {"kind": "gpu"}}, ["resources.use_gpu=False", "devices.kind='gpu'"]),
+        (
+            {**QUICK, "base": {**QUICK["base"], "resources": {"use_gpu": True}}},
+            ["resources.use_gpu=True", "devices.kind='cpu'"],
+        ),
+        (
+            {
+                **QUICK,
+                "base": {**QUICK["base"], "resources": {"use_gpu": True, "gpus_per_worker": 2}},
+                "devices": {"kind": "gpu"},
+            },
+            ["resources.gpus_per_worker=2", "reserved and idle"],
+        ),
+        (
+            {
+                **QUICK,
+                "base": {
+                    **QUICK["base"],
+                    "resources": {"use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 2},
+                },
+                "devices": {"kind": "gpu"},
+            },
+            ["resources.gpus_per_worker=0.5", "resources.num_workers=2", "NCCL"],
+        ),
+        (
+            {**QUICK, "base": {**QUICK["base"], "resources": {"gpus_per_worker": 1}}},
+            ["resources.gpus_per_worker=1 needs resources.use_gpu: true"],
+        ),
     ],
 )
 def test_run_bad_input_exits_2_before_starting_anything(tmp_path, capsys, content, fragments):
@@ -163,7 +191,8 @@ def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):
     sweep = {
         "name": "llama7b",
         "base": {"model": {"path": str(tmp_path / "llama-7b"), "dtype": "bfloat16"},
-                 "lora": {"rank": 16}, "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"}},
+                 "lora": {"rank": 16}, "data": {"seq_len": 512}, "train": {"batch_size": 1, "precision": "bf16"},
+                 "resources": {"use_gpu": True, "gpus_per_worker": 1}},
         "space": {"quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}},
         "devices": {"kind": "gpu", "memory_gb": 9},
     }  # fmt: skip

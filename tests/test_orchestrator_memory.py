@@ -131,6 +131,12 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_gpu():
     assert auto_gpu == ACTIVATION_BYTES
 
 
+def test_fp16_trains_at_two_bytes_and_zero3_loads_the_whole_model_per_worker():
+    assert estimate(_trial("nf4", 4, train={"precision": "fp16"}), llama7b()).activations == ACTIVATION_BYTES
+    zero3 = estimate(_trial("nf4", 4, train={"zero_stage": 3}, resources={"num_workers": 4}), llama7b())
+    assert zero3.quantized_weights == NF4_BYTES and zero3.other_weights == OTHER_BYTES
+
+
 def test_plan_sizes_sampled_fields_at_their_worst_corner(llama7b_dir, tmp_path):
     opt = tmp_path / "opt-1.3b"
     opt.mkdir()

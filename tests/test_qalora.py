@@ -20,7 +20,7 @@ from quailora.qalora.adapter import (
 from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
 from quailora.qalora.merge import load_merged, merge_qalora, save_merged
 from quailora.qalora.pooling import expand, pool, pooling_factor
-from quailora.quantizers.groupwise import GroupwiseIntQuantizer
+from quailora.quantizers.groupwise import GroupwiseIntQuantizer, unpack_codes
 from tests.layer_problems import layer_problem
 from tests.micro_models import make_micro_config
 
@@ -68,6 +68,47 @@ def test_dtype_casts_leave_the_quantized_weight_alone():
     assert torch.equal(layer.dequantize(), before)
     assert layer.scale_values().dtype == torch.float16 and layer.zero_values().dtype == torch.float32
     assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_row_blocks_dequantize_exactly_as_the_whole_matrix(bits, monkeypatch):
+    layer = GroupwiseLinear.from_linear(nn.Linear(96, 37), bits=bits, group_size=32)
+    codes = unpack_codes(layer.qweight, bits, 37 * 96).view(37, -1, 32).float()
+    whole = (layer.scale_values().float().unsqueeze(-1) * (codes - layer.zero_values().unsqueeze(-1))).view(
+        37, 96
+    )
+    # 3 rows per block: with 10 three-bit codes per word, most blocks start inside a word.
+    monkeypatch.setattr("quailora.quantizers.groupwise.DEQUANT_BLOCK", 3 * 96)
+    assert torch.equal(layer.dequantize(), whole)
+    assert torch.equal(layer.dequantize(torch.bfloat16), whole.to(torch.bfloat16))  # one rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_input_gradient_equal_a_linear_on_the_dequantized_weight(dtype):
+    layer = GroupwiseLinear.from_linear(nn.Linear(64, 48), bits=4, group_size=16).to(dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    reference = F.linear(x_ref, layer.dequantize().to(dtype), layer.bias.to(dtype))
+    y = layer(x)
+    assert y.dtype == dtype and torch.equal(y, reference)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    reference.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_autograd_keeps_no_full_size_weight_between_forward_and_backward():
+    """F.linear on a dequantized W would save W (out x in) for the backward, in every layer at once."""
+    layer = GroupwiseLinear.from_linear(nn.Linear(256, 128), bits=4, group_size=64)
+
+    def saved_sizes(forward) -> list[int]:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            forward(torch.randn(2, 256, requires_grad=True)).sum().backward()
+        return sizes
+
+    assert 128 * 256 in saved_sizes(lambda x: F.linear(x, layer.dequantize()))  # the old forward
+    assert max(saved_sizes(layer), default=0) < 128 * 256
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 import ray
+import torch
 from pydantic import BaseModel, ValidationError
 
 from quailora.errors import QuailoraInputError
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.commands import load_trial_config
-from trials.config import TrainSpec
-from trials.deepspeed_config import deepspeed_config
+from trials.config import ResourcesSpec, TrainSpec
+from trials.deepspeed_config import compute_dtype, deepspeed_config, resolve_precision
 from trials.run import run_trial
 from trials.tracking import default_tracking_uri, flat_params
-from trials.validation import validate_trial
+from trials.validation import check_resources, validate_trial
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,24 @@ def test_good_config_lists_every_linear_layer_but_the_head(setup):
             {"init": {"method": "quailora"}, "calibration": {"seq_len": 512}},
             "calibration.seq_len=512 exceeds",
         ),
+        ({"resources": {"use_gpu": True, "gpus_per_worker": 2}}, "resources.gpus_per_worker=2: a worker"),
+        ({"resources": {"use_gpu": True, "gpus_per_worker": 0.5}}, "which NCCL refuses"),  # 2 workers
+        ({"resources": {"gpus_per_worker": 0.5}}, "needs resources.use_gpu: true"),
     ],
 )
 def test_bad_input_is_named(setup, overrides, needle):
     with pytest.raises(QuailoraInputError) as err:
         validate_trial(micro_trial_config(*setup, **overrides))
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [{"use_gpu": True}, {"use_gpu": True, "gpus_per_worker": 1, "num_workers": 4},
+     {"use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 1}, {"num_workers": 3}],
+)  # fmt: skip
+def test_resources_every_worker_uses_pass(resources):
+    check_resources(ResourcesSpec(**resources))  # 0.5: one-worker trials sharing a GPU, each its own group
 
 
 @pytest.mark.parametrize(("method", "bits"), [("nf4", 3), ("int8", 4), ("int", 5)])
@@ -142,10 +155,32 @@ def test_every_config_field_is_a_param(setup):
 
 
 def test_deepspeed_config_follows_the_trial():
-    ds = deepspeed_config(TrainSpec(batch_size=3, grad_accum=4, zero_stage=3), world_size=2, bf16=False)
+    ds = deepspeed_config(TrainSpec(batch_size=3, grad_accum=4, zero_stage=3), world_size=2, precision="fp32")
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+
+
+def test_fp16_is_deepspeed_fp16_with_dynamic_loss_scaling():
+    ds = deepspeed_config(TrainSpec(precision="fp16"), world_size=1, precision="fp16")
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 16  # 0: dynamic
+    assert deepspeed_config(TrainSpec(), world_size=1, precision="bf16")["bf16"]["enabled"] is True
+    assert compute_dtype("fp16", "float32") == torch.float16
+    assert compute_dtype("bf16", "float32") == torch.bfloat16
+    assert compute_dtype("fp32", "bfloat16") == torch.bfloat16  # fp32 training keeps model.dtype
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp16", cpu) == "fp16" and resolve_precision("bf16", cuda) == "bf16"
+    # No GPU here: the device's bf16 capability is stubbed; tests/test_gpu.py resolves it on a real one.
+    monkeypatch.setattr("trials.deepspeed_config.native_bf16", lambda device: True)
+    assert resolve_precision("auto", cuda) == "bf16"  # A100, H100
+    monkeypatch.setattr("trials.deepspeed_config.native_bf16", lambda device: False)
+    assert resolve_precision("auto", cuda) == "fp16"  # V100, T4
 
 
 def test_warmup_schedule_runs_the_full_rate_from_step_one_without_warmup():

@@ -89,7 +89,8 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     zero_stage: Literal[2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
+    # auto: bf16 on CUDA devices with native bf16, fp16 (loss-scaled) on older ones, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     checkpoint_every: int = Field(25, ge=0)  # 0: never

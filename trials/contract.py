@@ -67,6 +67,7 @@ FAILURE_TAG = "quailora.failure_reason"
 STOPPED_EARLY_TAG = "quailora.stopped_early"  # "true": the sweep's scheduler (ASHA) stopped the trial
 TRIAL_ID_TAG = "tune_trial_id"
 TRIAL_NAME_TAG = "trial_name"
+EVAL_PATH_TAG = "quailora.eval_path"  # how the quantized base computed: quailora.base_layers.eval_path
 # What the report groups and matches runs on.
 FAMILY_TAG, SIZE_TAG, BITS_TAG, QUANTIZER_TAG = "family", "size", "bits", "quantizer"
 METHOD_TAG, RANK_TAG, SEED_TAG = "method", "rank", "seed"

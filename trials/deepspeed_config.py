@@ -6,15 +6,37 @@ import torch
 
 from trials.config import TrainSpec
 
+# The dtype a trial loads and computes its model in, per training precision; fp32 keeps model.dtype.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# DeepSpeed's dynamic loss scaling for fp16 (loss_scale 0): start at 2^16, halve on an overflowing step
+# (skipped), double after 1000 clean steps.
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                     "min_loss_scale": 1}  # fmt: skip
 
-def use_bf16(precision: str, use_gpu: bool) -> bool:
-    """bf16 where the hardware computes it natively (CUDA with bf16 support); fp32 on CPU."""
-    if precision == "auto":
-        return use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes bf16 natively (Ampere, compute capability 8, and later).
+    torch.cuda.is_bf16_supported() also says yes for V100s, which only emulate it."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def deepspeed_config(train: TrainSpec, *, world_size: int, bf16: bool) -> dict:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on this worker's device: ``auto`` is bf16 on a CUDA device with native bf16,
+    fp16 (with loss scaling) on older CUDA devices (V100, T4), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def compute_dtype(precision: str, model_dtype: str) -> torch.dtype:
+    """The dtype the model is loaded and computes in: the training precision's, else ``model.dtype``."""
+    return PRECISION_DTYPES.get(precision) or getattr(torch, model_dtype)
+
+
+def deepspeed_config(train: TrainSpec, *, world_size: int, precision: str) -> dict:
+    """``precision``: resolved (bf16, fp16 or fp32), see resolve_precision."""
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -26,7 +48,8 @@ def deepspeed_config(train: TrainSpec, *, world_size: int, bf16: bool) -> dict:
             # torch's AdamW instead of DeepSpeed's compiled CPU/fused Adam: no op build on any machine.
             "params": {"lr": train.learning_rate, "weight_decay": train.weight_decay, "torch_adam": True},
         },
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", **FP16_LOSS_SCALING},
         "steps_per_print": 2**31 - 1,  # progress goes to MLflow, not stdout
         "wall_clock_breakdown": False,
     }

@@ -118,7 +118,7 @@ def fine_tune(
     config: TrialConfig,
     train_blocks: torch.Tensor,  # [n, 2, seq_len]: input ids and labels
     device: torch.device,
-    bf16: bool,
+    precision: str,  # resolved: bf16, fp16 or fp32 (trials.deepspeed_config.resolve_precision)
     log: Callable[[dict[str, float], int], None],
     evaluate: Callable[[nn.Module], float],
     log_config: Callable[[dict], None],
@@ -131,7 +131,7 @@ def fine_tune(
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, world_size=world_size, bf16=bf16),
+        config=deepspeed_config(train, world_size=world_size, precision=precision),
         lr_scheduler=warmup_scheduler(train.warmup_steps),
         dist_init_required=False,  # Ray Train already created the process group
     )

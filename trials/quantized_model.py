@@ -16,7 +16,7 @@ from quailora.architectures import Layout, meta_model, prepare
 from quailora.architectures.experts import is_fused_experts
 from quailora.base_layers import quantize_bnb
 from quailora.errors import QuailoraInputError
-from quailora.qalora.layer import quantize_model_groupwise
+from quailora.qalora.loading import load_groupwise_model
 from quailora.qalora.merge import load_merged, save_merged
 from quailora.quantizers import get_quantizer
 from quailora.quantizers.base import Quantizer
@@ -108,10 +108,11 @@ def _load_bnb_8bit(
 def _load_groupwise(
     checkpoint: Path, config: TrialConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
-    prepare(model)
     # Every linear layer but the head, whatever LoRA targets: the same coverage as bitsandbytes loading.
-    return quantize_model_groupwise(model, config.quant.bits, config.quant.group_size).to(device)
+    # Quantized one weight at a time on the device: no full-precision copy of the model anywhere.
+    return load_groupwise_model(
+        checkpoint, config.quant.bits, config.quant.group_size, dtype=dtype, device=device
+    )
 
 
 def _save_groupwise(model: nn.Module, out: Path) -> None:

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from quailora.base_layers import exact_cpu_4bit
+from quailora.base_layers import eval_path, exact_cpu_4bit
 from quailora.initializers import needs_gram
 from quailora.peft_init import save_base_residuals
 from quailora.text import perplexity, tokenize_blocks
@@ -34,6 +34,7 @@ from trials.contract import (
     ADAPTER_ARTIFACT,
     BASE_ARTIFACT,
     DEEPSPEED_ARTIFACT,
+    EVAL_PATH_TAG,
     MODEL_SIZE_MB,
     PROBE_ARTIFACT,
     PROBE_LOGITS,
@@ -46,7 +47,7 @@ from trials.contract import (
     stage_seconds,
     stage_tag,
 )
-from trials.deepspeed_config import use_bf16
+from trials.deepspeed_config import compute_dtype, resolve_precision
 from trials.evaluation import lm_eval_accuracies
 from trials.finetune import fine_tune, report_checkpoint
 from trials.quantized_model import serialized_size_mb
@@ -71,6 +72,10 @@ class RankZeroTracker:
         if self.client:
             self.client.log_artifacts(self.run_id, local_dir, path)
 
+    def tag(self, name: str, value: str) -> None:
+        if self.client:
+            self.client.set_tag(self.run_id, name, value)
+
     def json_artifact(self, name: str, value: dict) -> None:
         if self.client:
             self.client.log_text(self.run_id, json.dumps(value, indent=2, default=str), name)
@@ -82,6 +87,14 @@ class RankZeroTracker:
                 self.client.set_tag(self.run_id, stage_tag(outcome.stage), outcome.status)
                 if outcome.digest:
                     self.client.log_param(self.run_id, stage_param(outcome.stage), outcome.digest)
+
+    def changed_base(self, updates: dict) -> None:
+        """A method that changed the base (LoftQ) leaves what rebuilds it from the checkpoint: thin factors,
+        not a copy of the base (`quailora export` writes the changed base from these)."""
+        if self.client:
+            with tempfile.TemporaryDirectory() as tmp:
+                if save_base_residuals(updates, tmp):
+                    self.artifacts(tmp, BASE_ARTIFACT)
 
     def failed(self, reason: str) -> None:
         if self.client:
@@ -137,18 +150,33 @@ def _reset_peak_memory(device: torch.device) -> None:
             Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak since the last reset: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """MiB since the last reset. ``peak_memory_mb``: CUDA's max allocated, or on CPU the process's peak RSS
+    (VmHWM). On CUDA also ``peak_reserved_mb``, the caching allocator's max reserved (allocated or cached:
+    what the process held), and ``device_used_mb``, the device's used memory now, which also counts the
+    CUDA context, library workspaces and any other process on the device."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "device_used_mb": (total - free) / 2**20,
+        }
     status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
+    return {
+        "peak_memory_mb": next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    }
 
 
-def _all_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _all_max(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return dict(zip(values, t.tolist(), strict=True))
+
+
+def _phase_peaks(phase: str, device: torch.device) -> dict[str, float]:
+    """``<phase>_peak_memory_mb`` etc.: each the max over the workers."""
+    return {f"{phase}_{name}": value for name, value in _all_max(_peak_memory(device), device).items()}
 
 
 def _save_adapter_and_probe(
@@ -170,13 +198,35 @@ def _save_adapter_and_probe(
         tracker.artifacts(f"{tmp}/probe", PROBE_ARTIFACT)
 
 
+def evaluate_final(model, config: TrialConfig, data: TrialData, evaluate) -> dict[str, float]:
+    """Perplexity after fine-tuning (validation; test where data.test is set) and the lm-eval accuracies, on every rank (ZeRO-3 forwards are collective)."""
+    results = {}
+    if config.eval.perplexity:
+        results[VAL_PPL_FINAL] = evaluate(model)
+    if data.test is not None:
+        results[TEST_PPL_FINAL] = evaluate(model, data.test)
+    if config.eval.lm_eval_tasks:
+        accuracies = [
+            lm_eval_accuracies(
+                model,
+                data.tokenizer,
+                config.eval.lm_eval_tasks,
+                config.eval.lm_eval_limit,
+                config.train.batch_size,
+            )  # fmt: skip
+        ]
+        dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
+        results.update(accuracies[0])
+    return results
+
+
 def train_trial(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker for one trial (config and plan arrive as plain dicts)."""
     config = TrialConfig.model_validate(loop_config["config"])
     checkpoint = Path(loop_config["checkpoint"])
     device = ray.train.torch.get_device()
-    bf16 = use_bf16(config.train.precision, config.resources.use_gpu)
-    dtype = torch.bfloat16 if bf16 else getattr(torch, config.model.dtype)
+    precision = resolve_precision(config.train.precision, device)
+    dtype = compute_dtype(precision, config.model.dtype)
     tracker = RankZeroTracker(
         loop_config["tracking_uri"], loop_config["run_id"], enabled=dist.get_rank() == 0
     )
@@ -193,24 +243,21 @@ def train_trial(loop_config: dict) -> None:
         base.enable_input_require_grads()
     model = build_adapter(base, config, loop_config["target_names"])
     if device.type == "cpu":
-        exact_cpu_4bit(model)  # evaluation then computes with the same fp32 Q as training and initialization
+        exact_cpu_4bit(model)  # evaluation then computes with Q in the model's dtype, as on CUDA
     _, initialize_outcome, updates = stages.initialize(
         ctx, model, grams, loop_config["target_names"], quantized, calibrated
     )
     outcomes = [quantize_outcome, calibrate_outcome, initialize_outcome]
     tracker.stages(outcomes)
-    with tempfile.TemporaryDirectory() as tmp:
-        # A method that changed the base (LoftQ) leaves what rebuilds it from the checkpoint: thin factors,
-        # not a copy of the base (`quailora export` writes the changed base from these).
-        if dist.get_rank() == 0 and save_base_residuals(updates, tmp):
-            tracker.artifacts(tmp, BASE_ARTIFACT)
+    tracker.changed_base(updates)
+    tracker.tag(EVAL_PATH_TAG, eval_path(device, dtype))
 
     def evaluate(module, blocks=(data.validation, data.validation_labels)) -> float:
         return perplexity(module, blocks[0], config.train.batch_size, device, blocks[1])
 
     summary: dict[str, float] = {**stage_metrics(outcomes), MODEL_SIZE_MB: model_size_mb}
     summary[VAL_PPL_INIT] = evaluate(model)
-    summary["init_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
+    summary.update(_phase_peaks("init", device))
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
     _reset_peak_memory(device)  # from here on: fine-tuning and the final evaluation
@@ -220,7 +267,7 @@ def train_trial(loop_config: dict) -> None:
         config,
         data.train,
         device,
-        bf16,
+        precision,
         log=tracker.metrics,
         evaluate=evaluate,
         log_config=lambda resolved: tracker.json_artifact(DEEPSPEED_ARTIFACT, resolved),
@@ -236,26 +283,11 @@ def train_trial(loop_config: dict) -> None:
 
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
-    if config.eval.perplexity:
-        summary[VAL_PPL_FINAL] = evaluate(engine.module)
-    if data.test is not None:
-        summary[TEST_PPL_FINAL] = evaluate(engine.module, data.test)
-    if config.eval.lm_eval_tasks:  # every rank runs it: ZeRO-3 forwards are collective
-        accuracies = [
-            lm_eval_accuracies(
-                engine.module,
-                data.tokenizer,
-                config.eval.lm_eval_tasks,
-                config.eval.lm_eval_limit,
-                config.train.batch_size,
-            )
-        ]
-        dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
-        summary.update(accuracies[0])
+    summary.update(evaluate_final(engine.module, config, data, evaluate))
     _save_adapter_and_probe(
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
     )
-    summary["train_peak_memory_mb"] = _all_max(_peak_memory_mb(device), device)
+    summary.update(_phase_peaks("train", device))
     tracker.metrics({k: v for k, v in summary.items() if k not in logged_at_start}, config.train.max_steps)
     # Ray Train's Result carries the metrics of the last checkpoint, so the final report comes with one
     # (a restart after this point re-evaluates instead of re-training).

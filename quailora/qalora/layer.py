@@ -19,8 +19,25 @@ from quailora.quantizers.groupwise import (
 )
 
 
+class _GroupwiseMatmul(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized in x's dtype for the forward, and again for the input's gradient in
+    the backward (as bitsandbytes' 4-bit matmul does). F.linear on a dequantized W would keep W for the
+    backward: one full-size copy per layer alive from its forward to its backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: GroupwiseLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None, None  # W and b are frozen
+
+
 class GroupwiseLinear(nn.Module):
-    """y = x Wᵀ + b with W dequantized on every forward (nothing of size out x in is kept).
+    """y = x Wᵀ + b with W dequantized on every forward, in x's dtype (nothing of size out x in is kept).
 
     Buffers: ``qweight`` (packed int32 codes; named like GPTQ's so peft finds the layer's device),
     ``scales`` (float16) and ``zeros`` (float32), both (out, in / group_size). Scales and zeros are held
@@ -82,16 +99,15 @@ class GroupwiseLinear(nn.Module):
         """float32 zero point per (row, group): a view, so in-place edits (the QA-LoRA merge) change the layer."""
         return self.zeros.view(ZERO_DTYPE)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight the layer computes with (out x in)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer computes with (out x in): float32 values, rounded once to ``dtype``."""
         shape = (self.out_features, self.in_features)
         return dequantize_packed(
-            self.qweight, self.scale_values(), self.zero_values(), shape, self.bits, self.group_size
+            self.qweight, self.scale_values(), self.zero_values(), shape, self.bits, self.group_size, dtype
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return _GroupwiseMatmul.apply(x, self.bias, self)
 
     def storage_bytes(self) -> int:
         """Bytes held by the layer: packed codes + scales + zeros (+ bias)."""
@@ -110,15 +126,11 @@ def _is_output_head(model: nn.Module, module: nn.Module) -> bool:
     return get_head is not None and get_head() is module
 
 
-def quantize_model_groupwise(
-    model: nn.Module, bits: int, group_size: int, target_modules: Iterable[str] | None = None
-) -> nn.Module:
-    """Swap nn.Linear modules (never the output head) for GroupwiseLinear, in place; returns the model.
-
-    target_modules: module-name suffixes as in peft (e.g. ``["q_proj", "v_proj"]``); None means every
-    linear layer but the head. Every target is checked before any layer is quantized.
-    """
-    GroupwiseIntQuantizer(bits, group_size)  # validates bits and group_size
+def groupwise_targets(
+    model: nn.Module, target_modules: Iterable[str] | None = None
+) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules to quantize (never the output head): those whose names end in one of
+    ``target_modules`` (module-name suffixes as in peft), or every one when it is None."""
     suffixes = None if target_modules is None else tuple(target_modules)
     targets = [
         (name, module)
@@ -131,12 +143,30 @@ def quantize_model_groupwise(
         raise QuailoraInputError(
             f"quantize_model_groupwise: target_modules={suffixes} matched no nn.Linear layer"
         )
+    return targets
+
+
+def check_groupwise_targets(targets: list[tuple[str, nn.Linear]], group_size: int) -> None:
     for name, module in targets:
         if module.in_features % group_size:
             raise QuailoraInputError(
                 f"layer {name}: weight of shape (out={module.out_features}, in={module.in_features}) has "
                 f"in_features not divisible by group_size={group_size}"
             )
+
+
+def quantize_model_groupwise(
+    model: nn.Module, bits: int, group_size: int, target_modules: Iterable[str] | None = None
+) -> nn.Module:
+    """Swap nn.Linear modules (never the output head) for GroupwiseLinear, in place; returns the model.
+
+    target_modules: module-name suffixes as in peft (e.g. ``["q_proj", "v_proj"]``); None means every
+    linear layer but the head. Every target is checked before any layer is quantized. (A trial loads its
+    base with quailora.qalora.loading instead, which never holds the full-precision model.)
+    """
+    GroupwiseIntQuantizer(bits, group_size)  # validates bits and group_size
+    targets = groupwise_targets(model, target_modules)
+    check_groupwise_targets(targets, group_size)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

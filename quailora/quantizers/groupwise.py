@@ -24,6 +24,8 @@ SCALE_DTYPE = torch.float16
 ZERO_DTYPE = torch.float32
 # Smallest normal float16: a constant group (max == min) would give α = 0, and α must stay invertible.
 MIN_SCALE = torch.finfo(SCALE_DTYPE).tiny
+# Weights dequantized per block of rows: bounds the float32 temporaries to ~64 MiB at any layer size.
+DEQUANT_BLOCK = 2**22
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,16 @@ def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.reshape(-1)[:count]
 
 
+def unpack_rows(words: torch.Tensor, bits: int, in_features: int, start: int, stop: int) -> torch.Tensor:
+    """The codes of rows ``start:stop`` (int32, (stop - start) x in_features), unpacking only the words
+    that hold them (a row need not start on a word boundary)."""
+    per_word = codes_per_word(bits)
+    first, last = start * in_features, stop * in_features
+    w0, w1 = first // per_word, -(-last // per_word)
+    codes = unpack_codes(words[w0:w1], bits, (w1 - w0) * per_word)
+    return codes[first - w0 * per_word :][: last - first].view(stop - start, in_features)
+
+
 def dequantize_packed(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -71,12 +83,22 @@ def dequantize_packed(
     shape: tuple[int, int],
     bits: int,
     group_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 W from packed codes; shared by the quantizer and GroupwiseLinear.forward."""
+    """W in ``dtype`` from packed codes, each value computed in float32 and rounded once to ``dtype``;
+    shared by the quantizer and GroupwiseLinear. Built DEQUANT_BLOCK elements at a time, so besides the
+    result no out x in temporary exists (unpacking and float32 math took ~14 bytes per weight at once)."""
     out_features, in_features = shape
-    c = unpack_codes(codes, bits, out_features * in_features).view(out_features, -1, group_size)
-    w = scales.float().unsqueeze(-1) * (c.float() - zeros.float().unsqueeze(-1))
-    return w.view(out_features, in_features)
+    w = torch.empty(shape, dtype=dtype, device=codes.device)
+    step = max(1, DEQUANT_BLOCK // in_features)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        c = unpack_rows(codes, bits, in_features, start, stop).view(stop - start, -1, group_size)
+        block = scales[start:stop].float().unsqueeze(-1) * (
+            c.float() - zeros[start:stop].float().unsqueeze(-1)
+        )
+        w[start:stop] = block.view(stop - start, in_features)
+    return w
 
 
 def _round_up_to_scale_dtype(alpha: torch.Tensor) -> torch.Tensor:
