@@ -166,20 +166,29 @@ def token_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_a_token_authenticated_head_is_joined_with_this_machines_token(
-    token_head, tmp_path, monkeypatch, capsys
-):
+def _cli_in_own_process(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter: Ray keeps a process's authentication mode and token once read, so a
+    token-authenticated join in pytest's own process would make every later local `ray.init` of the suite
+    fail to authenticate with its own GCS."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+            "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}  # fmt: skip
+    script = f"import sys; from orchestrator.cli import main; sys.exit(main({args!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={**base, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
+    )  # fmt: skip
+
+
+def test_a_token_authenticated_head_is_joined_with_this_machines_token(token_head, tmp_path):
     address, token = token_head
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"  # no ~/.ray/auth_token
     config = _sweep(tmp_path, "token", {"lora.rank": {"grid": [4]}}, train={"max_steps": 2})
 
     began = time.monotonic()
-    assert main(["run", config, "--address", address]) == 2  # no token here: say what to set, at once
+    done = _cli_in_own_process(["run", str(config), "--address", address], tmp_path, HOME=str(home))
+    assert done.returncode == 2, done.stderr  # no token here: say what to set, at once
     assert time.monotonic() - began < 20
-    err = capsys.readouterr().err.strip().splitlines()
+    err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "requires token authentication" in err[0] and "RAY_AUTH_MODE=token" in err[0], (
         err
     )
@@ -187,6 +196,8 @@ def test_a_token_authenticated_head_is_joined_with_this_machines_token(
 
     # The cluster's token on this machine, RAY_AUTH_MODE unset (what `ray start --head` users have): the
     # driver joins. `status` joins exactly as `run` does (preflight, then ray.init(address)), without a sweep.
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    assert main(["status", "--address", address]) == 0
-    assert f"ray cluster {address}: 1 alive node(s); CPU 2/2 free" in capsys.readouterr().out
+    done = _cli_in_own_process(
+        ["status", "--address", address], tmp_path, HOME=str(home), RAY_AUTH_TOKEN_PATH=str(token)
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"ray cluster {address}: 1 alive node(s); CPU 2/2 free" in done.stdout
