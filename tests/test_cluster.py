@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from ray.cluster_utils import Cluster
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
+from tests.ports import free_ports
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
 pytestmark = pytest.mark.slow
@@ -127,22 +127,19 @@ def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, 
     assert nodes[0] == killed[0] and nodes[-1] != killed[0]  # the retry ran on the surviving node
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def token_head(tmp_path):
     """A real `ray start --head` with token authentication on (as Ray 2.60 does when the head has a token),
     on free ports, with its own token file and temp dir, so nothing of this machine's Ray setup is used."""
     token = tmp_path / "cluster_token"
     token.write_text(uuid.uuid4().hex)
-    ports = {flag: _free_port() for flag in ("port", "node-manager-port", "object-manager-port",
-             "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port")}  # fmt: skip
-    workers = _free_port()
+    flags = ("port", "node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")  # fmt: skip
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    # The workers' range must hold none of those ports: Ray refuses to start when one falls inside it.
+    workers = next(
+        p for p in iter(lambda: free_ports(1)[0], None) if not any(p <= q <= p + 100 for q in ports.values())
+    )
     temp_dir = tempfile.mkdtemp(prefix="qray")  # short: Ray's socket paths must stay under 108 bytes
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                "--resources", '{"head": 1}', "--include-dashboard", "false", "--disable-usage-stats",
