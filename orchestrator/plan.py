@@ -11,8 +11,7 @@ from orchestrator.expand import TrialMatrix
 from orchestrator.memory import GIB, MemoryEstimate, estimate
 from orchestrator.model_shapes import ModelShape, resolve_shape
 from quailora.errors import QuailoraInputError
-from trials.config import TrialConfig
-from trials.validation import check_resources
+from trials.config import TrialConfig, check_resources
 
 MIB = 1024**2
 

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from ray.cluster_utils import Cluster
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
+from tests.ports import free_ports
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
 pytestmark = pytest.mark.slow
@@ -127,22 +127,19 @@ def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, 
     assert nodes[0] == killed[0] and nodes[-1] != killed[0]  # the retry ran on the surviving node
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def token_head(tmp_path):
     """A real `ray start --head` with token authentication on (as Ray 2.60 does when the head has a token),
     on free ports, with its own token file and temp dir, so nothing of this machine's Ray setup is used."""
     token = tmp_path / "cluster_token"
     token.write_text(uuid.uuid4().hex)
-    ports = {flag: _free_port() for flag in ("port", "node-manager-port", "object-manager-port",
-             "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port")}  # fmt: skip
-    workers = _free_port()
+    flags = ("port", "node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")  # fmt: skip
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    # The workers' range must hold none of those ports: Ray refuses to start when one falls inside it.
+    workers = next(
+        p for p in iter(lambda: free_ports(1)[0], None) if not any(p <= q <= p + 100 for q in ports.values())
+    )
     temp_dir = tempfile.mkdtemp(prefix="qray")  # short: Ray's socket paths must stay under 108 bytes
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                "--resources", '{"head": 1}', "--include-dashboard", "false", "--disable-usage-stats",
@@ -166,20 +163,29 @@ def token_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_a_token_authenticated_head_is_joined_with_this_machines_token(
-    token_head, tmp_path, monkeypatch, capsys
-):
+def _cli_in_own_process(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter: Ray keeps a process's authentication mode and token once read, so a
+    token-authenticated join in pytest's own process would make every later local `ray.init` of the suite
+    fail to authenticate with its own GCS."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+            "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}  # fmt: skip
+    script = f"import sys; from orchestrator.cli import main; sys.exit(main({args!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={**base, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
+    )  # fmt: skip
+
+
+def test_a_token_authenticated_head_is_joined_with_this_machines_token(token_head, tmp_path):
     address, token = token_head
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"  # no ~/.ray/auth_token
     config = _sweep(tmp_path, "token", {"lora.rank": {"grid": [4]}}, train={"max_steps": 2})
 
     began = time.monotonic()
-    assert main(["run", config, "--address", address]) == 2  # no token here: say what to set, at once
+    done = _cli_in_own_process(["run", str(config), "--address", address], tmp_path, HOME=str(home))
+    assert done.returncode == 2, done.stderr  # no token here: say what to set, at once
     assert time.monotonic() - began < 20
-    err = capsys.readouterr().err.strip().splitlines()
+    err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "requires token authentication" in err[0] and "RAY_AUTH_MODE=token" in err[0], (
         err
     )
@@ -187,6 +193,8 @@ def test_a_token_authenticated_head_is_joined_with_this_machines_token(
 
     # The cluster's token on this machine, RAY_AUTH_MODE unset (what `ray start --head` users have): the
     # driver joins. `status` joins exactly as `run` does (preflight, then ray.init(address)), without a sweep.
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    assert main(["status", "--address", address]) == 0
-    assert f"ray cluster {address}: 1 alive node(s); CPU 2/2 free" in capsys.readouterr().out
+    done = _cli_in_own_process(
+        ["status", "--address", address], tmp_path, HOME=str(home), RAY_AUTH_TOKEN_PATH=str(token)
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"ray cluster {address}: 1 alive node(s); CPU 2/2 free" in done.stdout

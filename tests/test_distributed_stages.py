@@ -4,7 +4,6 @@ process, and LoftQ solved on 2 workers (thin factors gathered, bases rebuilt loc
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from quailora.calibration import GramStore, ProcessGroupSum, collect_grams, sequence_share
 from quailora.quantizers import get_quantizer
 from tests.micro_models import make_micro_checkpoint
+from tests.ports import free_port
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 
 
@@ -34,12 +34,6 @@ def _grams_worker(rank, world_size, port, checkpoint, ids, out, propagate):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -47,7 +41,7 @@ def _init(rank: int, world_size: int, port: int) -> None:
 
 def _spawn(fn, world_size, *args):
     """``world_size`` processes in one gloo group on loopback, as a trial's Ray Train workers are."""
-    mp.spawn(fn, args=(world_size, _free_port(), *args), nprocs=world_size)
+    mp.spawn(fn, args=(world_size, free_port(), *args), nprocs=world_size)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +177,7 @@ def test_solved_updates_are_gathered_as_cpu_tensors(tmp_path, monkeypatch):
     gather = dist.all_gather_object
     monkeypatch.setattr(stages, "compute_adapters", solved_on_accelerator)
     monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: (sent.append(obj), gather(out, obj))[1])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ctx = stages.StageContext(
             config, checkpoint, torch.device("cpu"), torch.float32, StageCache(tmp_path / "cache")

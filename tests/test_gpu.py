@@ -33,6 +33,7 @@ from quailora.qalora.layer import GroupwiseLinear
 from quailora.qalora.loading import load_groupwise_model
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer
+from tests.ports import free_port
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from tests.test_trial_precision import train_worker
 from trials.quantized_model import load_quantized_model
@@ -212,7 +213,7 @@ def test_groupwise_loads_on_cuda_as_on_the_cpu_and_trains_without_full_weights(s
 
 def test_fp16_fine_tuning_with_loss_scaling_on_nccl(setup, tmp_path):
     train = {"zero_stage": 2, "precision": "fp16"}
-    mp.spawn(train_worker, args=(1, _free_port(), *setup, train, str(tmp_path), "cuda"), nprocs=1)
+    mp.spawn(train_worker, args=(1, free_port(), *setup, train, str(tmp_path), "cuda"), nprocs=1)
     record = json.loads((tmp_path / "rank0.json").read_text())
     assert record["precision"] == "fp16" and record["resolved"]["fp16_enabled"] is True
     assert record["stop_reason"] is None and all(math.isfinite(x) for x in record["losses"])
@@ -281,11 +282,3 @@ def test_zero3_trial_over_an_nf4_base_stored_in_bf16(setup, tmp_path):
     bf16 = resolve_precision("auto", CUDA) == "bf16"  # on GPUs without native bf16, auto is fp16
     assert resolved["zero_optimization_stage"] == 3 and resolved["bf16_enabled"] is bf16
     assert run.data.tags["quailora.eval_path"] == f"cuda-{'bfloat16' if bf16 else 'float16'}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from orchestrator.cli import main
 from quailora.base_layers import exact_cpu_4bit
+from tests.ports import free_port
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
@@ -50,17 +50,11 @@ class RecordReports(UserCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on loopback with its own SQLite store and proxied artifacts."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -11,20 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_type="cpu"):
@@ -95,7 +89,7 @@ def test_fine_tuning_runs_the_asked_precision(tmp_path, train, engine_flag):
     world_size = 2
     mp.spawn(
         train_worker,
-        args=(world_size, _free_port(), checkpoint, texts, train, str(tmp_path)),
+        args=(world_size, free_port(), checkpoint, texts, train, str(tmp_path)),
         nprocs=world_size,
     )
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]

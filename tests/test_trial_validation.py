@@ -10,11 +10,11 @@ from pydantic import BaseModel, ValidationError
 from quailora.errors import QuailoraInputError
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.commands import load_trial_config
-from trials.config import ResourcesSpec, TrainSpec
+from trials.config import ResourcesSpec, TrainSpec, check_resources
 from trials.deepspeed_config import compute_dtype, deepspeed_config, resolve_precision
 from trials.run import run_trial
 from trials.tracking import default_tracking_uri, flat_params
-from trials.validation import check_resources, validate_trial
+from trials.validation import validate_trial
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,30 @@ class ResourcesSpec(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+
+
+def check_resources(resources: ResourcesSpec) -> None:
+    """Resources Ray Train would grant but the trial cannot use. A worker computes on the one device
+    ray.train.torch.get_device gives it, so GPUs beyond one per worker would be held and idle; a fractional
+    share lets Ray put two of a trial's workers on one GPU, and NCCL refuses two ranks on one device."""
+    gpus, workers = resources.gpus_per_worker, resources.num_workers
+    if not resources.use_gpu:
+        if gpus:
+            raise QuailoraInputError(
+                f"resources.gpus_per_worker={gpus:g} needs resources.use_gpu: true (CPU workers use no GPU)"
+            )
+        return
+    if gpus > 1:
+        raise QuailoraInputError(
+            f"resources.gpus_per_worker={gpus:g}: a worker computes on one GPU, the others would be reserved "
+            f"and idle; use gpus_per_worker: 1 and resources.num_workers={workers * math.ceil(gpus)}"
+        )
+    if 0 < gpus < 1 and workers > 1:
+        raise QuailoraInputError(
+            f"resources.gpus_per_worker={gpus:g} with resources.num_workers={workers}: two of the trial's "
+            "workers could share a GPU, which NCCL refuses; use gpus_per_worker: 1, or num_workers: 1 "
+            "(one-worker trials may share a GPU)"
+        )
 
 
 class TrialConfig(_Strict):

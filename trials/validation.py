@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from quailora.initializers import needs_gram
 from quailora.peft_init import validate_lora_targets
 from reference.cache import resolve_model
 from trials.adapters import adapter_family, check_adapter_family
-from trials.config import ResourcesSpec, TrialConfig
+from trials.config import TrialConfig, check_resources
 from trials.evaluation import lm_eval_tasks
 from trials.quantized_model import check_quantization
 from trials.sources import check_data
@@ -45,30 +44,6 @@ def _check_init(config: TrialConfig) -> None:
                 f"the pooling group of the adapter method {method!r} initializes; leave it out"
             )
     validate_options(method, options, where=f"init.options (method {method!r})")
-
-
-def check_resources(resources: ResourcesSpec) -> None:
-    """Resources Ray Train would grant but the trial cannot use. A worker computes on the one device
-    ray.train.torch.get_device gives it, so GPUs beyond one per worker would be held and idle; a fractional
-    share lets Ray put two of a trial's workers on one GPU, and NCCL refuses two ranks on one device."""
-    gpus, workers = resources.gpus_per_worker, resources.num_workers
-    if not resources.use_gpu:
-        if gpus:
-            raise QuailoraInputError(
-                f"resources.gpus_per_worker={gpus:g} needs resources.use_gpu: true (CPU workers use no GPU)"
-            )
-        return
-    if gpus > 1:
-        raise QuailoraInputError(
-            f"resources.gpus_per_worker={gpus:g}: a worker computes on one GPU, the others would be reserved "
-            f"and idle; use gpus_per_worker: 1 and resources.num_workers={workers * math.ceil(gpus)}"
-        )
-    if 0 < gpus < 1 and workers > 1:
-        raise QuailoraInputError(
-            f"resources.gpus_per_worker={gpus:g} with resources.num_workers={workers}: two of the trial's "
-            "workers could share a GPU, which NCCL refuses; use gpus_per_worker: 1, or num_workers: 1 "
-            "(one-worker trials may share a GPU)"
-        )
 
 
 def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
