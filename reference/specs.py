@@ -1,8 +1,9 @@
 """The reference models: one small spec per family and size, looked up by name (`llama-tiny`, ...).
 
 Sizes: `micro` builds in seconds (tests, smoke runs), `tiny` in a few minutes on a 2-core CPU (the
-default; quickstart), `mini` (twice as wide) in under half an hour there, `small` is meant for a GPU. All widths are multiples of 64 so that group-wise
-quantization with group 64 applies to every linear layer.
+default; quickstart), `mini` (twice as wide; meant to build within half an hour there, not yet measured),
+`small` is meant for a GPU. All widths are multiples of 64 so that group-wise quantization with group 64
+applies to every linear layer.
 """
 
 from __future__ import annotations
