@@ -13,6 +13,7 @@ from torch import nn
 
 from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
+from quailora.peft_init import checkpoint_name, lora_layer_names
 from quailora.qalora.adapter import apply_qalora, register_groupwise
 from quailora.registry import Registry
 from trials.config import TrialConfig
@@ -61,6 +62,13 @@ def check_adapter_family(config: TrialConfig) -> None:
 
 
 def build_adapter(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
-    return ADAPTER_BUILDERS.get(adapter_family(config.init.method), where="init.method")(
+    """The trial's adapter on every target; a target peft passed over is an error, never a silent gap."""
+    peft_model = ADAPTER_BUILDERS.get(adapter_family(config.init.method), where="init.method")(
         model, config, targets
     )
+    missing = sorted(set(targets) - {checkpoint_name(n) for n in lora_layer_names(peft_model)})
+    if missing:
+        raise QuailoraInputError(
+            f"init.method={config.init.method!r}: peft put no adapter on {len(missing)} target(s), e.g. {missing[:3]}"
+        )
+    return peft_model

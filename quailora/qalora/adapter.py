@@ -18,6 +18,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
+from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
 from quailora.qalora.layer import GroupwiseLinear
 
@@ -115,12 +116,14 @@ def apply_qalora(
     model: nn.Module, rank: int, alpha: float, group_size: int, target_modules: Iterable[str], **lora_options
 ) -> PeftModel:
     """get_peft_model with a QA-LoRA adapter of pooling group ``group_size`` on the GroupwiseLinear targets."""
-    return get_peft_model(
-        model, groupwise_lora_config(rank, alpha, target_modules, group_size, **lora_options)
-    )
+    with peft_sees_split_experts():  # MoE experts are split into linears here, as for plain LoRA
+        return get_peft_model(
+            model, groupwise_lora_config(rank, alpha, target_modules, group_size, **lora_options)
+        )
 
 
 def load_groupwise_adapter(model: nn.Module, adapter_dir: str | Path, **kwargs) -> PeftModel:
     """PeftModel.from_pretrained for an adapter saved from a GroupwiseLinear model (LoRA or QA-LoRA)."""
     config = register_groupwise(LoraConfig.from_pretrained(str(adapter_dir)))
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, **kwargs)
+    with peft_sees_split_experts():
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config, **kwargs)
