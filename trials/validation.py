@@ -13,6 +13,7 @@ from quailora.architectures import Layout, load_model_config
 from quailora.errors import QuailoraInputError
 from quailora.initializers import adapter_kind, needs_gram
 from quailora.peft_init import validate_lora_targets
+from quailora.quantizers import quantizer_spec
 from reference.cache import resolve_model
 from trials.adapters import check_adapter_kind
 from trials.config import TrialConfig, check_resources
@@ -47,8 +48,9 @@ def _check_init(config: TrialConfig) -> None:
 
 
 def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
-    """The group-wise quantizer takes every linear layer but the head, so each must split into groups."""
-    if config.quant.method != "int":
+    """A quantizer that reads quant.group_size (group-wise INT-k) takes every linear layer but the head, so
+    each must split into groups."""
+    if "group_size" not in quantizer_spec(config.quant.method).settings:
         return
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
