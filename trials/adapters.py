@@ -1,4 +1,4 @@
-"""How a trial puts its adapter on the quantized model, one builder per method family.
+"""How a trial puts its adapter on the quantized model, one builder per adapter kind.
 
 Builders are keyed by the adapter kind each initializer declares when it registers
 (quailora.initializers.adapter_kind): "plain" goes through peft's LoraConfig, "pooled" (QA-LoRA) uses the
@@ -16,7 +16,7 @@ from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
 from quailora.initializers import adapter_kind
 from quailora.qalora.adapter import apply_qalora, register_groupwise
-from quailora.quantizers.spec import QUANTIZER_SPECS, quantizer_spec
+from quailora.quantizers import QUANTIZER_SPECS, quantizer_spec
 from quailora.registry import Registry
 from trials.config import TrialConfig
 
