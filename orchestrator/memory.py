@@ -1,10 +1,8 @@
 """Per-worker accelerator memory estimate of one trial, so `plan` can refuse what cannot fit.
 
 Terms (bytes), all stated so a reader can check them by hand:
-- quantized linear weights: 4-bit = 0.5 B/param + absmax (fp32 per block, or with double quant
-  1 B per block + fp32 per 256 blocks); LLM.int8 = 1 B/param + an fp32 scale per output row;
-  group-wise INT-k (quailora.quantizers.groupwise) = codes packed 32//k per int32 word along each row,
-  plus an fp16 scale and an fp32 zero per group.
+- quantized linear weights: each quantizer's own count (QuantizerSpec.linear_bytes, stated in its
+  package's docstring: quailora.quantizers.bnb for NF4/FP4/LLM.int8, .groupwise for INT-k).
 - other weights (embeddings, lm_head unless tied, norms, biases, MoE routers) stay at `model.dtype`.
 - every linear layer of every decoder layer is quantized: fused projections (qkv, gate_up) as they are,
   MoE experts one by one, all resident (orchestrator.model_shapes derives them from the config).
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 
 from orchestrator.model_shapes import ModelShape
 from quailora.initializers import needs_gram
+from quailora.quantizers import quantizer_spec
 from trials.config import TrialConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -52,20 +51,10 @@ class MemoryEstimate:
 
 
 def quantized_linear_bytes(trial: TrialConfig, shape: ModelShape) -> int:
-    q = trial.quant
-    total = 0
-    for _, n_in, n_out in shape.linears():
-        params = n_in * n_out
-        if q.method in ("nf4", "fp4"):
-            blocks = params // q.blocksize
-            absmax = blocks * 1 + (blocks // 256) * 4 if q.double_quant else blocks * 4
-            total += params // 2 + absmax
-        elif q.method == "int8":
-            total += params + 4 * n_out
-        else:  # group-wise INT-k
-            words_per_row = -(-n_in // (32 // q.bits))
-            total += n_out * words_per_row * 4 + (params // q.group_size) * (2 + 4)
-    return total
+    """Bytes of every quantized linear weight as its quantizer stores it; an unknown quant.method is an
+    error (TrialConfig validation refuses one, so this guards configs built around it)."""
+    spec = quantizer_spec(trial.quant.method)
+    return sum(spec.linear_bytes(n_in, n_out, trial.quant) for _, n_in, n_out in shape.linears())
 
 
 def _is_targeted(name: str, targets: list[str] | str) -> bool:

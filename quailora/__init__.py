@@ -22,7 +22,7 @@ _PUBLIC = {
     "INITIALIZERS": "quailora.initializers",
     "Initialization": "quailora.initializers",
     "needs_gram": "quailora.initializers",
-    "QUANTIZERS": "quailora.quantizers",
+    "QUANTIZER_SPECS": "quailora.quantizers",
     "get_quantizer": "quailora.quantizers",
 }
 __all__ = sorted(_PUBLIC)

@@ -27,18 +27,20 @@ from peft.utils.loftq_utils import _low_rank_decomposition
 
 from quailora.api import initialize, method_options, validate_options
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, needs_gram
+from quailora.initializers import INITIALIZERS, adapter_kind, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
 from quailora.qalora.pooling import expand
-from quailora.quantizers import get_quantizer
+from quailora.quantizers import get_quantizer, quantizer_spec
 from quailora.quantizers.base import Quantizer
 
 DEFAULT_SHAPES = [(512, 512), (1024, 2816), (2816, 1024)]
 # (out, in) of LLaMA-7B (4096 hidden, 11008 MLP) and LLaMA-30B (6656 hidden, 17920 MLP) projections.
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (6656, 6656), (17920, 6656), (6656, 17920)]
-# Every registered LoRA method; the QA-LoRA ones (pooled adapters, they take group_size) via --methods.
-DEFAULT_METHODS = [m for m in INITIALIZERS if "group_size" not in method_options(INITIALIZERS.get(m))]
-QUANTIZER_FOR_BITS = {4: ("nf4", {}), 8: ("int8", {}), 3: ("int", {"bits": 3}), 2: ("int", {"bits": 2})}
+# Every registered plain-LoRA method; the pooled (QA-LoRA) ones via --methods.
+DEFAULT_METHODS = [m for m in INITIALIZERS if adapter_kind(m) == "plain"]
+# The bench's quantizer for a bit width: the first of these whose registered bits allow it.
+BENCH_QUANTIZERS = ("nf4", "int8", "int")
+QUANTIZER_FOR_BITS = {bits: name for name in reversed(BENCH_QUANTIZERS) for bits in quantizer_spec(name).bits}
 # Rounding of the published columns: microseconds, so a ratio of the rounded seconds of millisecond solves
 # stays within 0.1 % of the ratio of the raw timings it is computed from.
 SECONDS_DECIMALS = 6
@@ -46,8 +48,7 @@ RATIO_DECIMALS = 3
 
 
 def quantizer_for_bits(bits: int) -> Quantizer:
-    name, opts = QUANTIZER_FOR_BITS[bits]
-    return get_quantizer(name, **opts)
+    return get_quantizer(QUANTIZER_FOR_BITS[bits], bits=bits)
 
 
 def layer_shapes(config) -> dict[str, tuple[int, int]]:
@@ -200,7 +201,7 @@ def _method_runner(method, weight, quantized, gram, rank, quantizer, options):
 
     def score(result):
         product = adapter_product(result.lora_A, result.lora_B, 1.0)
-        if "group_size" in options:  # QA-LoRA: the pooled update acts as B·A·P on the full input
+        if adapter_kind(method) == "pooled":  # the pooled update acts as B·A·P on the full input
             product = expand(product, options["group_size"])
         return product, weight - result.quantized
 

@@ -23,7 +23,7 @@ from quailora.api import initialize, method_options, validate_options
 from quailora.architectures.derive import PEFT_PREFIX as _PEFT_PREFIX
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, needs_gram, rebuilt_base
+from quailora.initializers import INITIALIZERS, adapter_kind, needs_gram, rebuilt_base
 from quailora.quantizers.base import Quantizer
 
 
@@ -126,6 +126,7 @@ def compute_adapters(
     """
     fn = INITIALIZERS.get(method, where="init.method")
     seeded = "seed" in method_options(fn)
+    pooled = adapter_kind(method) == "pooled"
     modules = dict(model.named_modules())
     names = lora_layer_names(model, adapter_name) if names is None else names
     calibrated = needs_gram(method)
@@ -143,7 +144,7 @@ def compute_adapters(
             )
         validate_options(
             method,
-            _layer_options(modules[name], options, adapter_name, seeded, seed, name),
+            _layer_options(modules[name], options, adapter_name, seeded, pooled, seed, name),
             where=f"layer {name}",
         )
 
@@ -154,7 +155,7 @@ def compute_adapters(
         kind = base_layer_kind(base, name)
         quantized = kind.dequantize(base)
         weight = weights.get(f"{checkpoint_name(name)}.weight").to(quantized.device)
-        layer_options = _layer_options(module, options, adapter_name, seeded, seed, name)
+        layer_options = _layer_options(module, options, adapter_name, seeded, pooled, seed, name)
         result = initialize(
             weight,
             quantized,
@@ -171,11 +172,16 @@ def compute_adapters(
 
 
 def _layer_options(
-    module: nn.Module, options: dict, adapter_name: str, seeded: bool, seed: int, name: str
+    module: nn.Module, options: dict, adapter_name: str, seeded: bool, pooled: bool, seed: int, name: str
 ) -> dict:
     layer_options = dict(options)
-    if hasattr(module, "qalora_group_size"):  # QA-LoRA: A acts on pooled inputs, the layer knows the pool
-        layer_options.setdefault("group_size", module.qalora_group_size[adapter_name])
+    if pooled:  # A acts on pooled inputs: the layer's adapter knows the pool
+        pool = getattr(module, "qalora_group_size", {}).get(adapter_name)
+        if pool is None and "group_size" not in layer_options:
+            raise QuailoraInputError(
+                f"layer {name}: a pooled (QA-LoRA) method needs a pooled adapter (LoraConfig use_qalora=True)"
+            )
+        layer_options.setdefault("group_size", pool)
     if seeded:
         layer_options.setdefault("seed", layer_seed(seed, name))
     return layer_options

@@ -11,12 +11,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quailora.quantizers import get_quantizer
+from quailora.quantizers import quantizer_spec
 from quailora.registry import Registry
 from quailora.text import blocks, perplexity, token_stream
 from reference.cache import resolve_model
@@ -26,47 +27,34 @@ from reference.pretrain import cpu_threads
 from reference.specs import DEFAULT_MODELS, get_spec
 
 GROUP_SIZE = 64
+CPU = torch.device("cpu")
 Loader = Callable[[Path], torch.nn.Module]
 PRECISIONS: Registry[Loader] = Registry("precision")
 
 
-def _bnb(path: Path, config: BitsAndBytesConfig) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+@dataclass(frozen=True)
+class TableQuantization:
+    """The table's settings (quailora.quantizers.spec.QuantSettings): NF4 with double quantization and
+    block 64, INT-k with group 64."""
+
+    method: str
+    bits: int
+    blocksize: int = 64
+    double_quant: bool = True
+    group_size: int = GROUP_SIZE
 
 
-def fake_quantize_linears(model: torch.nn.Module, bits: int) -> torch.nn.Module:
-    """Replace every Linear weight except the output head by its group-wise INT-k value, in place
-    (the layers bitsandbytes would quantize: it too leaves the head in full precision)."""
-    quantizer = get_quantizer("int", bits=bits, group_size=GROUP_SIZE)
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module is not head:
-                module.weight.copy_(quantizer.fake_quantize(module.weight))
-    return model
-
-
-def _register_int(bits: int) -> None:
-    PRECISIONS.register(f"INT{bits} g{GROUP_SIZE}")(
-        lambda path: fake_quantize_linears(AutoModelForCausalLM.from_pretrained(path), bits)
-    )
+def _quantized(method: str, bits: int) -> Loader:
+    """The checkpoint loaded quantized by the quantizer's own backend, as a trial loads it, in float32."""
+    settings = TableQuantization(method, bits)
+    return lambda path: quantizer_spec(method).backend().load(path, settings, torch.float32, CPU, False)
 
 
 PRECISIONS.register("fp32")(lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
-PRECISIONS.register("bnb 8-bit")(lambda path: _bnb(path, BitsAndBytesConfig(load_in_8bit=True)))
-PRECISIONS.register("bnb NF4")(
-    lambda path: _bnb(
-        path,
-        BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-    )
-)
+PRECISIONS.register("bnb 8-bit")(_quantized("int8", 8))
+PRECISIONS.register("bnb NF4")(_quantized("nf4", 4))
 for _bits in (4, 3, 2):
-    _register_int(_bits)
+    PRECISIONS.register(f"INT{_bits} g{GROUP_SIZE}")(_quantized("int", _bits))
 COLUMNS = ("fp32", "bnb 8-bit", "bnb NF4", "INT4 g64", "INT3 g64", "INT2 g64")
 
 

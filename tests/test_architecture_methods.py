@@ -12,18 +12,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quailora.architectures import Layout, ModelWeights
-from quailora.base_layers import exact_cpu_4bit
 from quailora.calibration import collect_grams
-from quailora.initializers import INITIALIZERS
+from quailora.initializers import INITIALIZERS, adapter_kind
 from quailora.peft_init import apply_adapters, compute_adapters, lora_layer_names, validate_lora_targets
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from tests.micro_models import ARCHITECTURES, make_micro_checkpoint
-from trials.adapters import adapter_family, build_adapter
+from trials.adapters import build_adapter
 from trials.config import TrialConfig
 from trials.quantized_model import load_quantized_model
 
 IDS = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 # QA-LoRA's base: group-wise INT4 whose groups divide every micro layer's input width.
-QUANT = {"lora": {"method": "nf4", "bits": 4}, "qalora": {"method": "int", "bits": 4, "group_size": 8}}
+QUANT = {"plain": {"method": "nf4", "bits": 4}, "pooled": {"method": "int", "bits": 4, "group_size": 8}}
 # The methods that start the adapter at a product that approximates the quantization error (the others
 # start it at zero: their adapted model equals the quantized one at step 0).
 ERROR_FITTING = {"svd", "quailora", "closed_form", "loftq", "qalora_closed_form"}
@@ -43,9 +43,9 @@ def test_every_init_method(name, tmp_path):
 
     failures = {}
     for method in sorted(INITIALIZERS):
-        family = adapter_family(method)
+        kind = adapter_kind(method)
         config = TrialConfig(
-            model={"path": str(checkpoint)}, quant=QUANT[family], lora={"rank": 4}, init={"method": method}
+            model={"path": str(checkpoint)}, quant=QUANT[kind], lora={"rank": 4}, init={"method": method}
         )
         model = build_adapter(
             load_quantized_model(checkpoint, config, torch.float32, torch.device("cpu")), config, targets

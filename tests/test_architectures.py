@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from quailora.architectures import Layout, ModelWeights
 from quailora.architectures.experts import peft_sees_split_experts
-from quailora.base_layers import exact_cpu_4bit
 from quailora.calibration import collect_grams
 from quailora.linalg import calibrated_error
 from quailora.peft_init import (
@@ -25,6 +24,7 @@ from quailora.peft_init import (
     lora_layer_names,
     validate_lora_targets,
 )
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from tests.micro_models import ARCHITECTURES, make_micro_checkpoint
 from trials.adapters import build_adapter
 from trials.config import TrialConfig

@@ -4,6 +4,7 @@ import pytest
 
 from quailora.bench import DEFAULT_METHODS, RATIO_DECIMALS, SECONDS_DECIMALS, bench_rows
 from quailora.errors import QuailoraInputError
+from quailora.initializers import adapter_kind
 
 
 def test_bench_rows_carry_peer_ratio_and_agree_with_peft():
@@ -29,7 +30,7 @@ def test_bench_rows_carry_peer_ratio_and_agree_with_peft():
 
 def test_default_methods_come_from_the_registry():
     assert {"gaussian", "svd", "quailora", "closed_form", "loftq"} <= set(DEFAULT_METHODS)
-    assert not any(m.startswith("qalora") for m in DEFAULT_METHODS)
+    assert all(adapter_kind(m) == "plain" for m in DEFAULT_METHODS)  # pooled ones only via --methods
 
 
 @pytest.mark.parametrize(

@@ -65,8 +65,9 @@ def test_data_parallel_grams_equal_one_process(tmp_path, propagate, num_sequence
 
 
 def _loftq_worker(rank, world_size, port, checkpoint, texts, cache_root, out):
-    from quailora.base_layers import base_layer_kind, exact_cpu_4bit
+    from quailora.base_layers import base_layer_kind
     from quailora.peft_init import lora_layer_names
+    from quailora.quantizers.bnb.layers import exact_cpu_4bit
     from trials import stages
     from trials.adapters import build_adapter
     from trials.cache import StageCache

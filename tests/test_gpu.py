@@ -26,7 +26,7 @@ from quailora.api import initialize
 from quailora.architectures import ModelWeights
 from quailora.base_layers import base_layer_kind
 from quailora.bench import method_options_for, synthetic_layer
-from quailora.initializers import needs_gram
+from quailora.initializers import adapter_kind, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
 from quailora.peft_init import LayerUpdate
 from quailora.qalora.layer import GroupwiseLinear
@@ -144,9 +144,9 @@ def test_each_layers_quantizer_reproduces_its_cuda_q(setup, quant, dtype):
         assert torch.equal(kind.quantizer(layer).fake_quantize(weight), q), name
 
 
-def _objective(result, weight, gram, options) -> float:
+def _objective(result, weight, gram, options, method) -> float:
     product = adapter_product(result.lora_A.double().cpu(), result.lora_B.double().cpu(), 1.0)
-    if "group_size" in options:  # QA-LoRA: the pooled update acts on the full input as B·A·P
+    if adapter_kind(method) == "pooled":  # the pooled update acts on the full input as B·A·P
         product = expand(product, options["group_size"])
     error = weight.double() - result.quantized.double().cpu()
     return calibrated_error(error, product, gram.double()) + weight_error(error, product)
@@ -156,7 +156,9 @@ def _objective(result, weight, gram, options) -> float:
 def test_init_methods_on_cuda_agree_with_the_cpu(method, record_property):
     weight, gram = synthetic_layer(384, 256)
     quantizer = (
-        get_quantizer("int", bits=4, group_size=64) if method.startswith("qalora") else get_quantizer("nf4")
+        get_quantizer("int", bits=4, group_size=64)
+        if adapter_kind(method) == "pooled"
+        else get_quantizer("nf4")
     )
     quantized = quantizer.fake_quantize(weight)
     options = method_options_for(method, iterations=5, solver="exact", group_size=64)
@@ -172,7 +174,7 @@ def test_init_methods_on_cuda_agree_with_the_cpu(method, record_property):
     assert all(
         t.device.type == "cpu" for t in (travels.lora_A, travels.lora_B, *(travels.base_residual or ()))
     )
-    cpu_value, cuda_value = (_objective(results[d], weight, gram, options) for d in ("cpu", "cuda"))
+    cpu_value, cuda_value = (_objective(results[d], weight, gram, options, method) for d in ("cpu", "cuda"))
     record_property(f"objective_cuda_over_cpu_{method}", cuda_value / cpu_value)
     # LoftQ re-quantizes with bitsandbytes' CUDA kernel on CUDA and its CPU path on the CPU: a code may
     # round the other way at a tie, so its tolerance is wider.

@@ -5,7 +5,7 @@ import torch
 
 from quailora.errors import QuailoraInputError
 from quailora.quantizers import get_quantizer
-from quailora.quantizers.groupwise import (
+from quailora.quantizers.groupwise.codes import (
     GroupwiseIntQuantizer,
     codes_per_word,
     pack_codes,

@@ -111,9 +111,10 @@ def test_calibrated_init_adds_gram_phase():
 def test_groupwise_int_packs_codes_in_words():
     trial = _trial("int", 3, quant={"group_size": 64})
     est = estimate(trial, llama7b())
-    # 10 three-bit codes per int32 word: ceil(4096/10)=410 and ceil(11008/10)=1101 words per row;
-    # plus fp16 scale + fp32 zero (6 B) per group of 64.
-    words = 4 * 4096 * 410 + 2 * 11008 * 410 + 4096 * 1101
+    # 10 three-bit codes per int32 word, packed over the whole (out x in) weight as GroupwiseLinear
+    # stores it: ceil(4096·4096/10) and ceil(11008·4096/10) words; plus fp16 scale + fp32 zero (6 B)
+    # per group of 64.
+    words = 4 * 1677722 + 3 * 4508877
     assert est.quantized_weights == 32 * (words * 4 + LINEAR_PARAMS_PER_LAYER // 64 * 6)
 
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import quailora
-from quailora.base_layers import base_layer_kind, exact_cpu_4bit
+from quailora.base_layers import base_layer_kind
 from quailora.checkpoint import SafetensorsWeights
 from quailora.errors import QuailoraInputError
 from quailora.initializers import rebuilt_base
@@ -22,6 +22,7 @@ from quailora.peft_init import (
     validate_lora_targets,
 )
 from quailora.quantizers import get_quantizer
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from tests.micro_models import make_micro_checkpoint
 
 QUANT = {

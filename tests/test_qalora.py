@@ -20,7 +20,7 @@ from quailora.qalora.adapter import (
 from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
 from quailora.qalora.merge import load_merged, merge_qalora, save_merged
 from quailora.qalora.pooling import expand, pool, pooling_factor
-from quailora.quantizers.groupwise import GroupwiseIntQuantizer, unpack_codes
+from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer, unpack_codes
 from tests.layer_problems import layer_problem
 from tests.micro_models import make_micro_config
 
@@ -78,7 +78,7 @@ def test_row_blocks_dequantize_exactly_as_the_whole_matrix(bits, monkeypatch):
         37, 96
     )
     # 3 rows per block: with 10 three-bit codes per word, most blocks start inside a word.
-    monkeypatch.setattr("quailora.quantizers.groupwise.DEQUANT_BLOCK", 3 * 96)
+    monkeypatch.setattr("quailora.quantizers.groupwise.codes.DEQUANT_BLOCK", 3 * 96)
     assert torch.equal(layer.dequantize(), whole)
     assert torch.equal(layer.dequantize(torch.bfloat16), whole.to(torch.bfloat16))  # one rounding
 

@@ -1,27 +1,30 @@
-"""The quantization table's group-wise path quantizes every decoder linear layer and leaves the head alone."""
+"""The quantization table loads each column through its quantizer's backend: the group-wise columns
+quantize every decoder linear layer and leave the head alone."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from reference.quant_table import GROUP_SIZE, fake_quantize_linears, markdown
+from quailora.qalora.layer import GroupwiseLinear
+from quailora.quantizers import get_quantizer
+from reference.quant_table import GROUP_SIZE, PRECISIONS, markdown
 from tests.micro_models import make_micro_config
 
 
-def test_fake_quantize_linears_rounds_every_linear_but_the_head() -> None:
+def test_int_column_quantizes_every_linear_but_the_head(tmp_path) -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_micro_config("llama", hidden=64, vocab=128))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    fake_quantize_linears(model, bits=2)
-    head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
-    for name, module in linears:
-        weight = module.weight.detach()
-        assert not torch.equal(weight, before[f"{name}.weight"]), name
-        groups = weight.reshape(-1, GROUP_SIZE)
-        assert max(len(torch.unique(g)) for g in groups) <= 4, name  # 2 bits: at most 4 levels per group
-    assert torch.equal(head.weight, before["lm_head.weight"])
-    assert torch.equal(model.get_input_embeddings().weight, before["model.embed_tokens.weight"])
+    AutoModelForCausalLM.from_config(make_micro_config("llama", hidden=64, vocab=128)).save_pretrained(
+        tmp_path
+    )
+    before = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model = PRECISIONS.get(f"INT2 g{GROUP_SIZE}")(tmp_path)
+    quantizer = get_quantizer("int", bits=2, group_size=GROUP_SIZE)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GroupwiseLinear)]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for name, layer in layers:
+        original = before.get_submodule(name).weight.detach()
+        assert layer.bits == 2 and torch.equal(layer.dequantize(), quantizer.fake_quantize(original)), name
+    assert torch.equal(model.get_output_embeddings().weight, before.get_output_embeddings().weight)
+    assert torch.equal(model.get_input_embeddings().weight, before.get_input_embeddings().weight)
 
 
 def test_markdown_reports_relative_change_against_fp32() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from orchestrator.cli import main
-from quailora.base_layers import exact_cpu_4bit
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from tests.ports import free_port
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config

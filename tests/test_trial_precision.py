@@ -27,7 +27,7 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
     import bitsandbytes as bnb
     import ray.train
 
-    from quailora.base_layers import exact_cpu_4bit
+    from quailora.quantizers.bnb.layers import exact_cpu_4bit
     from trials import stages
     from trials.adapters import build_adapter
     from trials.cache import StageCache

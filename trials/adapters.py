@@ -1,7 +1,8 @@
-"""How a trial puts its adapter on the quantized model, one builder per method family.
+"""How a trial puts its adapter on the quantized model, one builder per adapter kind.
 
-Plain LoRA (every method but QA-LoRA's) goes through peft's LoraConfig; QA-LoRA methods (``qalora_*``)
-use the pooled adapter of ``quailora.qalora``. Adding a family means registering one builder.
+Builders are keyed by the adapter kind each initializer declares when it registers
+(quailora.initializers.adapter_kind): "plain" goes through peft's LoraConfig, "pooled" (QA-LoRA) uses the
+pooled adapter of ``quailora.qalora``. Adding a kind means registering one builder.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from torch import nn
 
 from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
+from quailora.initializers import adapter_kind
 from quailora.peft_init import checkpoint_name, lora_layer_names
 from quailora.qalora.adapter import apply_qalora, register_groupwise
+from quailora.quantizers import QUANTIZER_SPECS, quantizer_spec
 from quailora.registry import Registry
 from trials.config import TrialConfig
 
 AdapterBuilder = Callable[[nn.Module, TrialConfig, list[str]], PeftModel]
-ADAPTER_BUILDERS: Registry[AdapterBuilder] = Registry("adapter family")
+ADAPTER_BUILDERS: Registry[AdapterBuilder] = Registry("adapter kind")
 
 
-def adapter_family(method: str) -> str:
-    return "qalora" if method.startswith("qalora_") else "lora"
-
-
-@ADAPTER_BUILDERS.register("lora")
+@ADAPTER_BUILDERS.register("plain")
 def build_lora(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
     lora = LoraConfig(
         r=config.lora.rank,
@@ -40,7 +39,7 @@ def build_lora(model: nn.Module, config: TrialConfig, targets: list[str]) -> Pef
         return get_peft_model(model, register_groupwise(lora))
 
 
-@ADAPTER_BUILDERS.register("qalora")
+@ADAPTER_BUILDERS.register("pooled")
 def build_qalora(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
     return apply_qalora(
         model,
@@ -53,17 +52,22 @@ def build_qalora(model: nn.Module, config: TrialConfig, targets: list[str]) -> P
     )
 
 
-def check_adapter_family(config: TrialConfig) -> None:
-    """QA-LoRA folds into group-wise zero points, so it needs the group-wise INT-k quantizer."""
-    if adapter_family(config.init.method) == "qalora" and config.quant.method != "int":
+def check_adapter_kind(config: TrialConfig) -> None:
+    """The quantizer must carry the method's adapter kind (a pooled adapter folds into zero points)."""
+    kind = adapter_kind(config.init.method)
+    spec = quantizer_spec(config.quant.method)
+    if kind not in spec.adapters:
+        able = [name for name in QUANTIZER_SPECS if kind in QUANTIZER_SPECS.get(name).adapters]
+        needed = f"={able[0]!r}" if len(able) == 1 else f" in {able}"
         raise QuailoraInputError(
-            f"init.method={config.init.method!r} needs quant.method='int' (group-wise INT-k), got {config.quant.method!r}"
+            f"init.method={config.init.method!r} trains a {kind} adapter and needs quant.method{needed} "
+            f"(a quantizer that carries one), got {config.quant.method!r}"
         )
 
 
 def build_adapter(model: nn.Module, config: TrialConfig, targets: list[str]) -> PeftModel:
     """The trial's adapter on every target; a target peft passed over is an error, never a silent gap."""
-    peft_model = ADAPTER_BUILDERS.get(adapter_family(config.init.method), where="init.method")(
+    peft_model = ADAPTER_BUILDERS.get(adapter_kind(config.init.method), where="init.method")(
         model, config, targets
     )
     missing = sorted(set(targets) - {checkpoint_name(n) for n in lora_layer_names(peft_model)})

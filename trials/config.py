@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quailora.errors import QuailoraInputError
+from quailora.quantizers import QUANTIZER_SPECS, QuantizerSpec
 
 
 class _Strict(BaseModel):
@@ -24,21 +25,44 @@ class ModelSpec(_Strict):
 
 
 class QuantSpec(_Strict):
-    # nf4/fp4: bitsandbytes 4-bit; int8: bitsandbytes LLM.int8; int: group-wise asymmetric RTN INT-k.
-    method: Literal["nf4", "fp4", "int8", "int"] = "nf4"
-    bits: int = 4
+    # A name from quailora's quantizer registry (quailora.quantizers: nf4/fp4 bitsandbytes 4-bit, int8
+    # bitsandbytes LLM.int8, int group-wise asymmetric RTN INT-k, ...); it says which bits it allows.
+    method: str = "nf4"
+    bits: int = 4  # when left out: the method's default (nf4: 4, int8: 8, int: 4)
     blocksize: int = 64  # bitsandbytes 4-bit block size
     double_quant: bool = True  # bitsandbytes 4-bit nested quantization of the absmax
     group_size: int = 64  # group-wise INT-k quantizer / QA-LoRA pooling group
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_bits(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bits" not in data:
+            spec = _quantizer_spec(data.get("method", cls.model_fields["method"].default))
+            data = {**data, "bits": spec.default_bits}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _method_registered(cls, method: str) -> str:
+        _quantizer_spec(method)
+        return method
+
     @model_validator(mode="after")
     def _bits_match_method(self) -> QuantSpec:
-        allowed = {"nf4": {4}, "fp4": {4}, "int8": {8}, "int": {2, 3, 4, 8}}[self.method]
+        allowed = _quantizer_spec(self.method).bits
         if self.bits not in allowed:
             raise ValueError(
                 f"quant.bits={self.bits} is not possible with quant.method={self.method!r}; allowed: {sorted(allowed)}"
             )
         return self
+
+
+def _quantizer_spec(method: object) -> QuantizerSpec:
+    if not isinstance(method, str) or method not in QUANTIZER_SPECS:
+        raise ValueError(
+            f"quant.method={method!r} is not a registered quantizer; allowed: {QUANTIZER_SPECS.names()}"
+        )
+    return QUANTIZER_SPECS.get(method)
 
 
 class LoraSpec(_Strict):

@@ -5,10 +5,11 @@ DIR/load.json says what to load, paths relative to DIR:
 DIR/README.md has the loading snippet (and the stock lm-eval command when the trial ran lm-eval tasks),
 DIR/probe.safetensors the trial's probe input ids and logits to check a load against.
 
-- The base is the trial's quantized model written by a stock format: bitsandbytes layers serialize
-  themselves (NF4/FP4/LLM.int8, pre-quantized, so quantization_config is null and config.json carries it),
-  group-wise INT-k layers become a compressed-tensors checkpoint (quailora.qalora.compressed).
-- The adapter is the trial's peft adapter; a QA-LoRA adapter becomes the equal plain LoRA adapter.
+- The base is the trial's quantized model written by its quantizer's stock format (QuantBackend.save_stock,
+  QuantizerSpec.export_format): bitsandbytes layers serialize themselves (NF4/FP4/LLM.int8, pre-quantized,
+  so quantization_config is null and config.json carries it), group-wise INT-k layers become a
+  compressed-tensors checkpoint (quailora.qalora.compressed).
+- The adapter is the trial's peft adapter; a pooled (QA-LoRA) adapter becomes the equal plain LoRA adapter.
 - ``--merged``: QA-LoRA folds into the zero points and stays INT-k (compressed-tensors); other methods
   are written as one float checkpoint with Q + sBA in each quantized layer. No adapter.
 
@@ -35,14 +36,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quailora.architectures import ModelWeights
-from quailora.base_layers import base_layer_kind
+from quailora.base_layers import base_layer_kind, base_layers
 from quailora.errors import QuailoraInputError
-from quailora.initializers import changes_base, rebuilt_base
+from quailora.initializers import adapter_kind, changes_base, rebuilt_base
 from quailora.peft_init import checkpoint_name, load_base_residuals
 from quailora.qalora.adapter import load_groupwise_adapter
-from quailora.qalora.compressed import lora_from_qalora, save_compressed
-from quailora.qalora.layer import GroupwiseLinear
+from quailora.qalora.compressed import lora_from_qalora
 from quailora.qalora.merge import merge_qalora
+from quailora.quantizers import quantizer_spec
 from quailora.registry import Registry
 from reference.cache import resolve_model
 from trials.config import TrialConfig
@@ -74,8 +75,9 @@ class TrialRun:
         return self.artifacts / PROBE_ARTIFACT / PROBE_LOGITS
 
     @property
-    def qalora(self) -> bool:
-        return bool(json.loads((self.adapter / "adapter_config.json").read_text()).get("use_qalora"))
+    def pooled(self) -> bool:
+        """A QA-LoRA adapter, as the trial's init method declares."""
+        return adapter_kind(self.config.init.method) == "pooled"
 
 
 def fetch_run(tracking_uri: str, run_id: str, dest: Path) -> TrialRun:
@@ -176,11 +178,8 @@ def load_trial_model(run: TrialRun, weights: Path) -> PeftModel:
     return load_groupwise_adapter(load_trial_base(run, weights), run.adapter).eval()
 
 
-def _write_quantized(model: nn.Module, out: Path) -> None:
-    if any(isinstance(m, GroupwiseLinear) for m in model.modules()):
-        save_compressed(model, out)
-    else:  # bitsandbytes layers serialize themselves; config.json then carries their quantization_config
-        model.save_pretrained(out)
+def _write_stock(model: nn.Module, config: TrialConfig, out: Path) -> None:
+    quantizer_spec(config.quant.method).backend().save_stock(model, out)
 
 
 @torch.no_grad()
@@ -189,7 +188,7 @@ def _float_merged(model: PeftModel, weights: Path, dtype: torch.dtype) -> nn.Mod
     merged = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     base = model.get_base_model()
     for name, module in base.named_modules():
-        kind = base_layer_kind(module, name) if isinstance(module, nn.Linear | GroupwiseLinear) else None
+        kind = base_layer_kind(module, name) if isinstance(module, tuple(base_layers())) else None
         if kind is None or kind.quantizer(module) is None:  # the head and other unquantized layers stay
             continue
         target = name.removesuffix(".base_layer")
@@ -205,8 +204,8 @@ def _float_merged(model: PeftModel, weights: Path, dtype: torch.dtype) -> nn.Mod
 
 def write_adapter_export(run: TrialRun, weights: Path, out: Path) -> dict:
     """The trial's quantized base and its adapter (QA-LoRA as the equal plain LoRA adapter)."""
-    _write_quantized(load_trial_base(run, weights), out / "base")
-    if run.qalora:
+    _write_stock(load_trial_base(run, weights), run.config, out / "base")
+    if run.pooled:
         lora_from_qalora(run.adapter, out / "adapter")
     else:
         shutil.copytree(run.adapter, out / "adapter")
@@ -216,8 +215,8 @@ def write_adapter_export(run: TrialRun, weights: Path, out: Path) -> dict:
 def write_merged_export(run: TrialRun, weights: Path, out: Path) -> dict:
     """One model with the adapter folded in: INT-k zero points for QA-LoRA, Q + sBA floats otherwise."""
     model = load_trial_model(run, weights)
-    if run.qalora:
-        save_compressed(merge_qalora(model), out / "model")
+    if run.pooled:  # the pooled update folds into zero points: the model stays in the quantizer's format
+        _write_stock(merge_qalora(model), run.config, out / "model")
     else:
         _float_merged(model, weights, getattr(torch, run.config.model.dtype)).save_pretrained(out / "model")
     return {"base": "model", "quantization_config": None, "adapter": None}
@@ -295,7 +294,7 @@ def lm_eval_command(run: TrialRun, spec: dict, out: Path) -> str | None:
 def readme(run: TrialRun, spec: dict, out: Path) -> str:
     config = run.config
     what = "merged model" if spec["adapter"] is None else "quantized base and adapter"
-    extra = ", compressed-tensors" if config.quant.method == "int" else ""
+    extra = f" ({quantizer_spec(config.quant.method).export_format} checkpoint)"
     lines = [
         f"# Trial {config.name!r} (MLflow run {run.run_id}): {what}",
         "",

@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 from quailora.api import validate_options
 from quailora.architectures import Layout, load_model_config
 from quailora.errors import QuailoraInputError
-from quailora.initializers import needs_gram
+from quailora.initializers import adapter_kind, needs_gram
 from quailora.peft_init import validate_lora_targets
+from quailora.quantizers import quantizer_spec
 from reference.cache import resolve_model
-from trials.adapters import adapter_family, check_adapter_family
+from trials.adapters import check_adapter_kind
 from trials.config import TrialConfig, check_resources
 from trials.evaluation import lm_eval_tasks
 from trials.quantized_model import check_quantization
@@ -36,7 +37,7 @@ def _check_init(config: TrialConfig) -> None:
     adapter's pooling group, quant.group_size: any other value would fail only mid-compute."""
     method = config.init.method
     options = dict(config.init.options)
-    if adapter_family(method) == "qalora":
+    if adapter_kind(method) == "pooled":
         group_size = options.setdefault("group_size", config.quant.group_size)
         if group_size != config.quant.group_size:
             raise QuailoraInputError(
@@ -47,8 +48,9 @@ def _check_init(config: TrialConfig) -> None:
 
 
 def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
-    """The group-wise quantizer takes every linear layer but the head, so each must split into groups."""
-    if config.quant.method != "int":
+    """A quantizer that reads quant.group_size (group-wise INT-k) takes every linear layer but the head, so
+    each must split into groups."""
+    if "group_size" not in quantizer_spec(config.quant.method).settings:
         return
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
@@ -65,7 +67,7 @@ def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
 
 def _check_pooled_rank(model: torch.nn.Module, names: list[str], config: TrialConfig) -> None:
     """QA-LoRA's lora_A reads one pooled value per group, so its rank is bounded by in_features/group_size."""
-    if adapter_family(config.init.method) != "qalora":
+    if adapter_kind(config.init.method) != "pooled":
         return
     modules = dict(model.named_modules())
     for name in names:
@@ -82,7 +84,7 @@ def validate_trial(config: TrialConfig) -> TrialPlan:
     check_resources(config.resources)
     _check_init(config)
     check_quantization(config.quant)
-    check_adapter_family(config)
+    check_adapter_kind(config)
     checkpoint = resolve_model(config.model.path)
     model_config = load_model_config(checkpoint, f"model.path={config.model.path!r}")
     layout = Layout.from_config(model_config)  # shapes only, on meta: refuses what cannot be supported

@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from quailora.base_layers import eval_path, exact_cpu_4bit
+from quailora.base_layers import eval_path
 from quailora.initializers import needs_gram
 from quailora.peft_init import save_base_residuals
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from quailora.text import perplexity, tokenize_blocks
 from trials import stages
 from trials.adapters import build_adapter

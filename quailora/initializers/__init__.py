@@ -5,29 +5,36 @@ import pkgutil
 
 from quailora.initializers.base import (
     INITIALIZERS,
+    AdapterKind,
     Initialization,
     Initializer,
+    InitializerTraits,
     InitProblem,
-    base_changing,
-    calibrated,
+    adapter_kind,
     changes_base,
     needs_gram,
     rebuilt_base,
+    register,
+    traits,
 )
 
-# Adding a method means adding a file here: every module is imported for its @register side effect.
+# Adding a method means adding a file here: every module is imported for its @register side effect,
+# which also declares the method's traits (adapter kind, needs a Gram, changes the base).
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
     "INITIALIZERS",
+    "AdapterKind",
     "Initialization",
     "Initializer",
+    "InitializerTraits",
     "InitProblem",
-    "base_changing",
-    "calibrated",
+    "adapter_kind",
     "changes_base",
     "needs_gram",
     "rebuilt_base",
+    "register",
+    "traits",
 ]

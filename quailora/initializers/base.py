@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from quailora.errors import QuailoraInputError
 from quailora.registry import Registry
@@ -67,27 +67,53 @@ def rebuilt_base(weight: torch.Tensor, residual: tuple[torch.Tensor, torch.Tenso
 
 Initializer = Callable[..., Initialization]
 INITIALIZERS: Registry[Initializer] = Registry("initialization method")
+AdapterKind = Literal["plain", "pooled"]
 
 
-def calibrated(fn: Initializer) -> Initializer:
-    """Mark a method whose objective is weighted by the layer's input Gram H (it needs calibration data)."""
-    fn.needs_gram = True  # type: ignore[attr-defined]
-    return fn
+@dataclass(frozen=True)
+class InitializerTraits:
+    """What a method is, declared when it registers, so callers ask this and never guess from its name.
+
+    adapter: "plain" LoRA (lora_A is r x in) or "pooled" QA-LoRA (lora_A is r x in/group_size, reads
+    group-averaged inputs; the method takes a ``group_size`` option). needs_gram: the objective is weighted
+    by the layer's input Gram H, so the trial calibrates. changes_base: the method moves Q (it returns
+    ``Initialization.base_residual``), so the trial's quantized base is not the checkpoint's.
+    """
+
+    adapter: AdapterKind = "plain"
+    needs_gram: bool = False
+    changes_base: bool = False
+
+
+TRAITS: Registry[InitializerTraits] = Registry("initialization method")
+
+
+def register(
+    name: str, *, adapter: AdapterKind = "plain", needs_gram: bool = False, changes_base: bool = False
+) -> Callable[[Initializer], Initializer]:
+    """Register an initializer under ``name`` together with its declared traits."""
+
+    def deco(fn: Initializer) -> Initializer:
+        TRAITS.register(name)(InitializerTraits(adapter, needs_gram, changes_base))
+        return INITIALIZERS.register(name)(fn)
+
+    return deco
+
+
+def traits(method: str) -> InitializerTraits:
+    return TRAITS.get(method, where="init.method")
 
 
 def needs_gram(method: str) -> bool:
-    return getattr(INITIALIZERS.get(method, where="init.method"), "needs_gram", False)
-
-
-def base_changing(fn: Initializer) -> Initializer:
-    """Mark a method that moves the base weights (it returns ``Initialization.base_weight``): its model is
-    quant(W') + sBA for a W' of its own, so the trial's quantized base is not the checkpoint's."""
-    fn.changes_base = True  # type: ignore[attr-defined]
-    return fn
+    return traits(method).needs_gram
 
 
 def changes_base(method: str) -> bool:
-    return getattr(INITIALIZERS.get(method, where="init.method"), "changes_base", False)
+    return traits(method).changes_base
+
+
+def adapter_kind(method: str) -> AdapterKind:
+    return traits(method).adapter
 
 
 def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
+from quailora.initializers.base import Initialization, InitProblem, register
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 
 if TYPE_CHECKING:
@@ -16,8 +16,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("closed_form")
-@calibrated
+@register("closed_form", needs_gram=True)
 def closed_form(
     problem: InitProblem,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, kaiming_uniform
+from quailora.initializers.base import Initialization, InitProblem, kaiming_uniform, register
 
 if TYPE_CHECKING:
     import torch
@@ -12,7 +12,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("gaussian")
+@register("gaussian")
 def gaussian(problem: InitProblem, *, seed: int = 0) -> Initialization:
     out_features, in_features = problem.weight.shape
     device = problem.weight.device

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
 from quailora.initializers.base import (
-    INITIALIZERS,
     Initialization,
     InitProblem,
-    base_changing,
     rebuilt_base,
+    register,
 )
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
 
@@ -26,8 +25,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("loftq")
-@base_changing
+@register("loftq", changes_base=True)
 def loftq(
     problem: InitProblem,
     *,

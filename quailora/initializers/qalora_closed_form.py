@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated, pooled_width
+from quailora.initializers.base import Initialization, InitProblem, pooled_width, register
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damped_cholesky, truncated_svd
 from quailora.qalora.pooling import pool_gram
 
@@ -19,8 +19,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("qalora_closed_form")
-@calibrated
+@register("qalora_closed_form", adapter="pooled", needs_gram=True)
 def qalora_closed_form(
     problem: InitProblem,
     *,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from quailora.initializers.base import (
-    INITIALIZERS,
     Initialization,
     InitProblem,
     kaiming_uniform,
     pooled_width,
+    register,
 )
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("qalora_zero")
+@register("qalora_zero", adapter="pooled")
 def qalora_zero(problem: InitProblem, *, group_size: int, seed: int = 0) -> Initialization:
     device = problem.weight.device
     lora_a = kaiming_uniform(problem.rank, pooled_width(problem, group_size), seed, device)

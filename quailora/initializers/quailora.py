@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem, calibrated
+from quailora.initializers.base import Initialization, InitProblem, register
 from quailora.linalg import FactorSplit, SvdSolver, balanced_factors, damp, truncated_svd
 
 if TYPE_CHECKING:
@@ -18,8 +18,7 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@INITIALIZERS.register("quailora")
-@calibrated
+@register("quailora", needs_gram=True)
 def quailora(
     problem: InitProblem,
     *,

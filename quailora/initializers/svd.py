@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from quailora.initializers.base import INITIALIZERS, Initialization, InitProblem
+from quailora.initializers.base import Initialization, InitProblem, register
 from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
 
 
-@INITIALIZERS.register("svd")
+@register("svd")
 def svd(
     problem: InitProblem,
     *,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quailora.errors import QuailoraInputError
-from quailora.quantizers.groupwise import (
+from quailora.quantizers.groupwise.codes import (
     SCALE_DTYPE,
     ZERO_DTYPE,
     GroupwiseIntQuantizer,

@@ -3,7 +3,7 @@
 The update s·B·A·P is constant over each pooling group, hence over each quantization group inside it:
 for row i and quantization group g it adds the same δ = (s·B·A·P)[i, j ∈ g] to every weight. Since
 α(c − z) + δ = α(c − (z − δ/α)), the merge is z' = z − δ/α with codes and scales unchanged. Zeros are
-float32 (see quailora.quantizers.groupwise), so z' is kept exactly instead of being rounded to an integer.
+float32 (see quailora.quantizers.groupwise.codes), so z' is kept exactly instead of being rounded to an integer.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-
-from quailora.registry import Registry
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -17,6 +16,3 @@ class Quantizer(Protocol):
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Return dequant(quant(weight)) as float32, same shape (out x in)."""
         ...
-
-
-QUANTIZERS: Registry[type] = Registry("quantizer")

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from quailora.errors import QuailoraInputError
-from quailora.quantizers.base import QUANTIZERS
+from quailora.quantizers.groupwise import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 ZERO_DTYPE = torch.float32
 # Smallest normal float16: a constant group (max == min) would give α = 0, and α must stay invertible.
@@ -108,7 +107,6 @@ def _round_up_to_scale_dtype(alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(half.float() < alpha, up, half)
 
 
-@QUANTIZERS.register("int")
 class GroupwiseIntQuantizer:
     """Asymmetric RTN per (row, group of ``group_size`` inputs), k = 2, 3, 4 or 8 bits."""
 
@@ -117,7 +115,7 @@ class GroupwiseIntQuantizer:
     def __init__(self, bits: int, group_size: int = 64) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
             raise QuailoraInputError(
-                f"quantizer 'int': bits={bits!r} is not supported; choose one of {SUPPORTED_BITS}"
+                f"quantizer 'int': bits={bits!r} is not supported; choose one of {tuple(sorted(SUPPORTED_BITS))}"
             )
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise QuailoraInputError(f"quantizer 'int': group_size={group_size!r} must be a positive integer")

@@ -1,0 +1,43 @@
+"""bitsandbytes: NF4 and FP4 (4-bit, per-block absmax) and LLM.int8 (8-bit, per-row absmax).
+
+Bytes per weight as stored: 4-bit = 1/2 per weight + the absmax per block (fp32, or with double quant
+one byte per block plus an fp32 per 256 blocks); LLM.int8 = 1 per weight + an fp32 scale per output row.
+"""
+
+from __future__ import annotations
+
+from quailora.quantizers.spec import QuantizerSpec, QuantSettings, register_quantizer
+
+
+def _4bit_bytes(n_in: int, n_out: int, settings: QuantSettings) -> int:
+    params = n_in * n_out
+    blocks = params // settings.blocksize
+    absmax = blocks + (blocks // 256) * 4 if settings.double_quant else blocks * 4
+    return params // 2 + absmax
+
+
+def _int8_bytes(n_in: int, n_out: int, settings: QuantSettings) -> int:
+    return n_in * n_out + 4 * n_out
+
+
+for _name in ("nf4", "fp4"):
+    register_quantizer(
+        QuantizerSpec(
+            name=_name,
+            bits=(4,),
+            settings=("blocksize", "double_quant"),
+            linear_bytes=_4bit_bytes,
+            export_format="bitsandbytes",
+            backend_path=f"quailora.quantizers.bnb.backend:{_name.upper()}",
+        )
+    )
+register_quantizer(
+    QuantizerSpec(
+        name="int8",
+        bits=(8,),
+        settings=(),
+        linear_bytes=_int8_bytes,
+        export_format="bitsandbytes",
+        backend_path="quailora.quantizers.bnb.backend:INT8",
+    )
+)

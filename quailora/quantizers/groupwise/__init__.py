@@ -1,0 +1,27 @@
+"""Group-wise asymmetric INT-k round-to-nearest (the quantizer of QA-LoRA): codes in ``codes``, model
+operations in ``backend``. Bytes as stored: codes packed 32//k to an int32 word over the whole weight,
+plus an fp16 scale and an fp32 zero point per group. Its zero points let a pooled (QA-LoRA) adapter merge."""
+
+from __future__ import annotations
+
+from quailora.quantizers.spec import QuantizerSpec, QuantSettings, register_quantizer
+
+SUPPORTED_BITS = (4, 2, 3, 8)  # the first is the default
+
+
+def _linear_bytes(n_in: int, n_out: int, settings: QuantSettings) -> int:
+    params = n_in * n_out
+    return -(-params // (32 // settings.bits)) * 4 + (params // settings.group_size) * (2 + 4)
+
+
+register_quantizer(
+    QuantizerSpec(
+        name="int",
+        bits=SUPPORTED_BITS,
+        settings=("group_size",),
+        linear_bytes=_linear_bytes,
+        export_format="compressed-tensors",
+        backend_path="quailora.quantizers.groupwise.backend:INT",
+        adapters=("plain", "pooled"),
+    )
+)

@@ -1,0 +1,70 @@
+"""What the project knows about each quantizer, readable without torch: one QuantizerSpec per name.
+
+Each backend package (``quailora.quantizers.<backend>``) registers its specs in its ``__init__``, which
+imports nothing heavy, so config validation and ``quailora plan`` (allowed bits, bytes per weight, adapter
+kinds) never import torch or bitsandbytes. The spec names the backend object that does the work
+(fake-quantize, loading, base-layer operations, stock export); ``backend()`` imports it on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from quailora.registry import Registry
+
+if TYPE_CHECKING:
+    from quailora.quantizers.backend import QuantBackend
+
+
+class QuantSettings(Protocol):
+    """The quantization settings a trial gives (trials.config.QuantSpec has these fields)."""
+
+    method: str
+    bits: int
+    blocksize: int
+    double_quant: bool
+    group_size: int
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """One quantizer. bits: the widths it can store, the first the default. settings: the other
+    QuantSettings fields it reads. linear_bytes(n_in, n_out, settings): bytes of one quantized
+    (n_out x n_in) weight as stored, for the memory plan. adapters: the adapter kinds it carries
+    (quailora.initializers.AdapterKind; "pooled" merges into zero points). export_format: the stock
+    format its quantized model is written in. backend: ``"module:attribute"`` of its QuantBackend."""
+
+    name: str
+    bits: tuple[int, ...]
+    settings: tuple[str, ...]
+    linear_bytes: Callable[[int, int, QuantSettings], int]
+    export_format: str
+    backend_path: str
+    adapters: tuple[str, ...] = ("plain",)
+
+    @property
+    def default_bits(self) -> int:
+        return self.bits[0]
+
+    def options(self, settings: QuantSettings) -> dict:
+        """The settings that shape this quantizer's weights: bits, then its own (others, e.g. a 4-bit
+        quantizer's group_size, left out)."""
+        return {"bits": settings.bits, **{key: getattr(settings, key) for key in self.settings}}
+
+    def backend(self) -> QuantBackend:
+        module, _, attribute = self.backend_path.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+QUANTIZER_SPECS: Registry[QuantizerSpec] = Registry("quantizer")
+
+
+def register_quantizer(spec: QuantizerSpec) -> QuantizerSpec:
+    return QUANTIZER_SPECS.register(spec.name)(spec)
+
+
+def quantizer_spec(name: str, where: str = "quant.method") -> QuantizerSpec:
+    return QUANTIZER_SPECS.get(name, where=where)
