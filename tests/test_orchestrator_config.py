@@ -35,7 +35,7 @@ SHIPPED_SWEEPS = {
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
     "fair_comparison": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
 }
-SHIPPED_TRIALS = {"trial_micro"}
+SHIPPED_TRIALS = {"trial_micro", "fair_comparison_timing"}
 SHIPPED_EXAMPLES = {"asha_micro"}  # sweeps that show a feature rather than compare methods
 
 
@@ -283,6 +283,22 @@ def test_shipped_example_sweeps_fit(name):
 @pytest.mark.parametrize("name", sorted(SHIPPED_TRIALS))
 def test_shipped_trial_configs_load(name):
     assert load_trial_config(CONFIGS / f"{name}.yaml").name
+
+
+def test_the_timing_trial_is_a_trial_of_the_fair_comparison_cut_at_its_first_rung():
+    """What it times must stay what the sweep runs: only the name, tags and the step budget differ."""
+    timing = load_trial_config(CONFIGS / "fair_comparison_timing.yaml")
+    sweep = load_sweep(CONFIGS / "fair_comparison.yaml")
+    assert timing.train.max_steps == sweep.search.asha.grace_period
+
+    def comparable(trial) -> dict:
+        fields = trial.model_dump()
+        fields["name"] = fields["tags"] = fields["train"]["max_steps"] = None  # labels and the budget
+        return fields
+
+    wanted = comparable(timing)
+    trials = [p.trial_config({}) for p in expand(sweep).points]
+    assert wanted in [comparable(t) for t in trials]
 
 
 def test_quickstart_is_the_six_trial_comparison():
