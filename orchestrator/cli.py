@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -208,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS.get(args.command) or getattr(args, "func", None)
     try:
         return handler(args) or 0
+    except BrokenPipeError:  # `quailora plan ... | head`: the reader has gone; what is left to print, too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise (signal)
+        return 0
     except QuailoraInputError as exc:
         print(f"quailora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

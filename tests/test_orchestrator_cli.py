@@ -279,3 +279,17 @@ def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_error():
+    """`quailora plan big.yaml | head -1`: the rest of the table (~100 KB, more than a pipe holds) has nowhere
+    to go, and that is fine."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        f"{sys.executable} -c 'from orchestrator.cli import main; import sys; sys.exit(main())' "
+        "plan configs/fair_comparison.yaml | head -1",
+        shell=True, cwd=repo, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout.startswith("sweep 'fair-comparison-grid': 360 trials") and done.stderr == "", (
+        done.stderr
+    )
