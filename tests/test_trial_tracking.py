@@ -13,12 +13,16 @@ from trials.tracking import PARENT_TAG, default_tracking_uri, find_run, open_tri
 from trials.worker import _peak_memory, _reset_peak_memory
 
 
-def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
+def _store_with_a_sweep(tmp_path):
+    """A micro trial's config, a local MLflow store, an experiment in it and a sweep's parent run."""
     config = micro_trial_config(make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path))
-    uri = default_tracking_uri(tmp_path)
-    client = MlflowClient(uri)
+    client = MlflowClient(default_tracking_uri(tmp_path))
     experiment_id = client.create_experiment("x")
-    parent = client.create_run(experiment_id).info.run_id
+    return config, client, experiment_id, client.create_run(experiment_id).info.run_id
+
+
+def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
+    config, client, experiment_id, parent = _store_with_a_sweep(tmp_path)
     child = open_trial_run(client, experiment_id, config, {}, parent)
     assert child.data.tags[PARENT_TAG] == parent
 
@@ -44,11 +48,7 @@ def test_peak_memory_phase_starts_after_a_reset():
 
 def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(tmp_path):
     """What a resumed sweep does with a trial whose stop its Tune state missed: the run stays as it ended."""
-    config = micro_trial_config(make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path))
-    uri = default_tracking_uri(tmp_path)
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("x")
-    parent = client.create_run(experiment_id).info.run_id
+    config, client, experiment_id, parent = _store_with_a_sweep(tmp_path)
     run_id = open_trial_run(client, experiment_id, config, {}, parent).info.run_id
     client.log_metric(run_id, VAL_PPL_INIT, 9.0, step=0)
     client.log_metric(run_id, VAL_PPL, 7.0, step=4)
@@ -58,7 +58,7 @@ def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(tmp_path):
 
     metrics = run_trial(
         config,
-        tracking_uri=uri,
+        tracking_uri=default_tracking_uri(tmp_path),
         experiment_name="x",
         storage_path=str(tmp_path / "ray"),
         parent_run_id=parent,
