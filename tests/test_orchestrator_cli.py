@@ -271,6 +271,28 @@ def test_commands_that_compute_nothing_import_no_heavy_module(argv):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
+def test_the_train_controller_unpickles_the_trial_function_without_the_worker_imports():
+    """Ray pickles the trial's train function by reference, so the Train controller imports its module on
+    every trial: that module (trials/entry.py) must leave torch, peft and DeepSpeed to the workers."""
+    from ray import cloudpickle
+
+    from trials.run import train_loop
+
+    script = (
+        "import sys\n"
+        "from ray import cloudpickle\n"
+        "cloudpickle.loads(sys.stdin.buffer.read())\n"
+        "print([m for m in ('torch', 'peft', 'deepspeed', 'bitsandbytes', 'transformers') if m in sys.modules])\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, input=cloudpickle.dumps(train_loop), capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip().splitlines()[-1] == "[]", done.stdout
+
+
 def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else():
     script = (
         "import logging, quailora.base_layers\n"  # quailora first, as every project entry point does

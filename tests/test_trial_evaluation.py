@@ -18,12 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reference_tasks_resolve_offline_and_unknown_ones_are_named():
+    """Reference tasks resolve from local YAML without indexing lm-eval's stock tasks; stock ones resolve."""
     tasks, manager = lm_eval_tasks(["reference:cloze"])
     assert tasks == ["quailora_cloze"] and "quailora_cloze" in manager.all_tasks
+    # reference tasks alone skip indexing lm-eval's own (~12 s a trial)
+    assert "piqa" not in manager.all_tasks
     with pytest.raises(QuailoraInputError, match="'reference:bogus' is unknown"):
         lm_eval_tasks(["reference:bogus"])
     with pytest.raises(QuailoraInputError, match=r"unknown task\(s\) \['no_such_task'\]"):
         lm_eval_tasks(["no_such_task"])
+    assert lm_eval_tasks(["piqa"])[0] == ["piqa"]  # a stock task is still found
 
 
 def test_trials_without_lm_eval_tasks_never_import_lm_eval(tmp_path):

@@ -20,7 +20,8 @@ def lm_eval_tasks(names: list[str]):
 
     tasks = [resolve_task(name) for name in names]
     uses_reference = any(name.startswith("reference:") for name in names)
-    manager = _task_manager(str(task_dir()) if uses_reference else None)
+    uses_stock = not all(name.startswith("reference:") for name in names)
+    manager = _task_manager(str(task_dir()) if uses_reference else None, include_defaults=uses_stock)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
         raise QuailoraInputError(f"eval.lm_eval_tasks: unknown task(s) {unknown}")
@@ -28,12 +29,13 @@ def lm_eval_tasks(names: list[str]):
 
 
 @functools.cache
-def _task_manager(include_path: str | None):
-    """One TaskManager per process: building one indexes every lm-eval task YAML (seconds), and a sweep
-    validates each of its trials before starting any."""
+def _task_manager(include_path: str | None, include_defaults: bool):
+    """One TaskManager per process: indexing lm-eval's own task YAMLs takes ~12 s, so it is done only when a
+    stock task is asked for (a trial of reference tasks indexes three files), and once per process (a sweep
+    validates each of its trials before starting any)."""
     from lm_eval.tasks import TaskManager  # imported only when lm-eval tasks are asked for
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def lm_eval_accuracies(

@@ -13,10 +13,10 @@ from ray.train.torch import TorchTrainer
 
 from trials.config import TrialConfig
 from trials.contract import FAILURE_TAG, STOPPED_EARLY_TAG, is_result_metric
+from trials.entry import train_loop
 from trials.tracking import ensure_experiment, mark_failed, open_trial_run, trial_key, trial_tags
 from trials.train_runs import train_run
 from trials.validation import validate_trial
-from trials.worker import train_trial
 
 
 class TrialStoppedError(RuntimeError):
@@ -104,7 +104,7 @@ def run_trial(
 
     with train_run(on_abort=killed) as handle:
         trainer = TorchTrainer(
-            train_trial,
+            train_loop,
             train_loop_config={
                 "config": config.model_dump(mode="json"),
                 "checkpoint": str(plan.checkpoint),
