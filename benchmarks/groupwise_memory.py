@@ -32,29 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ("load-whole", "load-streamed", "step-dequantized-linear", "step-groupwise")
 
 
-def _held_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
-
 def make_checkpoint(path: Path, hidden: int, layers: int) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -69,6 +46,7 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
     from transformers import AutoModelForCausalLM
 
     from quailora.architectures import prepare
+    from quailora.peak_memory import held_memory_mb, peak_memory_mb, reset_peak_memory
     from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
     from quailora.qalora.loading import load_groupwise_model
 
@@ -79,8 +57,8 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
             for _ in range(layers)
         ]
         x = torch.randn(4, 128, hidden, generator=gen).to(device).requires_grad_()
-    before = _held_mb(device)
-    _reset_peak(device)
+    before = held_memory_mb(device)
+    reset_peak_memory(device)
     began = time.perf_counter()
     if case == "load-whole":
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -100,7 +78,7 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
     return {"case": case, "device": device.type, "hidden": hidden, "layers": layers,
-            "peak_mb": round(_peak_mb(device) - before, 1), "seconds": round(seconds, 3)}  # fmt: skip
+            "peak_mb": round(peak_memory_mb(device)["peak_memory_mb"] - before, 1), "seconds": round(seconds, 3)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -104,19 +104,19 @@ def stage_counts(config: SweepConfig) -> tuple[int, dict[str, Counter], dict[tup
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, re, sys
+    import json, sys
     import torch
     from quailora.calibration import collect_grams
+    from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 
     def peak_kib():
-        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+        return peak_memory_mb()["peak_memory_mb"] * 1024
 
     torch.set_num_threads(1)
     ckpt, out = sys.argv[1:3]
     ids = torch.randint(0, 4000, (8, 128), generator=torch.Generator().manual_seed(0))
     collect_grams(ckpt, ids[:1, :16], out + "/warmup")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_memory()
     base = peak_kib()
     collect_grams(ckpt, ids, out + "/grams", batch_size=4)
     print(json.dumps({"peak_mib": (peak_kib() - base) / 1024}))

@@ -206,6 +206,7 @@ def init_timing(sizes: Sizes, deadline_s: float) -> dict:
     from quailora.api import initialize
     from quailora.bench import DEFAULT_METHODS, decoder_shapes, method_options_for, synthetic_layer
     from quailora.initializers import needs_gram
+    from quailora.peak_memory import peak_memory_mb, reset_peak_memory
     from quailora.quantizers import get_quantizer
 
     began = time.monotonic()
@@ -233,8 +234,7 @@ def init_timing(sizes: Sizes, deadline_s: float) -> dict:
                 if time.monotonic() - began > deadline_s:
                     skipped.append(f"{method} {shape} r{rank}")
                     continue
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                reset_peak_memory(device)
                 sync()
                 start = time.perf_counter()
                 initialize(weight, quantized, rank, method, gram=gram if needs_gram(method) else None,
@@ -242,8 +242,8 @@ def init_timing(sizes: Sizes, deadline_s: float) -> dict:
                 sync()
                 row = {"shape": list(shape), "rank": rank, "method": method,
                        "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
-                if device.type == "cuda":
-                    row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                if device.type == "cuda":  # on CPU the process's peak RSS says nothing about one call
+                    row["peak_mb"] = round(peak_memory_mb(device)["peak_memory_mb"], 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del weight, gram, quantized

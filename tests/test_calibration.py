@@ -278,21 +278,21 @@ def test_partition_layers_rejects_bad_input():
         partition_layers([0, 1, 1], 2)
 
 
-# Peak RSS of one run, measured in a fresh process. /proc/self/clear_refs "5" resets the peak (VmHWM)
+# Peak RSS of one run, measured in a fresh process (quailora/peak_memory.py). The peak is reset
 # after imports and a warm-up run; a fixed glibc mmap threshold makes freed tensors leave the RSS at once.
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, re, sys
+    import json, sys
     import torch
     from transformers import AutoModelForCausalLM
     from quailora.calibration import collect_grams
+    from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 
     def peak_kib():
-        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+        return peak_memory_mb()["peak_memory_mb"] * 1024
 
     def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak_memory()
         return peak_kib()
 
     torch.set_num_threads(1)

@@ -1,16 +1,14 @@
-"""Which MLflow run a trial reuses, and the worker's peak-memory phases (no Ray, no DeepSpeed engine)."""
+"""Which MLflow run a trial reuses (no Ray, no DeepSpeed engine)."""
 
 from __future__ import annotations
 
 import ray
-import torch
 from mlflow.tracking import MlflowClient
 
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.contract import STOPPED_EARLY_TAG, VAL_PPL, VAL_PPL_INIT
 from trials.run import run_trial
 from trials.tracking import PARENT_TAG, default_tracking_uri, find_run, open_trial_run, trial_key
-from trials.worker import _peak_memory, _reset_peak_memory
 
 
 def _store_with_a_sweep(tmp_path):
@@ -33,17 +31,6 @@ def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
     assert find_run(client, experiment_id, trial_key(config), parent).info.run_id == child.info.run_id
     other_sweep = client.create_run(experiment_id).info.run_id
     assert find_run(client, experiment_id, trial_key(config), other_sweep) is None
-
-
-def test_peak_memory_phase_starts_after_a_reset():
-    cpu = torch.device("cpu")
-    _reset_peak_memory(cpu)
-    block = torch.ones(64 * 2**20)  # 256 MiB, every page touched
-    del block
-    init_peak = _peak_memory(cpu)
-    _reset_peak_memory(cpu)
-    assert set(init_peak) == {"peak_memory_mb"}  # CUDA's reserved and device figures only on CUDA
-    assert init_peak["peak_memory_mb"] - _peak_memory(cpu)["peak_memory_mb"] > 200
 
 
 def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(tmp_path):

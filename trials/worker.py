@@ -6,7 +6,6 @@ evaluate -> save. The first three stages and the init are cached across trials (
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import time
@@ -24,6 +23,7 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import eval_path
 from quailora.initializers import needs_gram
+from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 from quailora.peft_init import save_base_residuals
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from quailora.text import perplexity, tokenize_blocks
@@ -142,33 +142,6 @@ def stage_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
     return values
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory phase, so training's peak is not hidden behind initialization's."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS; where refused, the peak spans the process
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    """MiB since the last reset. ``peak_memory_mb``: CUDA's max allocated, or on CPU the process's peak RSS
-    (VmHWM). On CUDA also ``peak_reserved_mb``, the caching allocator's max reserved (allocated or cached:
-    what the process held), and ``device_used_mb``, the device's used memory now, which also counts the
-    CUDA context, library workspaces and any other process on the device."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
-            "device_used_mb": (total - free) / 2**20,
-        }
-    status = Path("/proc/self/status").read_text().splitlines()
-    return {
-        "peak_memory_mb": next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    }
-
-
 def _all_max(values: dict[str, float], device: torch.device) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -177,7 +150,7 @@ def _all_max(values: dict[str, float], device: torch.device) -> dict[str, float]
 
 def _phase_peaks(phase: str, device: torch.device) -> dict[str, float]:
     """``<phase>_peak_memory_mb`` etc.: each the max over the workers."""
-    return {f"{phase}_{name}": value for name, value in _all_max(_peak_memory(device), device).items()}
+    return {f"{phase}_{name}": value for name, value in _all_max(peak_memory_mb(device), device).items()}
 
 
 def _save_adapter_and_probe(
@@ -232,7 +205,7 @@ def train_trial(loop_config: dict) -> None:
         loop_config["tracking_uri"], loop_config["run_id"], enabled=dist.get_rank() == 0
     )
     ctx = stages.StageContext(config, checkpoint, device, dtype, StageCache(loop_config["cache_path"]))
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
 
     data = load_data(config, checkpoint)
     torch.manual_seed(config.seed)
@@ -261,7 +234,7 @@ def train_trial(loop_config: dict) -> None:
     summary.update(_phase_peaks("init", device))
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
-    _reset_peak_memory(device)  # from here on: fine-tuning and the final evaluation
+    reset_peak_memory(device)  # from here on: fine-tuning and the final evaluation
 
     tuned = fine_tune(
         model,
