@@ -43,6 +43,7 @@ METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-
 TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
 LEARNING_RATE = "train.learning_rate"  # the field an arm may be shown at its best value of
 CHOSEN_ON = "val ppl (chosen on)"  # the chosen-rate table's column of the validation mean
+GRID_EDGE = "edge of the rates"  # "lowest"/"highest" when the chosen rate is the end of 3+ rates tried
 
 
 def under(param: str, paths: Sequence[str]) -> bool:
@@ -69,7 +70,10 @@ def final_perplexity(df: pd.DataFrame) -> tuple[str, str]:
 
 def choose_learning_rate(df: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per arm and every other key but the seed and the learning rate: the learning rate with the lowest mean
-    validation perplexity over seeds. Returns (the runs at each arm's chosen rate, the table of choices)."""
+    validation perplexity over seeds. Returns (the runs at each arm's chosen rate, the table of choices).
+
+    The table marks a choice that is the lowest or highest of 3 or more rates tried (with 2, every choice is
+    one): that arm's best rate may lie beyond the grid, so its comparison may understate it."""
     fixed = [k for k in keys if k not in (SEED_TAG, LEARNING_RATE)] + ARM
     scored = df.dropna(subset=[VAL_PPL_FINAL])
     per_rate = scored.groupby([*fixed, LEARNING_RATE], as_index=False, dropna=False).agg(
@@ -77,6 +81,11 @@ def choose_learning_rate(df: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.Data
     )
     compared = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE].transform("size")
     per_rate["rates compared"] = compared
+    rates = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE]
+    rate, edge = per_rate[LEARNING_RATE], compared >= 3
+    per_rate[GRID_EDGE] = ""
+    per_rate.loc[edge & (rate == rates.transform("min")), GRID_EDGE] = "lowest"
+    per_rate.loc[edge & (rate == rates.transform("max")), GRID_EDGE] = "highest"
     chosen = per_rate.loc[per_rate.groupby(fixed, dropna=False)[CHOSEN_ON].idxmin()]
     chosen = chosen.sort_values(fixed, ignore_index=True)
     runs = df.merge(chosen[[*fixed, LEARNING_RATE]], on=[*fixed, LEARNING_RATE])

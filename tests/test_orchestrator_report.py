@@ -230,6 +230,22 @@ def test_each_arm_is_shown_at_its_learning_rate_chosen_on_validation_and_scored_
     )
 
 
+def test_a_rate_chosen_at_the_edge_of_three_or_more_is_marked():
+    """QLoRA is best at the highest of its three rates and QuAILoRA at the middle one: only the first may
+    do better beyond the grid."""
+    rows = []
+    for seed in (0, 1, 2):
+        for method, bits, vals in (("gaussian", 4, (30.0, 25.0, 20.0)), ("gaussian", 8, (15.0, 12.0, 10.0)),
+                                   ("quailora", 4, (22.0, 18.0, 19.0))):  # fmt: skip
+            for rate, val in zip(("0.0003", "0.001", "0.003"), vals, strict=True):
+                rows.append(_rec(method, bits, 8, seed, val + seed, 0.5, test_ppl_final=val, **{LR: rate}))
+    chosen = build_report(pd.DataFrame(rows), swept=[LR, "init.method", "seed"]).chosen
+    edge = {(int(r.bits), r.method): (r[LR], r["edge of the rates"]) for _, r in chosen.iterrows()}
+    assert edge == {(4, "gaussian"): (0.003, "highest"), (8, "gaussian"): (0.003, "highest"),
+                    (4, "quailora"): (0.001, "")}  # fmt: skip
+    assert set(build_report(_lr_runs(), swept=[LR]).chosen["edge of the rates"]) == {""}  # 2 rates: no edge
+
+
 def test_without_a_test_metric_nothing_chosen_on_validation_is_reported_as_final():
     runs = _lr_runs().drop(columns="test_ppl_final")
     report = build_report(runs, swept=[LR])
