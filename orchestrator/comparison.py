@@ -40,7 +40,8 @@ MATCH_KEYS = [*MODEL_KEYS, RANK_TAG, SEED_TAG]  # from trial tags; the other swe
 ARM = [BITS_TAG, METHOD_TAG, QUANTIZER_TAG]
 CALIBRATION_SECTION = "calibration"
 METHOD_SECTIONS = ("init", "quant")  # where a method differs from its 4- and 8-bit gaussian peers
-TAGGED_PARAMS = ("lora.rank", "seed")  # params MATCH_KEYS already carry
+SEED_PATH = "seed"  # the sweep field of the seed
+TAGGED_PARAMS = ("lora.rank", SEED_PATH)  # params MATCH_KEYS already carry
 LEARNING_RATE = "train.learning_rate"  # the field an arm may be shown at its best value of
 CHOSEN_ON = "val ppl (chosen on)"  # the chosen-rate table's column of the validation mean
 GRID_EDGE = "edge of the rates"  # "lowest"/"highest" when the chosen rate is the end of 3+ rates tried
@@ -68,13 +69,23 @@ def final_perplexity(df: pd.DataFrame) -> tuple[str, str]:
     return VAL_PPL_FINAL, "validation"
 
 
-def choose_learning_rate(df: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def rate_chosen_per_seed(compare_across: Sequence[str] | None) -> bool:
+    """Whether a sweep's ASHA compared learning rates within each seed (`search.asha.compare_across` names
+    the rate and not the seed): a rate may then finish for some seeds only, so each arm's rate is chosen per
+    seed, and the comparison still pairs every seed."""
+    return bool(compare_across) and LEARNING_RATE in compare_across and SEED_PATH not in compare_across
+
+
+def choose_learning_rate(
+    df: pd.DataFrame, keys: Sequence[str], per_seed: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per arm and every other key but the seed and the learning rate: the learning rate with the lowest mean
-    validation perplexity over seeds. Returns (the runs at each arm's chosen rate, the table of choices).
+    validation perplexity over seeds (``per_seed``: for each seed apart, see rate_chosen_per_seed). Returns
+    (the runs at each arm's chosen rate, the table of choices).
 
     The table marks a choice that is the lowest or highest of 3 or more rates tried (with 2, every choice is
     one): that arm's best rate may lie beyond the grid, so its comparison may understate it."""
-    fixed = [k for k in keys if k not in (SEED_TAG, LEARNING_RATE)] + ARM
+    fixed = [k for k in keys if k != LEARNING_RATE and (per_seed or k != SEED_TAG)] + ARM
     scored = df.dropna(subset=[VAL_PPL_FINAL])
     per_rate = scored.groupby([*fixed, LEARNING_RATE], as_index=False, dropna=False).agg(
         **{CHOSEN_ON: (VAL_PPL_FINAL, "mean"), "seeds": (SEED_TAG, "nunique")}

@@ -33,6 +33,7 @@ from orchestrator.comparison import (  # noqa: E402
     final_perplexity,
     match_keys,
     paired_comparison,
+    rate_chosen_per_seed,
     under,
 )
 from orchestrator.curves import PLATEAU_TOLERANCE, PLATEAU_WINDOW, mean_curves, plateau  # noqa: E402
@@ -63,6 +64,9 @@ from trials.contract import (  # noqa: E402
 
 NA = "n/a"
 CHOSEN_TITLE = "Learning rate per arm, chosen on validation (lowest mean val_ppl_final over seeds)"
+CHOSEN_PER_SEED_TITLE = (
+    "Learning rate per arm and seed, chosen on validation (lowest val_ppl_final of the rates ASHA let finish)"
+)
 STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
 PLATEAU_TITLE = (
     f"Plateau: val ppl improved by < {100 * PLATEAU_TOLERANCE:g} % over the last {PLATEAU_WINDOW} steps"
@@ -85,6 +89,7 @@ class SweepReport:
     recovered: pd.DataFrame  # the main paired comparison (comparison.paired_comparison), numeric
     figures: dict[str, bytes]  # file name -> PNG
     recovered_title: str = "Paired comparison by seed"
+    chosen_title: str = CHOSEN_TITLE
     # With a learning rate chosen per arm: the rates chosen, and the comparison at each rate as well.
     chosen: pd.DataFrame = field(default_factory=pd.DataFrame)
     per_value: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -99,7 +104,7 @@ class SweepReport:
         parts: list[tuple[str, pd.DataFrame | str, str]] = [
             (t, table, ".3f") for t, table in self.tables.items()
         ]
-        parts.append((CHOSEN_TITLE, self.chosen, ".3f"))
+        parts.append((self.chosen_title, self.chosen, ".3f"))
         if self.recovered.empty:
             parts.append((self.recovered_title, NO_BASELINES, ""))
         else:
@@ -384,21 +389,25 @@ def build_report(
     swept: Sequence[str] = (),
     stopped: pd.DataFrame | None = None,
     curves: pd.DataFrame | None = None,
+    rate_per_seed: bool = False,
 ) -> SweepReport:
     """`swept`: the sweep's swept and sampled field paths; runs that differ in one are never averaged together
     (comparison.match_keys). `stopped`: the trials the scheduler stopped early (stopped_from_mlflow), listed
-    apart. `curves`: (run_id, step, val_ppl) rows (curves.curves_from_mlflow) for the learning curves."""
+    apart. `curves`: (run_id, step, val_ppl) rows (curves.curves_from_mlflow) for the learning curves.
+    `rate_per_seed`: choose each arm's learning rate per seed (comparison.rate_chosen_per_seed)."""
     df = normalize(records)
     keys = match_keys(df, swept)
     extra = keys[len(MATCH_KEYS) :]
     shown, chosen, per_value = df, pd.DataFrame(), pd.DataFrame()
-    title = f"Paired comparison by seed ({final_perplexity(df)[1]} split)"
+    title, chosen_title = f"Paired comparison by seed ({final_perplexity(df)[1]} split)", CHOSEN_TITLE
     if LEARNING_RATE in keys:  # each arm at its own rate; the same-rate comparison kept below it
-        shown, chosen = choose_learning_rate(df, keys)
+        shown, chosen = choose_learning_rate(df, keys, per_seed=rate_per_seed)
         per_value = paired_comparison(df, keys, comparison_metrics(df, selected=False))
         recovered = paired_comparison(shown, [k for k in keys if k != LEARNING_RATE],
                                       comparison_metrics(df, selected=True))  # fmt: skip
-        title = "Paired comparison by seed, each arm at its learning rate chosen on validation (final perplexity on test)"
+        each = "per seed " if rate_per_seed else ""
+        title = f"Paired comparison by seed, each arm at its learning rate chosen on validation {each}(final perplexity on test)"
+        chosen_title = CHOSEN_PER_SEED_TITLE if rate_per_seed else CHOSEN_TITLE
     else:
         recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
     figures = {}
@@ -414,7 +423,7 @@ def build_report(
             plateaus = plateau_table(mean, keys)
     return SweepReport(
         tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
-        chosen=chosen, plateau=plateaus, figures=figures, stages=stage_table(df),
+        chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
         stopped=pd.DataFrame() if stopped is None else stopped,
     )  # fmt: skip
 
@@ -470,12 +479,17 @@ def publish_report(client, state) -> str:
 
     from orchestrator.curves import curves_from_mlflow
 
-    swept = list(state.sweep_config().space)  # grid and sampled fields alike: never averaged over
+    sweep = state.sweep_config()
+    swept = list(sweep.space)  # grid and sampled fields alike: never averaged over
     records = records_from_mlflow(client, state.parent_run_id, swept)
     stopped = stopped_from_mlflow(client, state.parent_run_id)
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
-    report = build_report(records, swept, stopped, curves_from_mlflow(client, records))
+    asha = sweep.search.asha
+    per_seed = rate_chosen_per_seed(asha.compare_across if asha else None)
+    report = build_report(
+        records, swept, stopped, curves_from_mlflow(client, records), rate_per_seed=per_seed
+    )
     local = "://" not in state.path
     out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
     report.write(out_dir, title=f"quailora sweep {state.name}")

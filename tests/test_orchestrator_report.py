@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from orchestrator import comparison
 from orchestrator.comparison import match_keys, recovered_fraction
 from orchestrator.report import build_report, method_label, normalize, ppl_vs_rank_figure
 
@@ -244,6 +245,31 @@ def test_a_rate_chosen_at_the_edge_of_three_or_more_is_marked():
     assert edge == {(4, "gaussian"): (0.003, "highest"), (8, "gaussian"): (0.003, "highest"),
                     (4, "quailora"): (0.001, "")}  # fmt: skip
     assert set(build_report(_lr_runs(), swept=[LR]).chosen["edge of the rates"]) == {""}  # 2 rates: no edge
+
+
+def test_rates_asha_compared_within_each_seed_are_chosen_per_seed_and_every_seed_pairs():
+    """ASHA per arm and seed (compare_across: [train.learning_rate]) lets a different rate finish per seed:
+    QuAILoRA finished 1e-3 for seed 0 only and 3e-3 for seeds 1 and 2. One rate per arm then pairs only
+    the seeds that finished it; chosen per seed, all 3 pair."""
+    assert comparison.rate_chosen_per_seed([LR]) and not comparison.rate_chosen_per_seed([LR, "seed"])
+    assert not comparison.rate_chosen_per_seed(None) and not comparison.rate_chosen_per_seed(["lora.rank"])
+    rows = []
+    for seed in (0, 1, 2):
+        rows += [_rec("gaussian", 4, 8, seed, 20.0 + seed, 0.5, test_ppl_final=21.0 + seed, **{LR: "0.001"}),
+                 _rec("gaussian", 8, 8, seed, 10.0 + seed, 0.5, test_ppl_final=11.0 + seed, **{LR: "0.001"}),
+                 _rec("quailora", 4, 8, seed, 14.0 + seed, 0.5, test_ppl_final=16.0 + seed,
+                      **{LR: "0.001" if seed == 0 else "0.003"})]  # fmt: skip
+    runs = pd.DataFrame(rows)
+    per_arm = build_report(runs, swept=[LR, "init.method", "seed"])
+    # one rate per arm: 1e-3 (val 14 for its one seed, against 15.5 over two at 3e-3) pairs seed 0 only
+    assert per_arm.recovered[per_arm.recovered.metric == "perplexity"].seeds.tolist() == [1]
+    per_seed = build_report(runs, swept=[LR, "init.method", "seed"], rate_per_seed=True)
+    assert len(per_seed.chosen) == 9 and set(per_seed.chosen.seeds) == {1}  # one rate per arm and seed
+    ppl = per_seed.recovered[per_seed.recovered.metric == "perplexity"].iloc[0]
+    assert ppl.seeds == 3 and ppl.recovered == pytest.approx(0.5)  # (21 - 16) / (21 - 11) in every seed
+    assert (
+        "per arm and seed" in per_seed.markdown() and "chosen on validation per seed" in per_seed.markdown()
+    )
 
 
 def test_without_a_test_metric_nothing_chosen_on_validation_is_reported_as_final():
