@@ -6,6 +6,7 @@ from collections import Counter
 
 import pandas as pd
 
+from orchestrator.expand import expand
 from orchestrator.experiment import ExperimentState
 from trials.contract import STOPPED_EARLY_TAG
 
@@ -18,16 +19,39 @@ def _outcome(run) -> str:
     return STOPPED_EARLY if STOPPED_EARLY_TAG in run.data.tags else run.info.status
 
 
-def _trial_counts(state: ExperimentState) -> dict[str, int]:
-    """Outcomes of the sweep's MLflow child runs (the one record that survives a killed driver)."""
+def _child_runs(state: ExperimentState) -> list:
+    """The sweep's MLflow child runs (the one record that survives a killed driver)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import child_runs
 
     if not state.parent_run_id:
-        return {}
-    client = MlflowClient(state.tracking_uri)
-    return dict(Counter(_outcome(run) for run in child_runs(client, state.parent_run_id)))
+        return []
+    return child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
+
+
+def seconds_per_trial(intervals: list[tuple[float, float]]) -> float | None:
+    """The sweep's pace: the time at least one of these (start, end) trials was running, per trial. Trials
+    that overlapped share it, so it counts the concurrency the sweep had, and gaps with nothing running
+    (an interrupted sweep before its resume) do not count. None without a trial."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy / len(intervals) if intervals else None
+
+
+PACE_WINDOW = 20  # the latest trials to end set the pace: the sweep's machine may be busier or freer now
+
+
+def _time_left(runs: list, remaining: int) -> str:
+    """Hours the remaining trials take at the pace of the latest ended ones (finished or stopped early)."""
+    ended = sorted((r.info.end_time / 1e3, r.info.start_time / 1e3) for r in runs
+                   if r.info.end_time and _outcome(r) in ("FINISHED", STOPPED_EARLY))  # fmt: skip
+    pace = seconds_per_trial([(start, end) for end, start in ended[-PACE_WINDOW:]])
+    if remaining <= 0 or pace is None:
+        return "0 h" if remaining <= 0 else "n/a"
+    return f"{remaining * pace / 3600:.1f} h"
 
 
 def experiments_table(storage_path: str) -> pd.DataFrame:
@@ -38,16 +62,21 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
         parent = (
             MlflowClient(state.tracking_uri).get_run(state.parent_run_id) if state.parent_run_id else None
         )
-        counts = _trial_counts(state)
+        runs = _child_runs(state)
+        counts = Counter(_outcome(run) for run in runs)
+        total = expand(state.sweep_config()).num_trials
+        ended = counts["FINISHED"] + counts[STOPPED_EARLY] + counts["FAILED"]
         rows.append(
             {
                 "experiment": state.name,
                 "sweep": parent.info.status if parent else "NOT STARTED",
+                "trials": total,
                 "finished": counts.get("FINISHED", 0),
                 "running": counts.get("RUNNING", 0),
                 "failed": counts.get("FAILED", 0),
                 "stopped early": counts.get(STOPPED_EARLY, 0),  # by the scheduler (ASHA)
                 "interrupted": counts.get("KILLED", 0),  # with their sweep; `quailora resume` continues them
+                "time left (est.)": _time_left(runs, total - ended),
                 "path": state.path,
             }
         )

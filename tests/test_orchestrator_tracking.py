@@ -3,11 +3,12 @@ report is built from the finished runs' tags, swept params and metrics."""
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.experiment import ExperimentState
 from orchestrator.report import publish_report
-from orchestrator.status import experiments_table
+from orchestrator.status import experiments_table, seconds_per_trial
 from orchestrator.sweep_config import SweepConfig
 from orchestrator.tracking import ensure_parent_run, mark_stopped_early
 from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_PPL
@@ -48,6 +49,14 @@ def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
     (row,) = experiments_table(str(tmp_path)).to_dict("records")
     counts = ("finished", "running", "failed", "stopped early", "interrupted")
     assert tuple(row[c] for c in counts) == (1, 1, 0, 1, 1)
+    assert row["trials"] == 1 and row["time left (est.)"] == "0 h"  # one grid point, ended
+
+
+def test_the_pace_counts_overlapping_trials_once_and_idle_gaps_not_at_all():
+    # two trials side by side for 100 s, an interrupted sweep idle for 1000 s, then one alone for 100 s
+    assert seconds_per_trial([(0, 100), (0, 100), (1100, 1200)]) == pytest.approx(200 / 3)
+    assert seconds_per_trial([(0, 100), (50, 150)]) == pytest.approx(75)  # half overlapping
+    assert seconds_per_trial([]) is None
 
 
 def test_published_report_matches_runs_on_their_swept_params(tmp_path):
