@@ -54,6 +54,14 @@ def _time_left(runs: list, remaining: int) -> str:
     return f"{remaining * pace / 3600:.1f} h"
 
 
+def _num_trials(state: ExperimentState) -> int | None:
+    """None for an experiment whose stored config this version no longer reads: listed, not counted."""
+    try:
+        return expand(state.sweep_config()).num_trials
+    except ValueError:  # pydantic's ValidationError and QuailoraInputError both are
+        return None
+
+
 def experiments_table(storage_path: str) -> pd.DataFrame:
     from mlflow.tracking import MlflowClient
 
@@ -64,7 +72,7 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
         )
         runs = _child_runs(state)
         counts = Counter(_outcome(run) for run in runs)
-        total = expand(state.sweep_config()).num_trials
+        total = _num_trials(state)
         ended = counts["FINISHED"] + counts[STOPPED_EARLY] + counts["FAILED"]
         rows.append(
             {
@@ -76,7 +84,7 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
                 "failed": counts.get("FAILED", 0),
                 "stopped early": counts.get(STOPPED_EARLY, 0),  # by the scheduler (ASHA)
                 "interrupted": counts.get("KILLED", 0),  # with their sweep; `quailora resume` continues them
-                "time left (est.)": _time_left(runs, total - ended),
+                "time left (est.)": "n/a" if total is None else _time_left(runs, total - ended),
                 "path": state.path,
             }
         )
