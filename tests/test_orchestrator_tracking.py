@@ -52,6 +52,19 @@ def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
     assert row["trials"] == 1 and row["time left (est.)"] == "0 h"  # one grid point, ended
 
 
+def test_an_experiment_whose_stored_config_no_longer_validates_is_listed_uncounted(tmp_path):
+    sweep = SweepConfig.model_validate(
+        {"name": "old", "base": {"model": {"path": "reference:llama-micro"}}, "space": {"seed": {"grid": [0]}},
+         "storage_path": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    )  # fmt: skip
+    state = ExperimentState.for_sweep(sweep)
+    state.sweep["retired_field"] = 1  # written by a version that had it
+    state.save()
+    (row,) = experiments_table(str(tmp_path)).to_dict("records")
+    assert row["experiment"] == "old" and row["sweep"] == "NOT STARTED"
+    assert row["trials"] is None and row["time left (est.)"] == "n/a"
+
+
 def test_the_pace_counts_overlapping_trials_once_and_idle_gaps_not_at_all():
     # two trials side by side for 100 s, an interrupted sweep idle for 1000 s, then one alone for 100 s
     assert seconds_per_trial([(0, 100), (0, 100), (1100, 1200)]) == pytest.approx(200 / 3)
