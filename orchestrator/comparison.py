@@ -162,6 +162,29 @@ def paired_comparison(
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def calibration_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+    """Does the calibration data matter? Per calibrated arm, model and rank, each value of a swept
+    calibration.* field against the first (sorted), as the mean paired difference of `value` over seeds
+    with its 95 % paired-t interval. `df` holds each run once per configuration (an arm at its chosen rate,
+    which may differ between calibration sets: each is compared at its own)."""
+    fields = [k for k in keys if k.split(".")[0] == CALIBRATION_SECTION]
+    pair_on = [k for k in keys if k not in fields and k != LEARNING_RATE] + ARM
+    rows = []
+    for field in fields:
+        rest = [k for k in fields if k != field]
+        for group, runs in df.groupby([k for k in pair_on if k != SEED_TAG] + rest, dropna=False, sort=True):
+            values = sorted(runs[field].dropna().unique())
+            if len(values) < 2:  # an arm that reads no calibration data runs once
+                continue
+            by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
+            for other in values[1:]:
+                diff = mean_ci((by_seed[other] - by_seed[values[0]]).dropna())
+                rows.append({**dict(zip([k for k in pair_on if k != SEED_TAG] + rest, group, strict=True)),
+                             "field": field, "value": other, "against": values[0], "seeds": diff.n,
+                             **_columns("difference", diff), "CI contains 0": "yes" if diff.straddles_zero else ""})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def comparison_metrics(df: pd.DataFrame, selected: bool) -> list[tuple[str, str, str]]:
     """(label, column, split) of what the paired tables compare. After choosing on validation, the perplexity
     after fine-tuning is the test split's only (no test metric: not shown); perplexity after init does not

@@ -28,6 +28,7 @@ from orchestrator.comparison import (  # noqa: E402
     LEARNING_RATE,
     MATCH_KEYS,
     MODEL_KEYS,
+    calibration_effect,
     choose_learning_rate,
     comparison_metrics,
     final_perplexity,
@@ -72,6 +73,10 @@ PLATEAU_TITLE = (
     f"Plateau: val ppl improved by < {100 * PLATEAU_TOLERANCE:g} % over the last {PLATEAU_WINDOW} steps"
 )
 STAGES_TITLE = "Cached stages: computed once per key, reused by every other trial"
+CALIBRATION_TITLE = (
+    "Calibration data: each calibrated arm's final perplexity ({split} split) with one calibration set minus"
+    " with another, paired by seed"
+)
 PER_VALUE_TITLE = "Paired comparison at each learning rate (every arm at the same rate)"
 PAIRED_NOTE = (
     f"Δ = arm - QLoRA baseline, paired by seed: mean difference with its {100 * LEVEL:g} % paired-t interval. "
@@ -94,6 +99,8 @@ class SweepReport:
     chosen: pd.DataFrame = field(default_factory=pd.DataFrame)
     per_value: pd.DataFrame = field(default_factory=pd.DataFrame)
     plateau: pd.DataFrame = field(default_factory=pd.DataFrame)  # per arm: did its learning curve flatten
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)  # comparison.calibration_effect
+    calibration_title: str = ""
     stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cached stage: runs and seconds
     stopped: pd.DataFrame = field(
         default_factory=pd.DataFrame
@@ -111,6 +118,8 @@ class SweepReport:
             parts.append((self.recovered_title, comparison_display(self.recovered), ""))
         if not self.per_value.empty:
             parts.append((PER_VALUE_TITLE, comparison_display(self.per_value), ""))
+        if not self.calibration.empty:
+            parts.append((self.calibration_title, _difference_display(self.calibration), ""))
         parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
                   (STOPPED_TITLE, self.stopped, ".3f")]  # fmt: skip
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
@@ -198,6 +207,15 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
             for values in comparison[[name, f"{name}_lo", f"{name}_hi"]].itertuples(index=False)
         ]
     shown["CI contains 0"] = comparison["straddles_0"]
+    return shown
+
+
+def _difference_display(table: pd.DataFrame) -> pd.DataFrame:
+    """A table of paired differences with each estimate and its interval in one cell."""
+    shown = table.drop(columns=["difference", "difference_lo", "difference_hi"])
+    shown.insert(len(shown.columns) - 1, "difference", [
+        _interval(*values) for values in table[["difference", "difference_lo", "difference_hi"]].itertuples(index=False)
+    ])  # fmt: skip
     return shown
 
 
@@ -410,6 +428,10 @@ def build_report(
         chosen_title = CHOSEN_PER_SEED_TITLE if rate_per_seed else CHOSEN_TITLE
     else:
         recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
+    value, split = final_perplexity(shown)
+    calibration = pd.DataFrame()
+    if split == "test" or LEARNING_RATE not in keys:  # what chose a rate never scores it
+        calibration = calibration_effect(shown, keys, value)
     figures = {}
     if shown[final_perplexity(shown)[0]].notna().any():
         figures["ppl_vs_rank.png"] = _png(ppl_vs_rank_figure(shown, [k for k in extra if k != LEARNING_RATE]))
@@ -424,6 +446,7 @@ def build_report(
     return SweepReport(
         tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
         chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
+        calibration=calibration, calibration_title=CALIBRATION_TITLE.format(split=split),
         stopped=pd.DataFrame() if stopped is None else stopped,
     )  # fmt: skip
 
