@@ -14,6 +14,10 @@ from trials.contract import STEP, VAL_PPL, VAL_PPL_FINAL, VAL_PPL_INIT
 # PLATEAU_WINDOW optimizer steps.
 PLATEAU_WINDOW = 100
 PLATEAU_TOLERANCE = 0.005
+# The knee: the first eval point by which the curve made KNEE_SHARE of its gain from the first to the last
+# point. A fixed budget well past it is the issue's other criterion ("a budget past the knee").
+KNEE_SHARE = 0.9
+KNEE = f"{100 * KNEE_SHARE:g} % of the gain by step"
 
 
 def curves_from_mlflow(client, records: pd.DataFrame) -> pd.DataFrame:
@@ -40,15 +44,18 @@ def mean_curves(curves: pd.DataFrame, runs: pd.DataFrame, by: Sequence[str]) -> 
 
 def plateau(curve: pd.Series) -> dict:
     """For a val_ppl curve indexed by step: its last step and value, the latest eval point at least
-    PLATEAU_WINDOW steps earlier, the relative improvement since then, and whether it is below
-    PLATEAU_TOLERANCE (None when no eval point lies that far back)."""
+    PLATEAU_WINDOW steps earlier, the relative improvement since then, whether it is below
+    PLATEAU_TOLERANCE (None when no eval point lies that far back), and the knee (KNEE; None without a gain)."""
     curve = curve.dropna().sort_index()
     last_step, last = int(curve.index[-1]), float(curve.iloc[-1])
+    gain = float(curve.iloc[0]) - last
+    made = curve.index[float(curve.iloc[0]) - curve >= KNEE_SHARE * gain]
+    knee = int(made[0]) if gain > 0 else None
     earlier = curve[curve.index <= last_step - PLATEAU_WINDOW]
     if earlier.empty:
         return {"last step": last_step, "last val_ppl": last, "compared with step": None,
-                "improvement %": None, "plateau": None}  # fmt: skip
+                "improvement %": None, "plateau": None, KNEE: knee}  # fmt: skip
     ref_step, ref = int(earlier.index[-1]), float(earlier.iloc[-1])
     improvement = (ref - last) / ref
     return {"last step": last_step, "last val_ppl": last, "compared with step": ref_step,
-            "improvement %": 100 * improvement, "plateau": bool(improvement < PLATEAU_TOLERANCE)}  # fmt: skip
+            "improvement %": 100 * improvement, "plateau": bool(improvement < PLATEAU_TOLERANCE), KNEE: knee}  # fmt: skip

@@ -339,6 +339,8 @@ def test_learning_curves_per_arm_and_the_plateau_criterion(records):
     assert table.plateau.loc[[(4, "gaussian"), (4, "quailora")]].tolist() == [True, False]
     assert table.loc[(4, "gaussian"), "improvement %"] == pytest.approx(100 * 0.05 / 21.0)
     assert table.loc[(4, "quailora"), ["last step", "compared with step"]].tolist() == [300, 200]
+    # 90 % of the gain from step 0: 4-bit QLoRA by step 200 (30 -> 21.0 of 30 -> 20.95), QuAILoRA only at 300
+    assert table.loc[[(4, "gaussian"), (4, "quailora")], "90 % of the gain by step"].tolist() == [200, 300]
     assert "Plateau: val ppl improved by < 0.5 % over the last 100 steps" in report.markdown()
     only_short = build_report(runs[runs.run_id == "r0"], curves=short).plateau.iloc[0]
     assert only_short["plateau"] is None and only_short["last step"] == 50
