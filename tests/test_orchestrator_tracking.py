@@ -15,12 +15,17 @@ from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VA
 from trials.tracking import PARENT_TAG
 
 
-def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
+def _experiment(tmp_path, name: str, space: dict) -> ExperimentState:
+    """A sweep of the micro model over `space`, stored (with its MLflow store) under tmp_path."""
     sweep = SweepConfig.model_validate(
-        {"name": "asha", "base": {"model": {"path": "reference:llama-micro"}}, "space": {"seed": {"grid": [0]}},
+        {"name": name, "base": {"model": {"path": "reference:llama-micro"}}, "space": space,
          "storage_path": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
     )  # fmt: skip
-    state = ExperimentState.for_sweep(sweep)
+    return ExperimentState.for_sweep(sweep)
+
+
+def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
+    state = _experiment(tmp_path, "asha", {"seed": {"grid": [0]}})
     client = MlflowClient(state.tracking_uri)
     state.parent_run_id = ensure_parent_run(client, state.name, state.tracking_uri, state.sweep, None)
     state.save()
@@ -53,11 +58,7 @@ def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
 
 
 def test_an_experiment_whose_stored_config_no_longer_validates_is_listed_uncounted(tmp_path):
-    sweep = SweepConfig.model_validate(
-        {"name": "old", "base": {"model": {"path": "reference:llama-micro"}}, "space": {"seed": {"grid": [0]}},
-         "storage_path": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
-    )  # fmt: skip
-    state = ExperimentState.for_sweep(sweep)
+    state = _experiment(tmp_path, "old", {"seed": {"grid": [0]}})
     state.sweep["retired_field"] = 1  # written by a version that had it
     state.save()
     (row,) = experiments_table(str(tmp_path)).to_dict("records")
@@ -73,13 +74,12 @@ def test_the_pace_counts_overlapping_trials_once_and_idle_gaps_not_at_all():
 
 
 def test_published_report_matches_runs_on_their_swept_params(tmp_path):
-    sweep = SweepConfig.model_validate(
-        {"name": "rep", "base": {"model": {"path": "reference:llama-micro"}},
-         "space": {"lora.alpha": {"grid": [16, 32]}, "init.method": {"grid": ["gaussian", "quailora"]},
-                   "quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}},
-         "storage_path": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    state = _experiment(
+        tmp_path,
+        "rep",
+        {"lora.alpha": {"grid": [16, 32]}, "init.method": {"grid": ["gaussian", "quailora"]},
+         "quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}},
     )  # fmt: skip
-    state = ExperimentState.for_sweep(sweep)
     client = MlflowClient(state.tracking_uri)
     state.parent_run_id = ensure_parent_run(client, state.name, state.tracking_uri, state.sweep, None)
     experiment_id = client.get_run(state.parent_run_id).info.experiment_id
