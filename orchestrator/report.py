@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from orchestrator.comparison import (  # noqa: E402
     ARM,
+    CALIBRATION_SECTION,
     LEARNING_RATE,
     MATCH_KEYS,
     MODEL_KEYS,
@@ -39,6 +40,7 @@ from orchestrator.comparison import (  # noqa: E402
 )
 from orchestrator.curves import PLATEAU_TOLERANCE, PLATEAU_WINDOW, mean_curves, plateau  # noqa: E402
 from orchestrator.paired import LEVEL  # noqa: E402
+from quailora.initializers import INITIALIZERS, needs_gram  # noqa: E402
 from trials.contract import (  # noqa: E402
     BITS_TAG,
     FAMILY_TAG,
@@ -269,9 +271,20 @@ REFERENCE_BITS = 8  # the upper end of the gap: drawn on the lower-bit panels of
 
 
 def _line_label(method: str, quantizer: str, extra: dict | None = None) -> str:
+    """The method (with its options) and quantizer, then the other fields the line holds: calibration.* only
+    for a method that reads calibration data (the others ran once, whatever the field says)."""
+    calibrated = method.split()[0] in INITIALIZERS and needs_gram(
+        method.split()[0]
+    )  # method_label: name, options
+    fields = {k: v for k, v in (extra or {}).items() if k.split(".")[0] != CALIBRATION_SECTION or calibrated}
     label = f"{method} ({quantizer})" if quantizer else method
     return " ".join([label, *(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else
-                              f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (extra or {}).items())])  # fmt: skip
+                              f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fields.items())])  # fmt: skip
+
+
+def _varying(frame: pd.DataFrame, fields: Sequence[str]) -> list[str]:
+    """The fields that take more than one value in `frame`: the rest need not be in its lines' labels."""
+    return [k for k in fields if frame[k].nunique(dropna=False) > 1]
 
 
 def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
@@ -291,16 +304,21 @@ def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
     )
     for ax, (family, size, bits) in zip(axes[0], panels, strict=True):
         model = df[(df.family == family) & (df["size"] == size)]
+        named = _varying(model, extra)
         for (method, quant, *values), runs in model[model.bits == bits].groupby(lines, dropna=False):
             mean = runs.groupby(RANK_TAG)[value].mean()
-            label = _line_label(method, quant, dict(zip(extra, values, strict=True)))
+            label = _line_label(
+                method, quant, {k: v for k, v in zip(extra, values, strict=True) if k in named}
+            )
             ax.plot(mean.index, mean.values, marker="o", label=label)
         reference = model[model.bits == REFERENCE_BITS] if bits != REFERENCE_BITS else model.iloc[:0]
         for style, ((method, quant, *values), runs) in zip(
             ["--", ":", "-."] * len(reference), reference.groupby(lines, dropna=False), strict=False
         ):
             mean = runs.groupby(RANK_TAG)[value].mean()
-            label = _line_label(method, quant, dict(zip(extra, values, strict=True)))
+            label = _line_label(
+                method, quant, {k: v for k, v in zip(extra, values, strict=True) if k in named}
+            )
             # a third of an octave either side of each rank (the rank axis is log2)
             ax.hlines(mean.values, mean.index * 2**-0.33, mean.index * 2**0.33, colors="black", linestyles=style,
                       label=f"{REFERENCE_BITS}-bit {label}")  # fmt: skip
@@ -311,7 +329,7 @@ def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
     return fig
 
 
@@ -329,9 +347,9 @@ def plot_recovered(comparison: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _arm_label(bits: int, method: str, quantizer: str, rate=None) -> str:
+def _arm_label(bits: int, method: str, quantizer: str, rate=None, extra: dict | None = None) -> str:
     rate = "" if rate is None else f", lr {rate:g}" if isinstance(rate, float) else f", lr {rate}"
-    return f"{bits}-bit {_line_label(method, quantizer)}{rate}"
+    return f"{bits}-bit {_line_label(method, quantizer, extra)}{rate}"
 
 
 def curve_panels(keys: Sequence[str]) -> list[str]:
@@ -356,19 +374,35 @@ def plateau_table(mean: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def figure_panels(keys: Sequence[str]) -> list[str]:
+    """What one panel of the learning-curve figure holds fixed: the model and the rank. Any other swept field
+    (a calibration set, ...) is drawn as lines of its own, so an arm sits beside the baselines it is compared
+    with, and a sweep of many fields still makes a figure of a few panels."""
+    return [k for k in curve_panels(keys) if k in (*MODEL_KEYS, RANK_TAG) or k.split(".")[0] == "model"]
+
+
 def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
-    """Validation perplexity against optimizer step, one panel per model, rank and other swept field, one line
-    per arm (at its shown learning rate), log scale: the first eval points sit far above the rest."""
-    panels = curve_panels(keys)
+    """Validation perplexity against optimizer step, one panel per model and rank (two panels a row), one line
+    per arm (at its shown learning rate) and other swept field, log scale: the first eval points sit far above
+    the rest."""
+    panels = figure_panels(keys)
+    fields = [k for k in curve_panels(keys) if k not in panels]
+    arm_keys = [*ARM, *([LEARNING_RATE] if LEARNING_RATE in mean.columns else [])]
     groups = list(mean.groupby(panels, dropna=False, sort=True))
+    ncols = min(len(groups), 2)
+    nrows = math.ceil(len(groups) / ncols)
     fig, axes = plt.subplots(
-        1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False, layout="constrained"
+        nrows, ncols, figsize=(6.5 * ncols, 5.2 * nrows), squeeze=False, layout="constrained"
     )
-    rate = LEARNING_RATE in mean.columns
-    for ax, (panel, rows) in zip(axes[0], groups, strict=True):
-        for arm, curve in rows.groupby([*ARM, *([LEARNING_RATE] if rate else [])], dropna=False, sort=True):
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, (panel, rows) in zip(axes.flat, groups, strict=False):
+        named = _varying(rows, fields)
+        for line, curve in rows.groupby([*arm_keys, *fields], dropna=False, sort=True):
+            arm, values = line[: len(arm_keys)], dict(zip(fields, line[len(arm_keys) :], strict=True))
             style = "--" if arm[0] == REFERENCE_BITS else "-"
-            ax.plot(curve[STEP], curve[VAL_PPL], style, marker=".", label=_arm_label(*arm))
+            label = _arm_label(*arm, extra={k: v for k, v in values.items() if k in named})
+            ax.plot(curve[STEP], curve[VAL_PPL], style, marker=".", label=label)
         shown = dict(zip(panels, panel, strict=True))
         title = f"{shown.pop(FAMILY_TAG)} {shown.pop(SIZE_TAG)}, rank {shown.pop(RANK_TAG)}"
         title += "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items())
@@ -376,7 +410,7 @@ def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
         plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30 rather than 2×10¹
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2, frameon=False)
     return fig
 
 

@@ -9,7 +9,14 @@ import pytest
 
 from orchestrator import comparison
 from orchestrator.comparison import match_keys, recovered_fraction
-from orchestrator.report import build_report, method_label, normalize, ppl_vs_rank_figure
+from orchestrator.report import (
+    build_report,
+    learning_curves,
+    learning_curves_figure,
+    method_label,
+    normalize,
+    ppl_vs_rank_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -344,6 +351,29 @@ def test_learning_curves_per_arm_and_the_plateau_criterion(records):
     assert "Plateau: val ppl improved by < 0.5 % over the last 100 steps" in report.markdown()
     only_short = build_report(runs[runs.run_id == "r0"], curves=short).plateau.iloc[0]
     assert only_short["plateau"] is None and only_short["last step"] == 50
+
+
+def test_the_learning_curve_figure_has_a_panel_per_model_and_rank_and_lines_for_other_fields():
+    """A calibration sweep at two ranks: two panels (not four), each with QLoRA beside both calibration
+    sets of QuAILoRA; only QuAILoRA's lines name a calibration set, since only it reads one."""
+    field, rows = "calibration.dataset", []
+    for rank in (4, 8):
+        for seed in (0, 1):
+            rows += [_rec("gaussian", 4, rank, seed, 20.0, 0.5, **{field: "reference:calibration"}),
+                     _rec("gaussian", 8, rank, seed, 10.0, 0.5, **{field: "reference:calibration"}),
+                     _rec("quailora", 4, rank, seed, 15.0, 0.5, **{field: "reference:calibration"}),
+                     _rec("quailora", 4, rank, seed, 14.0, 0.5, **{field: "reference:finetune-train"})]  # fmt: skip
+    runs = normalize(pd.DataFrame(rows)).assign(run_id=[f"r{i}" for i in range(len(rows))])
+    curves = pd.DataFrame(
+        [p for r in runs.itertuples() for p in _curve(r.run_id, {0: 40.0, 100: r.val_ppl_final})]
+    )
+    keys = match_keys(runs, [field, "init.method", "seed"])
+    fig = learning_curves_figure(learning_curves(runs, curves, keys), keys)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["llama 1.2M, rank 4", "llama 1.2M, rank 8"]
+    labels = [line.get_label() for line in panels[0].get_lines()]
+    assert len(labels) == 4 and sum("dataset=" in label for label in labels) == 2
+    assert all("quailora" in label for label in labels if "dataset=" in label)
 
 
 def test_a_calibration_sweep_of_the_calibrated_arms_pairs_with_the_one_set_of_qlora_runs():
