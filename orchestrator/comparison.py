@@ -168,18 +168,18 @@ def calibration_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.
     with its 95 % paired-t interval. `df` holds each run once per configuration (an arm at its chosen rate,
     which may differ between calibration sets: each is compared at its own)."""
     fields = [k for k in keys if k.split(".")[0] == CALIBRATION_SECTION]
-    pair_on = [k for k in keys if k not in fields and k != LEARNING_RATE] + ARM
+    fixed = [k for k in keys if k not in fields and k not in (LEARNING_RATE, SEED_TAG)] + ARM
     rows = []
     for field in fields:
-        rest = [k for k in fields if k != field]
-        for group, runs in df.groupby([k for k in pair_on if k != SEED_TAG] + rest, dropna=False, sort=True):
+        by = fixed + [k for k in fields if k != field]
+        for group, runs in df.groupby(by, dropna=False, sort=True):
             values = sorted(runs[field].dropna().unique())
             if len(values) < 2:  # an arm that reads no calibration data runs once
                 continue
             by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
             for other in values[1:]:
                 diff = mean_ci((by_seed[other] - by_seed[values[0]]).dropna())
-                rows.append({**dict(zip([k for k in pair_on if k != SEED_TAG] + rest, group, strict=True)),
+                rows.append({**dict(zip(by, group, strict=True)),
                              "field": field, "value": other, "against": values[0], "seeds": diff.n,
                              **_columns("difference", diff), "CI contains 0": "yes" if diff.straddles_zero else ""})  # fmt: skip
     return pd.DataFrame(rows)
