@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from orchestrator.paired import Interval, mean_ci, ratio_ci
+from orchestrator.paired import NO_GAP, Interval, mean_ci, ratio_ci
 from quailora.initializers import needs_gram
 from trials.contract import (
     BITS_TAG,
@@ -128,7 +128,9 @@ def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH
     merged["p4"] = merged["p4"].fillna(merged["p4_any"])
     merged = merged.dropna(subset=["p4", "p8", value])
     gap = merged["p4"] - merged["p8"]
-    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(gap != 0)  # no gap: nothing to recover
+    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(
+        gap.abs() >= NO_GAP
+    )  # no gap: nothing to recover
     return merged[[*keys, METHOD_TAG, QUANTIZER_TAG, "p4", value, "p8", "recovered"]]
 
 

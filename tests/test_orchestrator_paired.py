@@ -63,3 +63,6 @@ def test_fieller_is_unbounded_when_the_gap_is_not_distinguishable_from_zero():
     assert ci.estimate == pytest.approx(1.5 / (0.5 / 3))
     assert (ci.lo, ci.hi) == (-math.inf, math.inf) and ci.straddles_zero and not ci.bounded
     assert math.isnan(ratio_ci([1.0, 2.0], [1.0, -1.0]).estimate)  # no gap at all: no ratio
+    # equal accuracies at 4 and 8 bits, differenced through means: rounding, not a gap (was 4.5e13 "unbounded")
+    rounded = [5.551115123125783e-17, 0.0, -1.1102230246251565e-16]  # the size float rounding leaves
+    assert math.isnan(ratio_ci([0.01, 0.02, 0.0], rounded).estimate)
