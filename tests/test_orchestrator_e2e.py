@@ -166,9 +166,12 @@ def test_asha_sweep_stops_a_trial_cleanly_and_resume_does_not_train_it_again(
     assert ray.available_resources().get("CPU") == total
 
     assert main(["status"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "| asha " in line)
-    # finished, running, failed, stopped early, interrupted
-    assert [cell.strip() for cell in row.split("|")[3:8]] == ["1", "0", "0", "1", "0"]
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "| experiment " in line)
+    row = next(line for line in lines if "| asha " in line)
+    status = {h.strip(): c.strip() for h, c in zip(header.split("|"), row.split("|"), strict=True)}
+    counts = ("trials", "finished", "running", "failed", "stopped early", "interrupted", "time left (est.)")
+    assert [status[c] for c in counts] == ["2", "1", "0", "0", "1", "0", "0 h"]
 
     # Interrupted while the trial was being stopped: Tune's saved state still has it running.
     _set_tune_status(state.path, trial_id, "RUNNING")
