@@ -109,17 +109,14 @@ MEMORY_SCRIPT = textwrap.dedent(
     from quailora.calibration import collect_grams
     from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 
-    def peak_kib():
-        return peak_memory_mb()["peak_memory_mb"] * 1024
-
     torch.set_num_threads(1)
     ckpt, out = sys.argv[1:3]
     ids = torch.randint(0, 4000, (8, 128), generator=torch.Generator().manual_seed(0))
     collect_grams(ckpt, ids[:1, :16], out + "/warmup")
     reset_peak_memory()
-    base = peak_kib()
+    base = peak_memory_mb()["peak_memory_mb"]
     collect_grams(ckpt, ids, out + "/grams", batch_size=4)
-    print(json.dumps({"peak_mib": (peak_kib() - base) / 1024}))
+    print(json.dumps({"peak_mib": peak_memory_mb()["peak_memory_mb"] - base}))
     """
 )
 

@@ -128,9 +128,8 @@ def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH
     merged["p4"] = merged["p4"].fillna(merged["p4_any"])
     merged = merged.dropna(subset=["p4", "p8", value])
     gap = merged["p4"] - merged["p8"]
-    merged["recovered"] = (merged["p4"] - merged[value]) / gap.where(
-        gap.abs() >= NO_GAP
-    )  # no gap: nothing to recover
+    no_gap = gap.abs() < NO_GAP  # nothing to recover
+    merged["recovered"] = (merged["p4"] - merged[value]) / gap.mask(no_gap)
     return merged[[*keys, METHOD_TAG, QUANTIZER_TAG, "p4", value, "p8", "recovered"]]
 
 

@@ -273,9 +273,8 @@ REFERENCE_BITS = 8  # the upper end of the gap: drawn on the lower-bit panels of
 def _line_label(method: str, quantizer: str, extra: dict | None = None) -> str:
     """The method (with its options) and quantizer, then the other fields the line holds: calibration.* only
     for a method that reads calibration data (the others ran once, whatever the field says)."""
-    calibrated = method.split()[0] in INITIALIZERS and needs_gram(
-        method.split()[0]
-    )  # method_label: name, options
+    name = method.split()[0]  # method_label: the name, then its options
+    calibrated = name in INITIALIZERS and needs_gram(name)
     fields = {k: v for k, v in (extra or {}).items() if k.split(".")[0] != CALIBRATION_SECTION or calibrated}
     label = f"{method} ({quantizer})" if quantizer else method
     return " ".join([label, *(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else
@@ -285,6 +284,11 @@ def _line_label(method: str, quantizer: str, extra: dict | None = None) -> str:
 def _varying(frame: pd.DataFrame, fields: Sequence[str]) -> list[str]:
     """The fields that take more than one value in `frame`: the rest need not be in its lines' labels."""
     return [k for k in fields if frame[k].nunique(dropna=False) > 1]
+
+
+def _named(fields: Sequence[str], values: Sequence, named: Sequence[str]) -> dict:
+    """A line's values of the `named` fields (_varying), for its label."""
+    return {k: v for k, v in zip(fields, values, strict=True) if k in named}
 
 
 def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
@@ -307,18 +311,14 @@ def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
         named = _varying(model, extra)
         for (method, quant, *values), runs in model[model.bits == bits].groupby(lines, dropna=False):
             mean = runs.groupby(RANK_TAG)[value].mean()
-            label = _line_label(
-                method, quant, {k: v for k, v in zip(extra, values, strict=True) if k in named}
-            )
+            label = _line_label(method, quant, _named(extra, values, named))
             ax.plot(mean.index, mean.values, marker="o", label=label)
         reference = model[model.bits == REFERENCE_BITS] if bits != REFERENCE_BITS else model.iloc[:0]
         for style, ((method, quant, *values), runs) in zip(
             ["--", ":", "-."] * len(reference), reference.groupby(lines, dropna=False), strict=False
         ):
             mean = runs.groupby(RANK_TAG)[value].mean()
-            label = _line_label(
-                method, quant, {k: v for k, v in zip(extra, values, strict=True) if k in named}
-            )
+            label = _line_label(method, quant, _named(extra, values, named))
             # a third of an octave either side of each rank (the rank axis is log2)
             ax.hlines(mean.values, mean.index * 2**-0.33, mean.index * 2**0.33, colors="black", linestyles=style,
                       label=f"{REFERENCE_BITS}-bit {label}")  # fmt: skip
@@ -399,9 +399,9 @@ def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
     for ax, (panel, rows) in zip(axes.flat, groups, strict=False):
         named = _varying(rows, fields)
         for line, curve in rows.groupby([*arm_keys, *fields], dropna=False, sort=True):
-            arm, values = line[: len(arm_keys)], dict(zip(fields, line[len(arm_keys) :], strict=True))
+            arm, values = line[: len(arm_keys)], line[len(arm_keys) :]
             style = "--" if arm[0] == REFERENCE_BITS else "-"
-            label = _arm_label(*arm, extra={k: v for k, v in values.items() if k in named})
+            label = _arm_label(*arm, extra=_named(fields, values, named))
             ax.plot(curve[STEP], curve[VAL_PPL], style, marker=".", label=label)
         shown = dict(zip(panels, panel, strict=True))
         title = f"{shown.pop(FAMILY_TAG)} {shown.pop(SIZE_TAG)}, rank {shown.pop(RANK_TAG)}"
@@ -467,7 +467,7 @@ def build_report(
     if split == "test" or LEARNING_RATE not in keys:  # what chose a rate never scores it
         calibration = calibration_effect(shown, keys, value)
     figures = {}
-    if shown[final_perplexity(shown)[0]].notna().any():
+    if shown[value].notna().any():
         figures["ppl_vs_rank.png"] = _png(ppl_vs_rank_figure(shown, [k for k in extra if k != LEARNING_RATE]))
     if not recovered.empty and (recovered.metric == "perplexity").any():
         figures["recovered_per_family.png"] = plot_recovered(recovered)

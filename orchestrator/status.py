@@ -46,12 +46,12 @@ PACE_WINDOW = 20  # the latest trials to end set the pace: the sweep's machine m
 
 def _time_left(runs: list, remaining: int) -> str:
     """Hours the remaining trials take at the pace of the latest ended ones (finished or stopped early)."""
-    ended = sorted((r.info.end_time / 1e3, r.info.start_time / 1e3) for r in runs
-                   if r.info.end_time and _outcome(r) in ("FINISHED", STOPPED_EARLY))  # fmt: skip
-    pace = seconds_per_trial([(start, end) for end, start in ended[-PACE_WINDOW:]])
-    if remaining <= 0 or pace is None:
-        return "0 h" if remaining <= 0 else "n/a"
-    return f"{remaining * pace / 3600:.1f} h"
+    if remaining <= 0:
+        return "0 h"
+    ended = sorted((r for r in runs if r.info.end_time and _outcome(r) in ("FINISHED", STOPPED_EARLY)),
+                   key=lambda r: r.info.end_time)  # fmt: skip
+    pace = seconds_per_trial([(r.info.start_time / 1e3, r.info.end_time / 1e3) for r in ended[-PACE_WINDOW:]])
+    return "n/a" if pace is None else f"{remaining * pace / 3600:.1f} h"
 
 
 def _num_trials(state: ExperimentState) -> int | None:
