@@ -312,6 +312,6 @@ def test_output_piped_into_a_reader_that_leaves_early_is_no_error():
         "plan configs/fair_comparison.yaml | head -1",
         shell=True, cwd=repo, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert done.stdout.startswith("sweep 'fair-comparison-grid': 360 trials") and done.stderr == "", (
+    assert done.stdout.startswith("sweep 'fair-comparison-asha': 360 trials") and done.stderr == "", (
         done.stderr
     )
