@@ -44,6 +44,8 @@ SEED_PATH = "seed"  # the sweep field of the seed
 TAGGED_PARAMS = ("lora.rank", SEED_PATH)  # params MATCH_KEYS already carry
 LEARNING_RATE = "train.learning_rate"  # the field an arm may be shown at its best value of
 CHOSEN_ON = "val ppl (chosen on)"  # the chosen-rate table's column of the validation mean
+INIT_OPTIONS = "init options"  # options_effect's column: a method's options, as its label spells them
+METHOD_DEFAULTS = "(defaults)"  # sorts before any option label (`split-kaiming_a`): the one compared against
 GRID_EDGE = "edge of the rates"  # "lowest"/"highest" when the chosen rate is the end of 3+ rates tried
 
 
@@ -163,6 +165,21 @@ def paired_comparison(
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def _paired_effect(df: pd.DataFrame, by: Sequence[str], field: str, value: str, label: str) -> list[dict]:
+    """Per group of `df` by `by`: each value of `field` minus its first (sorted), as the mean paired
+    difference of `value` over seeds with its 95 % paired-t interval; groups with one value of `field` left out."""
+    rows = []
+    for group, runs in df.groupby(list(by), dropna=False, sort=True):
+        values = sorted(runs[field].dropna().unique())
+        by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
+        for other in values[1:]:
+            diff = mean_ci((by_seed[other] - by_seed[values[0]]).dropna())
+            rows.append({**dict(zip(by, group, strict=True)),
+                         "field": label, "value": other, "against": values[0], "seeds": diff.n,
+                         **_columns("difference", diff), "CI contains 0": "yes" if diff.straddles_zero else ""})  # fmt: skip
+    return rows
+
+
 def calibration_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
     """Does the calibration data matter? Per calibrated arm, model and rank, each value of a swept
     calibration.* field against the first (sorted), as the mean paired difference of `value` over seeds
@@ -172,18 +189,19 @@ def calibration_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.
     fixed = [k for k in keys if k not in fields and k not in (LEARNING_RATE, SEED_TAG)] + ARM
     rows = []
     for field in fields:
-        by = fixed + [k for k in fields if k != field]
-        for group, runs in df.groupby(by, dropna=False, sort=True):
-            values = sorted(runs[field].dropna().unique())
-            if len(values) < 2:  # an arm that reads no calibration data runs once
-                continue
-            by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
-            for other in values[1:]:
-                diff = mean_ci((by_seed[other] - by_seed[values[0]]).dropna())
-                rows.append({**dict(zip(by, group, strict=True)),
-                             "field": field, "value": other, "against": values[0], "seeds": diff.n,
-                             **_columns("difference", diff), "CI contains 0": "yes" if diff.straddles_zero else ""})  # fmt: skip
+        rows += _paired_effect(df, fixed + [k for k in fields if k != field], field, value, field)
     return pd.DataFrame(rows)
+
+
+def options_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+    """Does a method's option matter (the SVD-based methods' `split`, ...)? Per method the sweep ran with
+    more than one set of init options, and per model, rank, quantizer and other key: each options set
+    against the method at its defaults (the method's label without options, METHOD_DEFAULTS), as the mean
+    paired difference of `value` over seeds with its 95 % paired-t interval. `df` as for calibration_effect."""
+    parts = df[METHOD_TAG].str.partition(" ")  # report.method_label: 'quailora split-kaiming_a'
+    labelled = df.assign(**{METHOD_TAG: parts[0], INIT_OPTIONS: parts[2].replace("", METHOD_DEFAULTS)})
+    fixed = [k for k in keys if k not in (LEARNING_RATE, SEED_TAG)] + ARM
+    return pd.DataFrame(_paired_effect(labelled, fixed, INIT_OPTIONS, value, "init.options"))
 
 
 def comparison_metrics(df: pd.DataFrame, selected: bool) -> list[tuple[str, str, str]]:

@@ -34,6 +34,7 @@ from orchestrator.comparison import (  # noqa: E402
     comparison_metrics,
     final_perplexity,
     match_keys,
+    options_effect,
     paired_comparison,
     rate_chosen_per_seed,
     under,
@@ -79,6 +80,10 @@ CALIBRATION_TITLE = (
     "Calibration data: each calibrated arm's final perplexity ({split} split) with one calibration set minus"
     " with another, paired by seed"
 )
+OPTIONS_TITLE = (
+    "Init options: each method's final perplexity ({split} split) with other options minus with its defaults,"
+    " paired by seed"
+)
 PER_VALUE_TITLE = "Paired comparison at each learning rate (every arm at the same rate)"
 PAIRED_NOTE = (
     f"Δ = arm - QLoRA baseline, paired by seed: mean difference with its {100 * LEVEL:g} % paired-t interval. "
@@ -103,6 +108,8 @@ class SweepReport:
     plateau: pd.DataFrame = field(default_factory=pd.DataFrame)  # per arm: did its learning curve flatten
     calibration: pd.DataFrame = field(default_factory=pd.DataFrame)  # comparison.calibration_effect
     calibration_title: str = ""
+    options: pd.DataFrame = field(default_factory=pd.DataFrame)  # comparison.options_effect
+    options_title: str = ""
     stages: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cached stage: runs and seconds
     stopped: pd.DataFrame = field(
         default_factory=pd.DataFrame
@@ -122,6 +129,8 @@ class SweepReport:
             parts.append((PER_VALUE_TITLE, comparison_display(self.per_value), ""))
         if not self.calibration.empty:
             parts.append((self.calibration_title, _difference_display(self.calibration), ""))
+        if not self.options.empty:
+            parts.append((self.options_title, _difference_display(self.options), ""))
         parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
                   (STOPPED_TITLE, self.stopped, ".3f")]  # fmt: skip
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
@@ -463,9 +472,9 @@ def build_report(
     else:
         recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
     value, split = final_perplexity(shown)
-    calibration = pd.DataFrame()
+    calibration = options = pd.DataFrame()
     if split == "test" or LEARNING_RATE not in keys:  # what chose a rate never scores it
-        calibration = calibration_effect(shown, keys, value)
+        calibration, options = calibration_effect(shown, keys, value), options_effect(shown, keys, value)
     figures = {}
     if shown[value].notna().any():
         figures["ppl_vs_rank.png"] = _png(ppl_vs_rank_figure(shown, [k for k in extra if k != LEARNING_RATE]))
@@ -481,6 +490,7 @@ def build_report(
         tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
         chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
         calibration=calibration, calibration_title=CALIBRATION_TITLE.format(split=split),
+        options=options, options_title=OPTIONS_TITLE.format(split=split),
         stopped=pd.DataFrame() if stopped is None else stopped,
     )  # fmt: skip
 

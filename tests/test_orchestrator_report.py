@@ -304,6 +304,37 @@ def test_the_calibration_sets_of_each_calibrated_arm_are_compared_paired_by_seed
     assert "Calibration data" in report.markdown()
 
 
+def test_each_method_run_with_other_init_options_is_compared_with_its_defaults_paired_by_seed():
+    """Issue 17's split question: QuAILoRA with split kaiming_a against its default split, per seed and per
+    calibration set; svd ran at its defaults only and has nothing to compare."""
+    cal, ft, field = "reference:calibration", "reference:finetune-train", "calibration.dataset"
+    rows = []
+    for seed, noise in zip((0, 1, 2), (0.0, 0.3, -0.3), strict=True):
+        for dataset, shift in ((cal, 0.0), (ft, 2.0)):
+            rows += [_rec("gaussian", 4, 8, seed, 20.0 + seed, 0.5, **{field: cal}),
+                     _rec("gaussian", 8, 8, seed, 10.0 + seed, 0.5, **{field: cal}),
+                     _rec("quailora", 4, 8, seed, 15.0 + seed + shift, 0.5, **{field: dataset}),
+                     _rec("quailora split-kaiming_a", 4, 8, seed, 17.0 + seed + shift + noise, 0.5, **{field: dataset}),
+                     _rec("svd", 4, 8, seed, 16.0 + seed, 0.5, **{field: cal})]  # fmt: skip
+    report = build_report(pd.DataFrame(rows).drop_duplicates(), swept=[field, "init", "seed"])
+    effect = report.options.set_index(field)
+    assert set(report.options.method) == {"quailora"} and sorted(effect.index) == [cal, ft]
+    for dataset in (cal, ft):
+        row = effect.loc[dataset]
+        assert (row.field, row.value, row.against, row.seeds) == (
+            "init.options",
+            "split-kaiming_a",
+            "(defaults)",
+            3,
+        )
+        # differences (2.0, 2.3, 1.7): s = 0.3, half-width t(0.975, 2) · 0.3 / √3 = 0.74534
+        assert (row.difference, row.difference_lo, row.difference_hi) == pytest.approx(
+            (2.0, 1.25466, 2.74534), abs=1e-4
+        )
+        assert row["CI contains 0"] == ""
+    assert "Init options" in report.markdown() and "split-kaiming_a" in report.markdown()
+
+
 def test_without_a_test_metric_nothing_chosen_on_validation_is_reported_as_final():
     runs = _lr_runs().drop(columns="test_ppl_final")
     report = build_report(runs, swept=[LR])
