@@ -72,6 +72,7 @@ CHOSEN_PER_SEED_TITLE = (
     "Learning rate per arm and seed, chosen on validation (lowest val_ppl_final of the rates ASHA let finish)"
 )
 STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
+MAX_STEPS = "train.max_steps"  # the trial config field (a run param) of the steps a trial is set to train
 PLATEAU_TITLE = (
     f"Plateau: val ppl improved by < {100 * PLATEAU_TOLERANCE:g} % over the last {PLATEAU_WINDOW} steps"
 )
@@ -114,6 +115,7 @@ class SweepReport:
     stopped: pd.DataFrame = field(
         default_factory=pd.DataFrame
     )  # stopped by the scheduler: trial, step, val_ppl
+    stopped_note: str = ""  # what stopping them saved (steps_saved)
 
     def sections(self) -> list[tuple[str, pd.DataFrame | str, str]]:
         """(title, table or text, float format) in reading order; empty tables left out."""
@@ -136,6 +138,8 @@ class SweepReport:
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
 
     def _note(self, title: str) -> str:
+        if title == STOPPED_TITLE:
+            return self.stopped_note
         return (
             PAIRED_NOTE
             if title in (self.recovered_title, PER_VALUE_TITLE) and not self.recovered.empty
@@ -423,6 +427,21 @@ def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
     return fig
 
 
+def steps_saved(df: pd.DataFrame, stopped: pd.DataFrame) -> str:
+    """How many optimizer steps the scheduler saved: the stopped trials' steps against what every trial was
+    set to train (a finished trial counted at its max_steps)."""
+    if stopped.empty or MAX_STEPS not in df or MAX_STEPS not in stopped:
+        return ""
+    if df[MAX_STEPS].isna().any() or stopped[[MAX_STEPS, "stopped at step"]].isna().any().any():
+        return ""  # runs from before max_steps was read: no sum to trust
+    budget = int(df[MAX_STEPS].sum() + stopped[MAX_STEPS].sum())
+    trained = int(df[MAX_STEPS].sum() + stopped["stopped at step"].sum())
+    return (
+        f"{len(stopped)} of {len(df) + len(stopped)} trials stopped early: the sweep trained {trained:,} of the"
+        f" {budget:,} optimizer steps its trials were set to, {100 * (1 - trained / budget):.0f} % fewer."
+    )
+
+
 def stage_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per stage: how many trials computed, reused or skipped it, the seconds spent computing, and the
     seconds the reuses saved (each reuse saves what computing its entry took)."""
@@ -456,7 +475,7 @@ def build_report(
     (comparison.match_keys). `stopped`: the trials the scheduler stopped early (stopped_from_mlflow), listed
     apart. `curves`: (run_id, step, val_ppl) rows (curves.curves_from_mlflow) for the learning curves.
     `rate_per_seed`: choose each arm's learning rate per seed (comparison.rate_chosen_per_seed)."""
-    df = normalize(records)
+    df, stopped = normalize(records), pd.DataFrame() if stopped is None else stopped
     keys = match_keys(df, swept)
     extra = keys[len(MATCH_KEYS) :]
     shown, chosen, per_value = df, pd.DataFrame(), pd.DataFrame()
@@ -491,7 +510,7 @@ def build_report(
         chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
         calibration=calibration, calibration_title=CALIBRATION_TITLE.format(split=split),
         options=options, options_title=OPTIONS_TITLE.format(split=split),
-        stopped=pd.DataFrame() if stopped is None else stopped,
+        stopped=stopped, stopped_note=steps_saved(df, stopped),
     )  # fmt: skip
 
 
@@ -510,18 +529,21 @@ def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
         row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
         row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
         row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
+        row[MAX_STEPS] = run.data.params.get(MAX_STEPS)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def stopped_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
-    """One row per child run the scheduler stopped early: its name, the step it was stopped at and its last val_ppl."""
+    """One row per child run the scheduler stopped early: its name, the step it was stopped at, the steps it
+    was set to train and its last val_ppl."""
     from orchestrator.tracking import child_runs
 
     rows = [
         {
             "trial": run.info.run_name,
             "stopped at step": run.data.metrics.get(STOPPED_AT_STEP),
+            MAX_STEPS: run.data.params.get(MAX_STEPS),
             f"last {VAL_PPL}": run.data.metrics.get(VAL_PPL),
         }  # fmt: skip
         for run in child_runs(client, parent_run_id)
@@ -530,7 +552,8 @@ def stopped_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     stopped = pd.DataFrame(rows).sort_values("trial", ignore_index=True)
-    return stopped.astype({"stopped at step": "Int64"})  # MLflow keeps metrics as floats
+    stopped[MAX_STEPS] = pd.to_numeric(stopped[MAX_STEPS])  # MLflow keeps params as strings
+    return stopped.astype({"stopped at step": "Int64", MAX_STEPS: "Int64"})  # and metrics as floats
 
 
 def method_label(method: str | None, options_param: str | None) -> str | None:

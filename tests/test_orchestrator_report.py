@@ -424,3 +424,14 @@ def test_a_calibration_sweep_of_the_calibrated_arms_pairs_with_the_one_set_of_ql
         {"reference:calibration": 0.5, "reference:finetune-train": 0.8}
     )
     assert set(ppl.seeds) == {2}
+
+
+def test_the_steps_the_scheduler_saved_are_counted_only_when_every_run_says_its_budget(records):
+    stopped = pd.DataFrame({"trial": ["a", "b"], "stopped at step": [10, 30], "train.max_steps": [100, 100]})
+    budgeted = records.assign(**{"train.max_steps": "100"})  # as MLflow logs it: a string
+    note = build_report(budgeted, stopped=stopped).stopped_note
+    assert note == (
+        f"2 of {len(records) + 2} trials stopped early: the sweep trained {100 * len(records) + 40:,} of the"
+        f" {100 * (len(records) + 2):,} optimizer steps its trials were set to, 7 % fewer."  # 160 of 2,200
+    )
+    assert build_report(records, stopped=stopped).stopped_note == ""  # runs from before the param was read

@@ -89,7 +89,13 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
         tags = {PARENT_TAG: state.parent_run_id, "family": "llama", "size": "1M", "bits": str(bits),
                 "method": method, "rank": "8", "seed": "0", "quantizer": quantizer, TRIAL_ID_TAG: trial_id}  # fmt: skip
         run_id = client.create_run(experiment_id, tags=tags, run_name=f"{method}_{bits}_{alpha}").info.run_id
-        for key, value in {"lora.alpha": alpha, "init.method": method, "quant.method": quantizer}.items():
+        params = {
+            "lora.alpha": alpha,
+            "init.method": method,
+            "quant.method": quantizer,
+            "train.max_steps": "4",
+        }
+        for key, value in params.items():
             client.log_param(run_id, key, value)
         if trial_id:  # a trial the scheduler stops while it runs: partial metrics only
             client.log_metric(run_id, VAL_PPL, ppl, step=3)
@@ -108,6 +114,8 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
 
     text = publish_report(client, state)
     assert "Stopped early by the scheduler" in text and "| quailora_4_16 |                 3 |" in text
+    # 6 finished trials of 4 steps and the stopped one at step 3 of its 4
+    assert "1 of 7 trials stopped early: the sweep trained 27 of the 28 optimizer steps" in text
     rows = [line for line in text.splitlines() if line.startswith("| perplexity ")]
     assert "|           16 | quailora | nf4         |       1 | -5.000 (one seed: no interval)" in rows[0]
     assert rows[0].endswith("| 0.500 (one seed: no interval) |                 |")
