@@ -30,13 +30,27 @@ def prepare(sweep: SweepConfig, address: str | None) -> TrialMatrix:
     return matrix
 
 
+def _ended_trials(path: str) -> int:
+    """Trials Tune's saved state has ended (terminated, ASHA's stopped ones included, or failed). Not the
+    ResultGrid's count: after Ctrl-C Tune stops the running trials and marks them terminated in memory,
+    while the state it saved before keeps them to restart on resume."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in ExperimentAnalysis(path).trials)
+
+
+INTERRUPTED = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
 def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *, resume: bool) -> int:
-    """Run the Tuner under the parent MLflow run; returns the number of trials that ended in error."""
+    """Run the Tuner under the parent MLflow run; returns the exit status: 0, 1 if a trial failed, or
+    INTERRUPTED when Tune returned before every trial ended (Ctrl-C: Tune saves its state and returns)."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import publish_report
-    from orchestrator.tracking import ensure_parent_run, finish_parent
+    from orchestrator.tracking import ensure_parent_run, finish_parent, mark_interrupted
     from orchestrator.tuning import build_tuner, restore_tuner
     from trials.run import ensure_ray
 
@@ -48,19 +62,30 @@ def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *
     connected = ensure_ray(address, log_to_driver=False)  # False: the caller's Ray (a test's), left running
     try:
         tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
-        results = list(tuner.fit())
+        grid = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving
+        mark_interrupted(client, state.parent_run_id)
+        raise
     except BaseException:
         finish_parent(client, state.parent_run_id, failed=True)
         raise
     finally:
         if connected:
             ray.shutdown()
-    errors = sum(r.error is not None for r in results)
     print(publish_report(client, state), flush=True)
-    finish_parent(client, state.parent_run_id, failed=errors > 0)
-    if errors:
-        print(f"{errors} trial(s) failed; `quailora resume {state.name}` retries them", file=sys.stderr)
-    return errors
+    ended = _ended_trials(state.path)
+    if ended < matrix.num_trials:
+        mark_interrupted(client, state.parent_run_id)
+        print(f"interrupted with {ended} of {matrix.num_trials} trials ended; `quailora resume {state.name}` "
+              "continues it", file=sys.stderr)  # fmt: skip
+        return INTERRUPTED
+    finish_parent(client, state.parent_run_id, failed=grid.num_errors > 0)
+    if grid.num_errors:
+        print(
+            f"{grid.num_errors} trial(s) failed; `quailora resume {state.name}` retries them", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 def run(sweep: SweepConfig, address: str | None) -> int:
@@ -70,7 +95,7 @@ def run(sweep: SweepConfig, address: str | None) -> int:
             f"name={sweep.name!r}: experiment {state.path} already exists; `quailora resume {sweep.name}` continues it"
         )
     matrix = prepare(sweep, address)
-    return 1 if _execute(matrix, state, address, resume=False) else 0
+    return _execute(matrix, state, address, resume=False)
 
 
 def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
@@ -83,4 +108,4 @@ def resume(experiment: str, storage_path: str | None, address: str | None) -> in
             f"remove the directory and `quailora run` the sweep again"
         )
     matrix = prepare(state.sweep_config(), address)
-    return 1 if _execute(matrix, state, address, resume=True) else 0
+    return _execute(matrix, state, address, resume=True)

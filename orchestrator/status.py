@@ -19,6 +19,13 @@ def _outcome(run) -> str:
     return STOPPED_EARLY if STOPPED_EARLY_TAG in run.data.tags else run.info.status
 
 
+def _sweep_status(parent) -> str:
+    """The parent run's MLflow status; KILLED is a sweep interrupted by Ctrl-C (runner.INTERRUPTED)."""
+    if parent is None:
+        return "NOT STARTED"
+    return "INTERRUPTED" if parent.info.status == "KILLED" else parent.info.status
+
+
 def _child_runs(state: ExperimentState) -> list:
     """The sweep's MLflow child runs (the one record that survives a killed driver)."""
     from mlflow.tracking import MlflowClient
@@ -77,7 +84,7 @@ def experiments_table(storage_path: str) -> pd.DataFrame:
         rows.append(
             {
                 "experiment": state.name,
-                "sweep": parent.info.status if parent else "NOT STARTED",
+                "sweep": _sweep_status(parent),
                 "trials": total,
                 "finished": counts.get("FINISHED", 0),
                 "running": counts.get("RUNNING", 0),

@@ -53,3 +53,14 @@ def mark_stopped_early(client: MlflowClient, parent_run_id: str, trial_id: str, 
 
 def finish_parent(client: MlflowClient, parent_run_id: str, *, failed: bool) -> None:
     client.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")
+
+
+def mark_interrupted(client: MlflowClient, parent_run_id: str) -> int:
+    """An interrupted sweep (Ctrl-C) and the trial runs it left RUNNING end KILLED: `quailora status` then
+    shows them interrupted rather than running, and `resume` sets each RUNNING again as its trial restarts
+    (trials.tracking.open_trial_run). Returns how many trial runs it ended."""
+    running = [r for r in child_runs(client, parent_run_id) if r.info.status == "RUNNING"]
+    for run in running:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_run_id, status="KILLED")
+    return len(running)

@@ -1,4 +1,5 @@
-"""End to end on the micro reference model: a two-trial sweep, an ASHA sweep, and resume after the driver is killed.
+"""End to end on the micro reference model: a two-trial sweep, an ASHA sweep, resume after the driver is killed,
+and after it is interrupted (Ctrl-C).
 
 Real trials (quantized micro llama, DeepSpeed on Ray Train, MLflow in SQLite); slow on 2 cores.
 """
@@ -20,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.experiment import ExperimentState
+from orchestrator.experiment import STATE_FILE, ExperimentState
 from orchestrator.tracking import child_runs
 from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRAIN_LOSS, VAL_PPL, stage_tag
 from trials.run import ensure_ray
@@ -56,6 +57,14 @@ STARTED = "] started "  # ProgressCallback's line when Tune starts a trial
 
 def _started_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if STARTED in line]
+
+
+def _status_row(text: str, experiment: str) -> dict[str, str]:
+    """`quailora status`'s row of one experiment, by column name."""
+    lines = text.splitlines()
+    header = next(line for line in lines if "| experiment " in line)
+    row = next(line for line in lines if line.startswith(f"| {experiment} "))
+    return {h.strip(): c.strip() for h, c in zip(header.split("|"), row.split("|"), strict=True)}
 
 
 def _children(state: ExperimentState):
@@ -166,10 +175,7 @@ def test_asha_sweep_stops_a_trial_cleanly_and_resume_does_not_train_it_again(
     assert ray.available_resources().get("CPU") == total
 
     assert main(["status"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if "| experiment " in line)
-    row = next(line for line in lines if "| asha " in line)
-    status = {h.strip(): c.strip() for h, c in zip(header.split("|"), row.split("|"), strict=True)}
+    status = _status_row(capsys.readouterr().out, "asha")
     counts = ("trials", "finished", "running", "failed", "stopped early", "interrupted", "time left (est.)")
     assert [status[c] for c in counts] == ["2", "1", "0", "0", "1", "0", "0 h"]
 
@@ -225,3 +231,54 @@ def test_resume_after_driver_is_killed(tmp_path):
     restarted = next(r for r in runs if r.info.run_id != first.info.run_id)
     assert restarted.data.tags[stage_tag("quantize")] == "reused"
     assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_interrupts_the_sweep_and_resume_finishes_it_from_its_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the driver): Tune saves its state and returns; the sweep and the trial run it left
+    running end KILLED (`status`: interrupted, not running), the command exits 130, and resume finishes the
+    trial in the same MLflow run from its last checkpoint."""
+    train = {**MICRO_BASE["train"], "max_steps": 200, "checkpoint_every": 25}  # ~15 steps a second
+    config = _sweep(tmp_path, "paused", {"seed": {"grid": [0]}}, base={**MICRO_BASE, "train": train})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    log = (tmp_path / "run.log").open("w")
+    driver = subprocess.Popen([*cli, "run", config], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    try:
+        deadline, step, path = time.monotonic() + 400, 0, tmp_path / "runs" / "paused"
+        while step < 30 and time.monotonic() < deadline and driver.poll() is None:  # past one checkpoint
+            time.sleep(1)
+            if not (path / STATE_FILE).is_file():
+                continue
+            state = ExperimentState.load(str(path))
+            runs = _children(state) if state.parent_run_id else []
+            if runs:
+                history = MlflowClient(state.tracking_uri).get_metric_history(runs[0].info.run_id, TRAIN_LOSS)
+                step = max((m.step for m in history), default=0)
+        assert driver.poll() is None and step >= 30, (tmp_path / "run.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert (
+        "interrupted with 0 of 1 trials ended; `quailora resume paused` continues it"
+        in (tmp_path / "run.log").read_text()
+    )
+    client = MlflowClient(state.tracking_uri)
+    (run,) = _children(state)
+    assert client.get_run(state.parent_run_id).info.status == "KILLED" and run.info.status == "KILLED"
+    status = subprocess.run(
+        [*cli, "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert _status_row(status.stdout, "paused")["sweep"] == "INTERRUPTED", status.stdout
+
+    resumed = subprocess.run(
+        [*cli, "resume", "paused"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    (again,) = _children(state)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert client.get_run(state.parent_run_id).info.status == "FINISHED"
+    assert again.data.metrics["resumed_from_step"] >= 25  # from a checkpoint, not from step 0

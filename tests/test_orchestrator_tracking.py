@@ -10,7 +10,7 @@ from orchestrator.experiment import ExperimentState
 from orchestrator.report import publish_report
 from orchestrator.status import experiments_table, seconds_per_trial
 from orchestrator.sweep_config import SweepConfig
-from orchestrator.tracking import ensure_parent_run, mark_stopped_early
+from orchestrator.tracking import ensure_parent_run, mark_interrupted, mark_stopped_early
 from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_PPL
 from trials.tracking import PARENT_TAG
 
@@ -55,6 +55,28 @@ def test_runs_of_early_stopped_trials_end_killed_and_tagged(tmp_path):
     counts = ("finished", "running", "failed", "stopped early", "interrupted")
     assert tuple(row[c] for c in counts) == (1, 1, 0, 1, 1)
     assert row["trials"] == 1 and row["time left (est.)"] == "0 h"  # one grid point, ended
+
+
+def test_an_interrupted_sweep_and_the_trial_runs_it_left_running_end_killed_and_show_interrupted(tmp_path):
+    state = _experiment(tmp_path, "paused", {"seed": {"grid": [0, 1, 2]}})
+    client = MlflowClient(state.tracking_uri)
+    state.parent_run_id = ensure_parent_run(client, state.name, state.tracking_uri, state.sweep, None)
+    state.save()
+    experiment_id = client.get_run(state.parent_run_id).info.experiment_id
+    tags = {PARENT_TAG: state.parent_run_id}
+    running = client.create_run(experiment_id, tags={**tags, TRIAL_ID_TAG: "a"}).info.run_id
+    finished = client.create_run(experiment_id, tags={**tags, TRIAL_ID_TAG: "b"}).info.run_id
+    client.set_terminated(finished, status="FINISHED")
+
+    assert mark_interrupted(client, state.parent_run_id) == 1
+    assert (
+        client.get_run(running).info.status == "KILLED" and client.get_run(finished).info.status == "FINISHED"
+    )
+    (row,) = experiments_table(str(tmp_path)).to_dict("records")
+    assert (row["sweep"], row["running"], row["interrupted"], row["finished"]) == ("INTERRUPTED", 0, 1, 1)
+    # resume reopens the sweep
+    ensure_parent_run(client, state.name, state.tracking_uri, state.sweep, state.parent_run_id)
+    assert experiments_table(str(tmp_path)).loc[0, "sweep"] == "RUNNING"
 
 
 def test_an_experiment_whose_stored_config_no_longer_validates_is_listed_uncounted(tmp_path):
