@@ -47,6 +47,7 @@ CHOSEN_ON = "val ppl (chosen on)"  # the chosen-rate table's column of the valid
 INIT_OPTIONS = "init options"  # options_effect's column: a method's options, as its label spells them
 METHOD_DEFAULTS = "(defaults)"  # sorts before any option label (`split-kaiming_a`): the one compared against
 GRID_EDGE = "edge of the rates"  # "lowest"/"highest" when the chosen rate is the end of 3+ rates tried
+STOPPED_RATES = "stopped early (rate at step)"  # the chosen-rate table's list of rates the scheduler stopped
 
 
 def under(param: str, paths: Sequence[str]) -> bool:
@@ -79,28 +80,40 @@ def rate_chosen_per_seed(compare_across: Sequence[str] | None) -> bool:
 
 
 def choose_learning_rate(
-    df: pd.DataFrame, keys: Sequence[str], per_seed: bool = False
+    df: pd.DataFrame, keys: Sequence[str], per_seed: bool = False, stopped: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per arm and every other key but the seed and the learning rate: the learning rate with the lowest mean
     validation perplexity over seeds (``per_seed``: for each seed apart, see rate_chosen_per_seed). Returns
     (the runs at each arm's chosen rate, the table of choices).
 
-    The table marks a choice that is the lowest or highest of 3 or more rates tried (with 2, every choice is
-    one): that arm's best rate may lie beyond the grid, so its comparison may understate it."""
+    ``stopped``: runs the scheduler stopped early (same columns, and `stopped at step`). They are not chosen
+    from, but the table lists them beside the choice they lost to (STOPPED_RATES), and they count among the
+    rates tried. The table marks a choice that is the lowest or highest of 3 or more rates tried (with 2,
+    every choice is one): that arm's best rate may lie beyond the grid, so its comparison may understate it."""
     fixed = [k for k in keys if k != LEARNING_RATE and (per_seed or k != SEED_TAG)] + ARM
     scored = df.dropna(subset=[VAL_PPL_FINAL])
     per_rate = scored.groupby([*fixed, LEARNING_RATE], as_index=False, dropna=False).agg(
         **{CHOSEN_ON: (VAL_PPL_FINAL, "mean"), "seeds": (SEED_TAG, "nunique")}
     )
-    compared = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE].transform("size")
-    per_rate["rates compared"] = compared
-    rates = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE]
-    rate, edge = per_rate[LEARNING_RATE], compared >= 3
+    per_rate["rates compared"] = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE].transform("size")
+    stopped = pd.DataFrame(columns=[*fixed, LEARNING_RATE]) if stopped is None else stopped
+    tried = pd.concat([scored[[*fixed, LEARNING_RATE]], stopped[[*fixed, LEARNING_RATE]]], ignore_index=True)
+    bounds = tried.drop_duplicates().groupby(fixed, dropna=False)[LEARNING_RATE]
+    bounds = bounds.agg(**{"_lowest": "min", "_highest": "max", "_tried": "size"})
+    per_rate = per_rate.join(bounds, on=fixed)
+    rate, edge = per_rate[LEARNING_RATE], per_rate["_tried"] >= 3
     per_rate[GRID_EDGE] = ""
-    per_rate.loc[edge & (rate == rates.transform("min")), GRID_EDGE] = "lowest"
-    per_rate.loc[edge & (rate == rates.transform("max")), GRID_EDGE] = "highest"
+    per_rate.loc[edge & (rate == per_rate["_lowest"]), GRID_EDGE] = "lowest"
+    per_rate.loc[edge & (rate == per_rate["_highest"]), GRID_EDGE] = "highest"
     chosen = per_rate.loc[per_rate.groupby(fixed, dropna=False)[CHOSEN_ON].idxmin()]
-    chosen = chosen.sort_values(fixed, ignore_index=True)
+    chosen = chosen.drop(columns=list(bounds.columns)).sort_values(fixed, ignore_index=True)
+    if not stopped.empty:  # '0.01 at 100, 0.001 at 300', with each one's seed when chosen over all seeds
+        label = stopped[LEARNING_RATE].map("{:g}".format) + " at " + stopped["stopped at step"].astype(str)
+        if not per_seed:
+            label += " (seed " + stopped[SEED_TAG].astype(str) + ")"
+        lost = stopped.assign(**{STOPPED_RATES: label}).sort_values([LEARNING_RATE, SEED_TAG])
+        lost = lost.groupby(fixed, dropna=False)[STOPPED_RATES].agg(", ".join)
+        chosen = chosen.join(lost, on=fixed).fillna({STOPPED_RATES: ""})
     runs = df.merge(chosen[[*fixed, LEARNING_RATE]], on=[*fixed, LEARNING_RATE])
     return runs, chosen
 

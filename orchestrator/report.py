@@ -73,6 +73,8 @@ CHOSEN_PER_SEED_TITLE = (
 )
 STOPPED_TITLE = "Stopped early by the scheduler (not in the tables above)"
 MAX_STEPS = "train.max_steps"  # the trial config field (a run param) of the steps a trial is set to train
+STOPPED_VAL_PPL = f"last {VAL_PPL}"
+STOPPED_COLUMNS = ["trial", "stopped at step", MAX_STEPS, STOPPED_VAL_PPL]  # the stopped table shows these
 PLATEAU_TITLE = (
     f"Plateau: val ppl improved by < {100 * PLATEAU_TOLERANCE:g} % over the last {PLATEAU_WINDOW} steps"
 )
@@ -134,7 +136,8 @@ class SweepReport:
         if not self.options.empty:
             parts.append((self.options_title, _difference_display(self.options), ""))
         parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
-                  (STOPPED_TITLE, self.stopped, ".3f")]  # fmt: skip
+                  (STOPPED_TITLE, self.stopped.reindex(columns=STOPPED_COLUMNS) if not self.stopped.empty
+                   else self.stopped, ".3f")]  # fmt: skip
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
 
     def _note(self, title: str) -> str:
@@ -481,7 +484,8 @@ def build_report(
     shown, chosen, per_value = df, pd.DataFrame(), pd.DataFrame()
     title, chosen_title = f"Paired comparison by seed ({final_perplexity(df)[1]} split)", CHOSEN_TITLE
     if LEARNING_RATE in keys:  # each arm at its own rate; the same-rate comparison kept below it
-        shown, chosen = choose_learning_rate(df, keys, per_seed=rate_per_seed)
+        tried = normalize(stopped) if not stopped.empty and LEARNING_RATE in stopped else None
+        shown, chosen = choose_learning_rate(df, keys, per_seed=rate_per_seed, stopped=tried)
         per_value = paired_comparison(df, keys, comparison_metrics(df, selected=False))
         recovered = paired_comparison(shown, [k for k in keys if k != LEARNING_RATE],
                                       comparison_metrics(df, selected=True))  # fmt: skip
@@ -514,37 +518,37 @@ def build_report(
     )  # fmt: skip
 
 
+def _run_record(run, swept: Sequence[str]) -> dict:
+    """A child run as a report row: its tags (family, size, bits, method, rank, seed, quantizer), its params
+    under the `swept` field paths and its train.max_steps, and its metrics."""
+    tags = run.data.tags
+    row = {k: tags.get(k) for k in REPORT_TAGS}
+    row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
+    row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
+    row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
+    row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
+    row[MAX_STEPS] = run.data.params.get(MAX_STEPS)
+    return row
+
+
 def records_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per finished child run: its tags (family, size, bits, method, rank, seed, quantizer), its params
-    under the `swept` field paths, and its metrics."""
+    """One row per finished child run (_run_record)."""
     from orchestrator.tracking import child_runs
 
-    rows = []
-    for run in child_runs(client, parent_run_id):
-        if run.info.status != "FINISHED":
-            continue
-        tags = run.data.tags
-        row = {k: tags.get(k) for k in REPORT_TAGS}
-        row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
-        row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
-        row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
-        row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
-        row[MAX_STEPS] = run.data.params.get(MAX_STEPS)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    runs = child_runs(client, parent_run_id)
+    return pd.DataFrame([_run_record(run, swept) for run in runs if run.info.status == "FINISHED"])
 
 
-def stopped_from_mlflow(client, parent_run_id: str) -> pd.DataFrame:
-    """One row per child run the scheduler stopped early: its name, the step it was stopped at, the steps it
-    was set to train and its last val_ppl."""
+def stopped_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per child run the scheduler stopped early: as records_from_mlflow's, with the step it was
+    stopped at and its last val_ppl."""
     from orchestrator.tracking import child_runs
 
     rows = [
         {
-            "trial": run.info.run_name,
+            **_run_record(run, swept),
             "stopped at step": run.data.metrics.get(STOPPED_AT_STEP),
-            MAX_STEPS: run.data.params.get(MAX_STEPS),
-            f"last {VAL_PPL}": run.data.metrics.get(VAL_PPL),
+            STOPPED_VAL_PPL: run.data.metrics.get(VAL_PPL),
         }  # fmt: skip
         for run in child_runs(client, parent_run_id)
         if STOPPED_EARLY_TAG in run.data.tags
@@ -572,7 +576,7 @@ def publish_report(client, state) -> str:
     sweep = state.sweep_config()
     swept = list(sweep.space)  # grid and sampled fields alike: never averaged over
     records = records_from_mlflow(client, state.parent_run_id, swept)
-    stopped = stopped_from_mlflow(client, state.parent_run_id)
+    stopped = stopped_from_mlflow(client, state.parent_run_id, swept)
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
     asha = sweep.search.asha

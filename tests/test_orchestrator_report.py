@@ -279,6 +279,40 @@ def test_rates_asha_compared_within_each_seed_are_chosen_per_seed_and_every_seed
     )
 
 
+def test_rates_the_scheduler_stopped_are_listed_beside_the_choice_and_count_among_the_rates_tried():
+    """ASHA per seed over 3e-3, 1e-2 and 1e-3: QuAILoRA's seed 0 finished 3e-3 and 1e-2 (1e-2 better, the
+    highest of the three tried although only two finished), its seed 1 finished 3e-3 alone."""
+    rows, stopped = [], []
+    for seed, finished, lost in ((0, {"0.003": 15.0, "0.01": 14.0}, {"0.001": 300}),
+                                 (1, {"0.003": 15.0}, {"0.01": 100, "0.001": 100})):  # fmt: skip
+        rows += [_rec("gaussian", 4, 8, seed, 20.0, 0.5, test_ppl_final=21.0, **{LR: "0.003"}),
+                 _rec("gaussian", 8, 8, seed, 10.0, 0.5, test_ppl_final=11.0, **{LR: "0.003"})]  # fmt: skip
+        rows += [
+            _rec("quailora", 4, 8, seed, val, 0.5, test_ppl_final=val, **{LR: rate})
+            for rate, val in finished.items()
+        ]
+        stopped += [{**_rec("quailora", 4, 8, seed, 30.0, 0.5, **{LR: rate}), "trial": f"q{seed}-{rate}",
+                     "stopped at step": step} for rate, step in lost.items()]  # fmt: skip
+    report = build_report(pd.DataFrame(rows), swept=[LR, "init.method", "seed"], stopped=pd.DataFrame(stopped),
+                          rate_per_seed=True)  # fmt: skip
+    quail = report.chosen[report.chosen.method == "quailora"].set_index("seed")
+    assert quail[LR].tolist() == [0.01, 0.003] and quail["rates compared"].tolist() == [2, 1]
+    assert quail["edge of the rates"].tolist() == ["highest", ""]
+    assert quail["stopped early (rate at step)"].tolist() == ["0.001 at 300", "0.001 at 100, 0.01 at 100"]
+    assert set(report.chosen[report.chosen.method == "gaussian"]["stopped early (rate at step)"]) == {""}
+    per_arm = build_report(
+        pd.DataFrame(rows), swept=[LR, "init.method", "seed"], stopped=pd.DataFrame(stopped)
+    )
+    quail = per_arm.chosen[per_arm.chosen.method == "quailora"].iloc[
+        0
+    ]  # one rate over both seeds: seed named
+    assert (
+        quail["stopped early (rate at step)"]
+        == "0.001 at 300 (seed 0), 0.001 at 100 (seed 1), 0.01 at 100 (seed 1)"
+    )
+    assert "| q0-0.001 " in report.markdown() and "last val_ppl" in report.markdown()  # the stopped table
+
+
 def test_the_calibration_sets_of_each_calibrated_arm_are_compared_paired_by_seed():
     """Issue 17: is a calibrated init robust to its calibration data? QuAILoRA does 1.0 better with the
     fine-tuning set (per seed 1.0, 1.2, 0.8), closed_form the same with both; QLoRA reads none and runs once."""
