@@ -31,10 +31,11 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
     from trials import stages
     from trials.adapters import build_adapter
     from trials.cache import StageCache
+    from trials.contract import VAL_PPL_FINAL
     from trials.deepspeed_config import compute_dtype, resolve_precision
     from trials.finetune import fine_tune
     from trials.validation import validate_trial
-    from trials.worker import load_data
+    from trials.worker import evaluate_final, load_data
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank)
@@ -45,8 +46,8 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     ray.train.get_checkpoint = lambda: None  # no Ray Train session: nothing to resume from
     try:
-        config = micro_trial_config(checkpoint, texts, train={**train, "max_steps": 3, "checkpoint_every": 0},
-                                    resources={"num_workers": world_size})  # fmt: skip
+        config = micro_trial_config(checkpoint, texts, resources={"num_workers": world_size},
+                                    train={**train, "max_steps": 3, "checkpoint_every": 0, "eval_every": 3})  # fmt: skip
         targets = validate_trial(config).target_names
         precision = resolve_precision(config.train.precision, device)
         dtype = compute_dtype(precision, config.model.dtype)
@@ -59,12 +60,20 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
         stages.initialize(ctx, model, None, targets, quantized, None)
         packed = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         record = {"storage": sorted({str(p.dtype) for p in packed}), "losses": [], "numel": packed[0].numel()}
+        evaluated = []  # which blocks each evaluation scored
+
+        def evaluate(module, blocks=(data.validation,)) -> float:
+            evaluated.append("test" if blocks is data.test else "validation")
+            return 7.0
+
         tuned = fine_tune(
             model, config, data.train, device, precision,
             log=lambda values, step: record["losses"].append(values["train_loss"]),
-            evaluate=lambda module: 0.0,
+            evaluate=evaluate,
             log_config=lambda resolved: record.update(resolved=resolved),
         )  # fmt: skip
+        final = evaluate_final(model, config, data, evaluate, tuned.last_val_ppl)
+        record.update(evaluated=evaluated, val_ppl_final=final[VAL_PPL_FINAL])
         if config.train.zero_stage == 3:  # each worker now holds its share of the packed base
             record["partition"] = [p.ds_tensor.numel() for p in packed[:1]] + [packed[0].ds_numel]
         record["stop_reason"] = tuned.stop_reason
@@ -98,6 +107,8 @@ def test_fine_tuning_runs_the_asked_precision(tmp_path, train, engine_flag):
         assert resolved[engine_flag] is True
         assert resolved["zero_optimization_stage"] == train["zero_stage"]
         assert record["stop_reason"] is None and len(record["losses"]) == 3
+        # the last step was an eval point: the final validation perplexity is its value, not scored again
+        assert record["evaluated"] == ["validation", "test"] and record["val_ppl_final"] == 7.0
         assert all(math.isfinite(loss) for loss in record["losses"])
     if train["precision"] == "fp16":
         assert records[0]["resolved"]["fp16"]["initial_scale_power"] == 16  # dynamic loss scaling

@@ -39,6 +39,8 @@ class FineTuned:
     progress: TrainProgress
     resumed_from_step: int
     stop_reason: str | None = None
+    # val_ppl of the last step when it was an eval point: the weights the final evaluation would score again
+    last_val_ppl: float | None = None
 
 
 def micro_batch(
@@ -162,6 +164,8 @@ def fine_tune(
         values = {TRAIN_LOSS: train_loss, "learning_rate": learning_rate}
         if train.eval_every and step % train.eval_every == 0:
             values[VAL_PPL] = evaluate(engine.module)
+            if step == train.max_steps:
+                result.last_val_ppl = values[VAL_PPL]
         log(values, step)
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
             report_checkpoint(engine, progress, values)

@@ -172,11 +172,15 @@ def _save_adapter_and_probe(
         tracker.artifacts(f"{tmp}/probe", PROBE_ARTIFACT)
 
 
-def evaluate_final(model, config: TrialConfig, data: TrialData, evaluate) -> dict[str, float]:
-    """Perplexity after fine-tuning (validation; test where data.test is set) and the lm-eval accuracies, on every rank (ZeRO-3 forwards are collective)."""
+def evaluate_final(
+    model, config: TrialConfig, data: TrialData, evaluate, last_val_ppl: float | None = None
+) -> dict[str, float]:
+    """Perplexity after fine-tuning (validation; test where data.test is set) and the lm-eval accuracies, on
+    every rank (ZeRO-3 forwards are collective). `last_val_ppl`: the validation perplexity the last training
+    step already measured on these weights (FineTuned.last_val_ppl), not computed again."""
     results = {}
     if config.eval.perplexity:
-        results[VAL_PPL_FINAL] = evaluate(model)
+        results[VAL_PPL_FINAL] = evaluate(model) if last_val_ppl is None else last_val_ppl
     if data.test is not None:
         results[TEST_PPL_FINAL] = evaluate(model, data.test)
     if config.eval.lm_eval_tasks:
@@ -257,7 +261,7 @@ def train_trial(loop_config: dict) -> None:
 
     summary["train_seconds"] = progress.train_seconds
     summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
-    summary.update(evaluate_final(engine.module, config, data, evaluate))
+    summary.update(evaluate_final(engine.module, config, data, evaluate, tuned.last_val_ppl))
     _save_adapter_and_probe(
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
     )
