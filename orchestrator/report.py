@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the report runs on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from orchestrator.comparison import (  # noqa: E402
@@ -400,25 +401,33 @@ def figure_panels(keys: Sequence[str]) -> list[str]:
 def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
     """Validation perplexity against optimizer step, one panel per model and rank (two panels a row), one line
     per arm (at its shown learning rate) and other swept field, log scale: the first eval points sit far above
-    the rest."""
+    the rest. A line keeps its color in every panel, and one legend below the panels names them all."""
     panels = figure_panels(keys)
     fields = [k for k in curve_panels(keys) if k not in panels]
     arm_keys = [*ARM, *([LEARNING_RATE] if LEARNING_RATE in mean.columns else [])]
+    named = _varying(mean, fields)
+
+    def label(line: tuple) -> str:
+        return _arm_label(*line[: len(arm_keys)], extra=_named(fields, line[len(arm_keys) :], named))
+
+    lines = {
+        label(line): line[0] == REFERENCE_BITS
+        for line in mean.groupby([*arm_keys, *fields], dropna=False, sort=True).groups
+    }
+    palette = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
+    styles = {name: {"color": palette(i % palette.N), "linestyle": "--" if reference else "-", "marker": "."}
+              for i, (name, reference) in enumerate(lines.items())}  # fmt: skip
     groups = list(mean.groupby(panels, dropna=False, sort=True))
     ncols = min(len(groups), 2)
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(6.5 * ncols, 5.2 * nrows), squeeze=False, layout="constrained"
-    )
+    legend_rows = math.ceil(len(lines) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.2 * nrows + 0.22 * legend_rows),
+                             squeeze=False, layout="constrained")  # fmt: skip
     for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
     for ax, (panel, rows) in zip(axes.flat, groups, strict=False):
-        named = _varying(rows, fields)
         for line, curve in rows.groupby([*arm_keys, *fields], dropna=False, sort=True):
-            arm, values = line[: len(arm_keys)], line[len(arm_keys) :]
-            style = "--" if arm[0] == REFERENCE_BITS else "-"
-            label = _arm_label(*arm, extra=_named(fields, values, named))
-            ax.plot(curve[STEP], curve[VAL_PPL], style, marker=".", label=label)
+            ax.plot(curve[STEP], curve[VAL_PPL], label=label(line), **styles[label(line)])
         shown = dict(zip(panels, panel, strict=True))
         title = f"{shown.pop(FAMILY_TAG)} {shown.pop(SIZE_TAG)}, rank {shown.pop(RANK_TAG)}"
         title += "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items())
@@ -426,7 +435,8 @@ def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
         plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30 rather than 2×10¹
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2, frameon=False)
+    handles = [Line2D([], [], label=name, **style) for name, style in styles.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
     return fig
 
 

@@ -439,6 +439,11 @@ def test_the_learning_curve_figure_has_a_panel_per_model_and_rank_and_lines_for_
     labels = [line.get_label() for line in panels[0].get_lines()]
     assert len(labels) == 4 and sum("dataset=" in label for label in labels) == 2
     assert all("quailora" in label for label in labels if "dataset=" in label)
+    # one legend for the figure; each line keeps its color in both panels, no two lines share one
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == labels and not any(ax.get_legend() for ax in panels)
+    colors = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in panels]
+    assert colors[0] == colors[1] and len(set(colors[0].values())) == 4
 
 
 def test_a_calibration_sweep_of_the_calibrated_arms_pairs_with_the_one_set_of_qlora_runs():
