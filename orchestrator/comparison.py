@@ -96,8 +96,9 @@ def choose_learning_rate(
         **{CHOSEN_ON: (VAL_PPL_FINAL, "mean"), "seeds": (SEED_TAG, "nunique")}
     )
     per_rate["rates compared"] = per_rate.groupby(fixed, dropna=False)[LEARNING_RATE].transform("size")
-    stopped = pd.DataFrame(columns=[*fixed, LEARNING_RATE]) if stopped is None else stopped
-    tried = pd.concat([scored[[*fixed, LEARNING_RATE]], stopped[[*fixed, LEARNING_RATE]]], ignore_index=True)
+    tried = scored[[*fixed, LEARNING_RATE]]
+    if stopped is not None:
+        tried = pd.concat([tried, stopped[[*fixed, LEARNING_RATE]]], ignore_index=True)
     bounds = tried.drop_duplicates().groupby(fixed, dropna=False)[LEARNING_RATE]
     bounds = bounds.agg(**{"_lowest": "min", "_highest": "max", "_tried": "size"})
     per_rate = per_rate.join(bounds, on=fixed)
@@ -107,7 +108,9 @@ def choose_learning_rate(
     per_rate.loc[edge & (rate == per_rate["_highest"]), GRID_EDGE] = "highest"
     chosen = per_rate.loc[per_rate.groupby(fixed, dropna=False)[CHOSEN_ON].idxmin()]
     chosen = chosen.drop(columns=list(bounds.columns)).sort_values(fixed, ignore_index=True)
-    if not stopped.empty:  # '0.01 at 100, 0.001 at 300', with each one's seed when chosen over all seeds
+    if (
+        stopped is not None and not stopped.empty
+    ):  # '0.01 at 100, 0.001 at 300', with each one's seed when chosen over all seeds
         label = stopped[LEARNING_RATE].map("{:g}".format) + " at " + stopped["stopped at step"].astype(str)
         if not per_seed:
             label += " (seed " + stopped[SEED_TAG].astype(str) + ")"

@@ -137,8 +137,7 @@ class SweepReport:
         if not self.options.empty:
             parts.append((self.options_title, _difference_display(self.options), ""))
         parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
-                  (STOPPED_TITLE, self.stopped.reindex(columns=STOPPED_COLUMNS) if not self.stopped.empty
-                   else self.stopped, ".3f")]  # fmt: skip
+                  (STOPPED_TITLE, self.stopped.reindex(columns=STOPPED_COLUMNS), ".3f")]  # fmt: skip
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
 
     def _note(self, title: str) -> str:
@@ -427,7 +426,8 @@ def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
         ax.set_visible(False)
     for ax, (panel, rows) in zip(axes.flat, groups, strict=False):
         for line, curve in rows.groupby([*arm_keys, *fields], dropna=False, sort=True):
-            ax.plot(curve[STEP], curve[VAL_PPL], label=label(line), **styles[label(line)])
+            name = label(line)
+            ax.plot(curve[STEP], curve[VAL_PPL], label=name, **styles[name])
         shown = dict(zip(panels, panel, strict=True))
         title = f"{shown.pop(FAMILY_TAG)} {shown.pop(SIZE_TAG)}, rank {shown.pop(RANK_TAG)}"
         title += "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items())
