@@ -11,6 +11,10 @@ validation); the numbers shown for it then come from the test split.
 recovered = mean(p4 - p4m) / mean(p4 - p8) over seeds, with p4 the 4-bit gaussian (QLoRA) value, p4m the
 arm's and p8 the 8-bit gaussian value (methods.md): a ratio of mean paired differences, not a mean of
 per-seed ratios, which one seed with a near-zero gap can drive to any size.
+
+Across models and ranks (`over_cells`), each difference is also averaged over the sweep's cells (a model and
+rank each), every cell weighted equally, with a stratified interval (paired.stratified_mean_ci): pairs are
+still formed within a cell and seed only, so nothing from different configurations is averaged as if a seed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from orchestrator.paired import NO_GAP, Interval, mean_ci, ratio_ci
+from orchestrator.paired import NO_GAP, Interval, ratio_ci, stratified_mean_ci
 from quailora.initializers import needs_gram
 from trials.contract import (
     BITS_TAG,
@@ -36,6 +40,7 @@ from trials.contract import (
 
 BASELINE = "gaussian"
 MODEL_KEYS = [FAMILY_TAG, SIZE_TAG]
+MODEL_SECTION = "model"  # the sweep fields that choose the model (model.path): a cell like MODEL_KEYS
 MATCH_KEYS = [*MODEL_KEYS, RANK_TAG, SEED_TAG]  # from trial tags; the other swept fields come from run params
 ARM = [BITS_TAG, METHOD_TAG, QUANTIZER_TAG]
 CALIBRATION_SECTION = "calibration"
@@ -62,6 +67,17 @@ def match_keys(df: pd.DataFrame, swept: Sequence[str]) -> list[str]:
         if under(c, swept) and c.split(".")[0] not in METHOD_SECTIONS and c not in TAGGED_PARAMS
     ]
     return [*MATCH_KEYS, *extra]
+
+
+def cell_keys(keys: Sequence[str]) -> list[str]:
+    """Of a comparison's keys, those that name one cell of a sweep across models and ranks: the model tags,
+    the rank and any model.* field. The over-cells comparisons average over them."""
+    return [k for k in keys if k in (*MODEL_KEYS, RANK_TAG) or k.split(".")[0] == MODEL_SECTION]
+
+
+def _strata(runs: pd.DataFrame, cells: Sequence[str]) -> list[pd.DataFrame]:
+    """`runs` split by cell (one stratum of everything when `cells` is empty)."""
+    return [part for _, part in runs.groupby(list(cells), dropna=False, sort=True)] if cells else [runs]
 
 
 def final_perplexity(df: pd.DataFrame) -> tuple[str, str]:
@@ -156,13 +172,18 @@ def _columns(name: str, interval: Interval) -> dict:
 
 
 def paired_comparison(
-    df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[tuple[str, str, str]]
+    df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[tuple[str, str, str]], over_cells: bool = False
 ) -> pd.DataFrame:
     """Per model, arm, rank and other key (seed aside), for each (label, column, split) of `metrics`: the arm
     minus 4-bit QLoRA and minus 8-bit QLoRA as mean paired differences over seeds with 95 % paired-t intervals,
     and the recovered fraction with Fieller's interval (orchestrator/paired.py). `straddles_0` names the
-    intervals that contain 0 (the recovered fraction's does exactly when the one against 4-bit does)."""
-    by = [k for k in keys if k != SEED_TAG] + [METHOD_TAG, QUANTIZER_TAG]
+    intervals that contain 0 (the recovered fraction's does exactly when the one against 4-bit does).
+
+    over_cells: per arm and other key, the same differences averaged over the models and ranks the arm ran in
+    (2 or more; `cells` counts them), with stratified intervals. No recovered fraction there: the 4-to-8-bit
+    gap differs from cell to cell, and a ratio of averages would weigh the cells by it."""
+    cells = cell_keys(keys) if over_cells else []
+    by = [k for k in keys if k != SEED_TAG and k not in cells] + [METHOD_TAG, QUANTIZER_TAG]
     parts = []
     for label, value, split in metrics:
         if value not in df or df[value].isna().all():
@@ -170,54 +191,88 @@ def paired_comparison(
         per_seed = recovered_fraction(df, value, keys)
         rows = []
         for group, runs in per_seed.groupby(by, dropna=False, sort=True):
-            arm, p4, p8 = runs[value], runs["p4"], runs["p8"]
-            vs4, vs8 = mean_ci(arm - p4), mean_ci(arm - p8)
-            recovered = ratio_ci(p4 - arm, p4 - p8)
+            strata = _strata(runs, cells)
+            if over_cells and len(strata) < 2:
+                continue
+            vs4 = stratified_mean_ci([part[value] - part["p4"] for part in strata])
+            vs8 = stratified_mean_ci([part[value] - part["p8"] for part in strata])
+            ratio = (
+                {}
+                if over_cells
+                else _columns("recovered", ratio_ci(runs["p4"] - runs[value], runs["p4"] - runs["p8"]))
+            )
             straddles = [name for name, ci in (("vs 4-bit", vs4), ("vs 8-bit", vs8)) if ci.straddles_zero]
-            rows.append({"metric": label, "split": split, **dict(zip(by, group, strict=True)), "seeds": len(runs),
-                         **_columns("vs4", vs4), **_columns("vs8", vs8), **_columns("recovered", recovered),
+            rows.append({"metric": label, "split": split, **dict(zip(by, group, strict=True)),
+                         **({"cells": len(strata)} if over_cells else {}), "seeds": len(runs),
+                         **_columns("vs4", vs4), **_columns("vs8", vs8), **ratio,
                          "straddles_0": ", ".join(straddles)})  # fmt: skip
         parts.append(pd.DataFrame(rows))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _paired_effect(df: pd.DataFrame, by: Sequence[str], field: str, value: str, label: str) -> list[dict]:
+def _paired_effect(
+    df: pd.DataFrame, by: Sequence[str], field: str, value: str, label: str, over_cells: bool = False
+) -> list[dict]:
     """Per group of `df` by `by`: each value of `field` minus its first (sorted), as the mean paired
-    difference of `value` over seeds with its 95 % paired-t interval; groups with one value of `field` left out."""
+    difference of `value` over seeds with its 95 % paired-t interval; groups with one value of `field` left out.
+    over_cells: averaged over the models and ranks of `by` (cell_keys) instead, paired within each, with a
+    stratified interval; groups with fewer than 2 such cells left out."""
+    cells = cell_keys(by) if over_cells else []
+    by = [k for k in by if k not in cells]
     rows = []
-    for group, runs in df.groupby(list(by), dropna=False, sort=True):
+    for group, runs in df.groupby(by, dropna=False, sort=True):
         values = sorted(runs[field].dropna().unique())
-        by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
         for other in values[1:]:
-            diff = mean_ci((by_seed[other] - by_seed[values[0]]).dropna())
-            rows.append({**dict(zip(by, group, strict=True)),
-                         "field": label, "value": other, "against": values[0], "seeds": diff.n,
+            strata = [
+                _seed_differences(part, field, other, values[0], value) for part in _strata(runs, cells)
+            ]
+            strata = [d for d in strata if len(d)]
+            if over_cells and len(strata) < 2:
+                continue
+            diff = stratified_mean_ci(strata)
+            rows.append({**dict(zip(by, group, strict=True)), "field": label, "value": other, "against": values[0],
+                         **({"cells": len(strata)} if over_cells else {}), "seeds": diff.n,
                          **_columns("difference", diff), "CI contains 0": "yes" if diff.straddles_zero else ""})  # fmt: skip
     return rows
 
 
-def calibration_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+def _seed_differences(
+    runs: pd.DataFrame, field: str, value_of: object, against: object, value: str
+) -> pd.Series:
+    """Per seed, `value` where `field` is `value_of` minus where it is `against` (seeds with both)."""
+    by_seed = runs.pivot_table(index=SEED_TAG, columns=field, values=value, aggfunc="mean")
+    if value_of not in by_seed or against not in by_seed:
+        return pd.Series(dtype=float)
+    return (by_seed[value_of] - by_seed[against]).dropna()
+
+
+def calibration_effect(
+    df: pd.DataFrame, keys: Sequence[str], value: str, over_cells: bool = False
+) -> pd.DataFrame:
     """Does the calibration data matter? Per calibrated arm, model and rank, each value of a swept
     calibration.* field against the first (sorted), as the mean paired difference of `value` over seeds
     with its 95 % paired-t interval. `df` holds each run once per configuration (an arm at its chosen rate,
-    which may differ between calibration sets: each is compared at its own)."""
+    which may differ between calibration sets: each is compared at its own). over_cells: see _paired_effect."""
     fields = [k for k in keys if k.split(".")[0] == CALIBRATION_SECTION]
     fixed = [k for k in keys if k not in fields and k not in (LEARNING_RATE, SEED_TAG)] + ARM
     rows = []
     for field in fields:
-        rows += _paired_effect(df, fixed + [k for k in fields if k != field], field, value, field)
+        rows += _paired_effect(df, fixed + [k for k in fields if k != field], field, value, field, over_cells)
     return pd.DataFrame(rows)
 
 
-def options_effect(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+def options_effect(
+    df: pd.DataFrame, keys: Sequence[str], value: str, over_cells: bool = False
+) -> pd.DataFrame:
     """Does a method's option matter (the SVD-based methods' `split`, ...)? Per method the sweep ran with
     more than one set of init options, and per model, rank, quantizer and other key: each options set
     against the method at its defaults (the method's label without options, METHOD_DEFAULTS), as the mean
-    paired difference of `value` over seeds with its 95 % paired-t interval. `df` as for calibration_effect."""
+    paired difference of `value` over seeds with its 95 % paired-t interval. `df` and over_cells as for
+    calibration_effect."""
     parts = df[METHOD_TAG].str.partition(" ")  # report.method_label: 'quailora split-kaiming_a'
     labelled = df.assign(**{METHOD_TAG: parts[0], INIT_OPTIONS: parts[2].replace("", METHOD_DEFAULTS)})
     fixed = [k for k in keys if k not in (LEARNING_RATE, SEED_TAG)] + ARM
-    return pd.DataFrame(_paired_effect(labelled, fixed, INIT_OPTIONS, value, "init.options"))
+    return pd.DataFrame(_paired_effect(labelled, fixed, INIT_OPTIONS, value, "init.options", over_cells))
 
 
 def comparison_metrics(df: pd.DataFrame, selected: bool) -> list[tuple[str, str, str]]:

@@ -31,6 +31,7 @@ from orchestrator.comparison import (  # noqa: E402
     MATCH_KEYS,
     MODEL_KEYS,
     calibration_effect,
+    cell_keys,
     choose_learning_rate,
     comparison_metrics,
     final_perplexity,
@@ -89,6 +90,14 @@ OPTIONS_TITLE = (
     " paired by seed"
 )
 PER_VALUE_TITLE = "Paired comparison at each learning rate (every arm at the same rate)"
+OVER_CELLS = (
+    ", averaged over models and ranks"  # the title of a table's over-cells companion: its title + this
+)
+OVER_CELLS_NOTE = (
+    f"Each model and rank (a cell) weighs the same; pairs are formed within a cell and seed. {100 * LEVEL:g} % "
+    "stratified t interval from the within-cell spread (Welch-Satterthwaite degrees of freedom): the average "
+    "effect over these cells, not a claim about other models."
+)
 PAIRED_NOTE = (
     f"Δ = arm - QLoRA baseline, paired by seed: mean difference with its {100 * LEVEL:g} % paired-t interval. "
     f"recovered = mean(p4 - arm) / mean(p4 - p8) with Fieller's {100 * LEVEL:g} % interval (unbounded when the "
@@ -119,6 +128,10 @@ class SweepReport:
         default_factory=pd.DataFrame
     )  # stopped by the scheduler: trial, step, val_ppl
     stopped_note: str = ""  # what stopping them saved (steps_saved)
+    # The recovered, calibration and options tables averaged over models and ranks (`over_cells`).
+    pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
+    calibration_pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
+    options_pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def sections(self) -> list[tuple[str, pd.DataFrame | str, str]]:
         """(title, table or text, float format) in reading order; empty tables left out."""
@@ -130,12 +143,16 @@ class SweepReport:
             parts.append((self.recovered_title, NO_BASELINES, ""))
         else:
             parts.append((self.recovered_title, comparison_display(self.recovered), ""))
+        if not self.pooled.empty:
+            parts.append((self.recovered_title + OVER_CELLS, comparison_display(self.pooled), ""))
         if not self.per_value.empty:
             parts.append((PER_VALUE_TITLE, comparison_display(self.per_value), ""))
-        if not self.calibration.empty:
-            parts.append((self.calibration_title, _difference_display(self.calibration), ""))
-        if not self.options.empty:
-            parts.append((self.options_title, _difference_display(self.options), ""))
+        for title, table, pooled in ((self.calibration_title, self.calibration, self.calibration_pooled),
+                                     (self.options_title, self.options, self.options_pooled)):  # fmt: skip
+            if not table.empty:
+                parts.append((title, _difference_display(table), ""))
+            if not pooled.empty:
+                parts.append((title + OVER_CELLS, _difference_display(pooled), ""))
         parts += [(PLATEAU_TITLE, self.plateau, ".3f"), (STAGES_TITLE, self.stages, ".1f"),
                   (STOPPED_TITLE, self.stopped.reindex(columns=STOPPED_COLUMNS), ".3f")]  # fmt: skip
         return [(t, _params_shown(c), f) for t, c, f in parts if isinstance(c, str) or not c.empty]
@@ -143,6 +160,8 @@ class SweepReport:
     def _note(self, title: str) -> str:
         if title == STOPPED_TITLE:
             return self.stopped_note
+        if title.endswith(OVER_CELLS):
+            return OVER_CELLS_NOTE
         return (
             PAIRED_NOTE
             if title in (self.recovered_title, PER_VALUE_TITLE) and not self.recovered.empty
@@ -219,7 +238,8 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
     """The paired comparison as a reader sees it: each estimate with its interval in one cell."""
     numeric = {f"{name}{suffix}" for name in ("vs4", "vs8", "recovered") for suffix in ("", "_lo", "_hi")}
     shown = comparison[[c for c in comparison.columns if c not in numeric and c != "straddles_0"]].copy()
-    for name, title in (("vs4", "Δ vs 4-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered")):
+    estimates = (("vs4", "Δ vs 4-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered"))
+    for name, title in [(n, t) for n, t in estimates if n in comparison]:  # over cells: no recovered
         shown[title] = [
             _interval(*values)
             for values in comparison[[name, f"{name}_lo", f"{name}_hi"]].itertuples(index=False)
@@ -394,7 +414,7 @@ def figure_panels(keys: Sequence[str]) -> list[str]:
     """What one panel of the learning-curve figure holds fixed: the model and the rank. Any other swept field
     (a calibration set, ...) is drawn as lines of its own, so an arm sits beside the baselines it is compared
     with, and a sweep of many fields still makes a figure of a few panels."""
-    return [k for k in curve_panels(keys) if k in (*MODEL_KEYS, RANK_TAG) or k.split(".")[0] == "model"]
+    return [k for k in curve_panels(keys) if k in cell_keys(keys)]
 
 
 def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
@@ -497,17 +517,21 @@ def build_report(
         tried = normalize(stopped) if not stopped.empty and LEARNING_RATE in stopped else None
         shown, chosen = choose_learning_rate(df, keys, per_seed=rate_per_seed, stopped=tried)
         per_value = paired_comparison(df, keys, comparison_metrics(df, selected=False))
-        recovered = paired_comparison(shown, [k for k in keys if k != LEARNING_RATE],
-                                      comparison_metrics(df, selected=True))  # fmt: skip
+        compared, metrics = [k for k in keys if k != LEARNING_RATE], comparison_metrics(df, selected=True)
+        recovered = paired_comparison(shown, compared, metrics)
+        pooled = paired_comparison(shown, compared, metrics, over_cells=True)
         each = "per seed " if rate_per_seed else ""
         title = f"Paired comparison by seed, each arm at its learning rate chosen on validation {each}(final perplexity on test)"
         chosen_title = CHOSEN_PER_SEED_TITLE if rate_per_seed else CHOSEN_TITLE
     else:
         recovered = paired_comparison(df, keys, comparison_metrics(df, selected=False))
+        pooled = paired_comparison(df, keys, comparison_metrics(df, selected=False), over_cells=True)
     value, split = final_perplexity(shown)
-    calibration = options = pd.DataFrame()
+    calibration = options = calibration_pooled = options_pooled = pd.DataFrame()
     if split == "test" or LEARNING_RATE not in keys:  # what chose a rate never scores it
         calibration, options = calibration_effect(shown, keys, value), options_effect(shown, keys, value)
+        calibration_pooled = calibration_effect(shown, keys, value, over_cells=True)
+        options_pooled = options_effect(shown, keys, value, over_cells=True)
     figures = {}
     if shown[value].notna().any():
         figures["ppl_vs_rank.png"] = _png(ppl_vs_rank_figure(shown, [k for k in extra if k != LEARNING_RATE]))
@@ -523,7 +547,8 @@ def build_report(
         tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
         chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
         calibration=calibration, calibration_title=CALIBRATION_TITLE.format(split=split),
-        options=options, options_title=OPTIONS_TITLE.format(split=split),
+        options=options, options_title=OPTIONS_TITLE.format(split=split), pooled=pooled,
+        calibration_pooled=calibration_pooled, options_pooled=options_pooled,
         stopped=stopped, stopped_note=steps_saved(df, stopped),
     )  # fmt: skip
 

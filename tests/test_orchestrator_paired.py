@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from orchestrator.paired import mean_ci, ratio_ci, t_quantile
+from orchestrator.paired import mean_ci, ratio_ci, stratified_mean_ci, t_quantile
 
 # Student t quantiles from a printed table (two-sided 95 %).
 T95 = {2: 12.7062, 3: 4.3027, 4: 3.1824}
@@ -66,3 +68,41 @@ def test_fieller_is_unbounded_when_the_gap_is_not_distinguishable_from_zero():
     # equal accuracies at 4 and 8 bits, differenced through means: rounding, not a gap (was 4.5e13 "unbounded")
     rounded = [5.551115123125783e-17, 0.0, -1.1102230246251565e-16]  # the size float rounding leaves
     assert math.isnan(ratio_ci([0.01, 0.02, 0.0], rounded).estimate)
+
+
+def test_one_stratum_is_the_paired_t_interval():
+    one, plain = stratified_mean_ci([[-1.0, -1.2, -0.8, -1.0]]), mean_ci([-1.0, -1.2, -0.8, -1.0])
+    assert (one.estimate, one.n) == (plain.estimate, plain.n)
+    assert (one.lo, one.hi) == pytest.approx((plain.lo, plain.hi))
+
+
+def test_stratified_interval_by_hand():
+    # cell means 1.0 and 2.0 (estimate 1.5, each cell weighted equally); v = s²/n = 0.04/3 and 0.09/3;
+    # SE = √(Σv) / 2 = 0.1040833; dof = (Σv)² / Σ v² / (n - 1) = 0.04333² / ((0.01333² + 0.03²) / 2) = 3.48454
+    ci = stratified_mean_ci([[1.0, 1.2, 0.8], [2.0, 2.3, 1.7]])
+    half = stats.t.ppf(0.975, 3.48454) * 0.1040833
+    assert (ci.estimate, ci.n) == (pytest.approx(1.5), 6)
+    assert (ci.lo, ci.hi) == pytest.approx((1.5 - half, 1.5 + half), abs=1e-4)
+    # far narrower than either cell's own interval (2 degrees of freedom each)
+    assert ci.hi - ci.lo < mean_ci([1.0, 1.2, 0.8]).hi - mean_ci([1.0, 1.2, 0.8]).lo
+
+
+def test_stratified_interval_covers_the_average_effect_of_cells_that_differ():
+    """Cells with effects -1, 0, 2 and 5 and spreads 0.2 to 1.0, 3 seeds each: the interval covers their
+    average 1.5 at about its level, although the effects differ far more than any cell's noise."""
+    rng = np.random.default_rng(0)
+    effects, spreads = np.array([-1.0, 0.0, 2.0, 5.0]), np.array([0.2, 0.5, 1.0, 0.3])
+    covered = [
+        ci.lo <= effects.mean() <= ci.hi
+        for ci in (stratified_mean_ci([rng.normal(m, s, 3) for m, s in zip(effects, spreads, strict=True)])
+                   for _ in range(4000))
+    ]  # fmt: skip
+    assert 0.93 <= np.mean(covered) <= 0.97
+
+
+def test_stratified_interval_needs_two_pairs_in_every_cell_and_is_a_point_without_spread():
+    short = stratified_mean_ci([[1.0, 2.0], [3.0]])
+    assert short.estimate == pytest.approx(2.25) and math.isnan(short.lo) and short.n == 3
+    flat = stratified_mean_ci([[0.5, 0.5], [1.5, 1.5, 1.5]])  # a deterministic init: the same every seed
+    assert (flat.estimate, flat.lo, flat.hi) == (1.0, 1.0, 1.0) and not flat.straddles_zero
+    assert math.isnan(stratified_mean_ci([]).estimate)

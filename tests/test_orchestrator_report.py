@@ -474,3 +474,48 @@ def test_the_steps_the_scheduler_saved_are_counted_only_when_every_run_says_its_
         f" {100 * (len(records) + 2):,} optimizer steps its trials were set to, 7 % fewer."  # 160 of 2,200
     )
     assert build_report(records, stopped=stopped).stopped_note == ""  # runs from before the param was read
+
+
+def test_arms_are_also_compared_averaged_over_models_and_ranks():
+    """Two models, 3 seeds: QuAILoRA is 1.0 better than 4-bit QLoRA on llama (per seed 1.0, 0.8, 1.2) and 2.0
+    on opt (2.0, 1.7, 2.3); averaged over the two cells 1.5 with the stratified interval, paired within each.
+    kaiming_a against the default split: +0.5 on llama, -0.5 on opt, 0 on average. svd ran on llama only."""
+    rows = []
+    for family, p4, p8, gain, seed_noise, split in (
+        ("llama", 20.0, 10.0, 1.0, (0.0, 0.2, -0.2), (0.5, 0.7, 0.3)),
+        ("opt", 30.0, 25.0, 2.0, (0.0, 0.3, -0.3), (-0.5, -0.4, -0.6)),
+    ):
+        path = {"model.path": f"reference:{family}-mini"}
+        for seed, noise, kaiming in zip((0, 1, 2), seed_noise, split, strict=True):
+            arm = p4 + seed - gain + noise
+            rows += [_rec("gaussian", 4, 8, seed, p4 + seed, 0.5, family=family, **path),
+                     _rec("gaussian", 8, 8, seed, p8 + seed, 0.5, family=family, **path),
+                     _rec("quailora", 4, 8, seed, arm, 0.5, family=family, **path),
+                     _rec("quailora split-kaiming_a", 4, 8, seed, arm + kaiming, 0.5, family=family, **path)]  # fmt: skip
+            if family == "llama":
+                rows.append(_rec("svd", 4, 8, seed, p4 + seed, 0.5, family=family, **path))
+    report = build_report(pd.DataFrame(rows), swept=["model.path", "init", "quant", "seed"])
+    per_cell = report.recovered[report.recovered.metric == "perplexity"]
+    assert len(per_cell[per_cell.method == "quailora"]) == 2  # one row per model, as before
+    pooled = report.pooled[report.pooled.metric == "perplexity"].set_index("method")
+    assert "svd" not in pooled.index and "family" not in pooled and "model.path" not in pooled
+    quail = pooled.loc["quailora"]
+    assert (quail.cells, quail.seeds) == (2, 6) and "recovered" not in pooled
+    half = 2.94617 * 0.1040833  # t(0.975, 3.48454) · SE, as in test_stratified_interval_by_hand
+    assert (quail.vs4, quail.vs4_lo, quail.vs4_hi) == pytest.approx(
+        (-1.5, -1.5 - half, -1.5 + half), abs=1e-4
+    )
+    # against 8-bit: llama 9 + noise, opt 3 + noise: the same spreads around 6
+    assert (quail.vs8, quail.vs8_lo) == pytest.approx((6.0, 6.0 - half), abs=1e-4)
+    assert quail.straddles_0 == ""
+    options = report.options_pooled.set_index("method").loc["quailora"]
+    assert (options.value, options.cells, options.seeds) == ("split-kaiming_a", 2, 6)
+    assert options.difference == pytest.approx(0.0) and options["CI contains 0"] == "yes"
+    assert len(report.options) == 2  # and each model's own row, where each excludes 0
+    assert set(report.options["CI contains 0"]) == {""}
+    text = report.markdown()
+    assert "averaged over models and ranks" in text and "Welch-Satterthwaite" in text
+    one_model = build_report(
+        pd.DataFrame([r for r in rows if r["family"] == "llama"]), swept=["init", "seed"]
+    )
+    assert one_model.pooled.empty and one_model.options_pooled.empty  # one cell: nothing to average over
