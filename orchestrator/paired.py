@@ -54,24 +54,13 @@ class Interval:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
 
-def mean_ci(differences: Sequence[float], level: float = LEVEL) -> Interval:
-    """The mean of paired differences with its paired t interval: mean ± t·s/√n."""
-    d = np.asarray(differences, dtype=float)
-    n = len(d)
-    mean = float(d.mean()) if n else math.nan
-    if n < 2:
-        return Interval(mean, math.nan, math.nan, n)
-    half = t_quantile(n, level) * float(d.std(ddof=1)) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
-
-
 def stratified_mean_ci(strata: Sequence[Sequence[float]], level: float = LEVEL) -> Interval:
     """The mean over strata (a sweep's models and ranks) of each stratum's mean paired difference, every
     stratum weighted equally, with a t interval from the within-stratum variances alone:
     SE² = Σ (s_i² / n_i) / k², Welch-Satterthwaite degrees of freedom (Σ v_i)² / Σ v_i² / (n_i - 1).
     It is the average effect over exactly these strata, so it assumes nothing about models not run, and a
     stratum's own effect (however far from the others) adds no noise to it. n counts the pairs; the interval
-    needs two pairs in every stratum."""
+    needs two pairs in every stratum. One stratum: the paired t interval, mean ± t(n - 1)·s/√n."""
     groups = [np.asarray(s, dtype=float) for s in strata if len(s)]
     n = sum(len(g) for g in groups)
     if not groups:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.paired import mean_ci, ratio_ci, stratified_mean_ci, t_quantile
+from orchestrator.paired import ratio_ci, stratified_mean_ci, t_quantile
 
 # Student t quantiles from a printed table (two-sided 95 %).
 T95 = {2: 12.7062, 3: 4.3027, 4: 3.1824}
@@ -18,9 +18,9 @@ def test_t_quantile_matches_the_printed_table():
     assert [round(t_quantile(n), 4) for n in T95] == list(T95.values())
 
 
-def test_mean_interval_of_paired_differences_by_hand():
+def test_one_stratum_is_the_paired_t_interval_by_hand():
     # d = (-1.0, -1.2, -0.8, -1.0): mean -1, s = sqrt(0.08 / 3) = 0.163299, s/√4 = 0.0816497
-    ci = mean_ci([-1.0, -1.2, -0.8, -1.0])
+    ci = stratified_mean_ci([[-1.0, -1.2, -0.8, -1.0]])
     assert (ci.estimate, ci.n) == (pytest.approx(-1.0), 4)
     assert (ci.lo, ci.hi) == pytest.approx((-1.0 - 3.1824 * 0.0816497, -1.0 + 3.1824 * 0.0816497), abs=1e-4)
     assert not ci.straddles_zero and ci.bounded
@@ -28,15 +28,15 @@ def test_mean_interval_of_paired_differences_by_hand():
 
 def test_an_interval_that_must_straddle_zero():
     # d = (1, 2, 3): mean 2, s/√3 = 0.57735, half-width 4.3027 · 0.57735 = 2.4841 > 2
-    ci = mean_ci([1.0, 2.0, 3.0])
+    ci = stratified_mean_ci([[1.0, 2.0, 3.0]])
     assert (ci.lo, ci.hi) == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-3)
     assert ci.straddles_zero
     # differences of either sign around 0 straddle it whatever their spread
-    assert mean_ci([0.5, -0.4, 0.1, -0.3]).straddles_zero
+    assert stratified_mean_ci([[0.5, -0.4, 0.1, -0.3]]).straddles_zero
 
 
 def test_one_pair_has_an_estimate_and_no_interval():
-    ci = mean_ci([2.5])
+    ci = stratified_mean_ci([[2.5]])
     assert ci.estimate == 2.5 and math.isnan(ci.lo) and math.isnan(ci.hi) and not ci.straddles_zero
 
 
@@ -70,12 +70,6 @@ def test_fieller_is_unbounded_when_the_gap_is_not_distinguishable_from_zero():
     assert math.isnan(ratio_ci([0.01, 0.02, 0.0], rounded).estimate)
 
 
-def test_one_stratum_is_the_paired_t_interval():
-    one, plain = stratified_mean_ci([[-1.0, -1.2, -0.8, -1.0]]), mean_ci([-1.0, -1.2, -0.8, -1.0])
-    assert (one.estimate, one.n) == (plain.estimate, plain.n)
-    assert (one.lo, one.hi) == pytest.approx((plain.lo, plain.hi))
-
-
 def test_stratified_interval_by_hand():
     # cell means 1.0 and 2.0 (estimate 1.5, each cell weighted equally); v = s²/n = 0.04/3 and 0.09/3;
     # SE = √(Σv) / 2 = 0.1040833; dof = (Σv)² / Σ v² / (n - 1) = 0.04333² / ((0.01333² + 0.03²) / 2) = 3.48454
@@ -84,7 +78,8 @@ def test_stratified_interval_by_hand():
     assert (ci.estimate, ci.n) == (pytest.approx(1.5), 6)
     assert (ci.lo, ci.hi) == pytest.approx((1.5 - half, 1.5 + half), abs=1e-4)
     # far narrower than either cell's own interval (2 degrees of freedom each)
-    assert ci.hi - ci.lo < mean_ci([1.0, 1.2, 0.8]).hi - mean_ci([1.0, 1.2, 0.8]).lo
+    cell = stratified_mean_ci([[1.0, 1.2, 0.8]])
+    assert ci.hi - ci.lo < cell.hi - cell.lo
 
 
 def test_stratified_interval_covers_the_average_effect_of_cells_that_differ():
