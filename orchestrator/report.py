@@ -414,7 +414,7 @@ def figure_panels(keys: Sequence[str]) -> list[str]:
     """What one panel of the learning-curve figure holds fixed: the model and the rank. Any other swept field
     (a calibration set, ...) is drawn as lines of its own, so an arm sits beside the baselines it is compared
     with, and a sweep of many fields still makes a figure of a few panels."""
-    return [k for k in curve_panels(keys) if k in cell_keys(keys)]
+    return cell_keys(keys)  # a cell never holds the seed or the learning rate: already curve_panels(keys)
 
 
 def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
