@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -101,9 +102,10 @@ def trial(tmp_path_factory, mlflow_server):
         client = MlflowClient(mlflow_server)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([experiment.experiment_id])
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
         yield {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
                "root": root, "checkpoint": checkpoint, "texts": texts, "uri": mlflow_server,
-               "reports": reports}  # fmt: skip
+               "reports": reports, "logs": logs}  # fmt: skip
     finally:
         ray.shutdown()
 
@@ -126,6 +128,15 @@ def test_two_worker_trial_finishes_quickly_with_every_metric(trial):
     # per worker process: more than the model, less than the whole machine
     assert 0 < metrics["model_size_mb"] < metrics["init_peak_memory_mb"] < 64 * 1024
     assert 0 < metrics["train_peak_memory_mb"] < 64 * 1024
+
+
+def test_worker_logs_carry_no_bytecode(trial):
+    """datasets hashes each map function with dill, which prints the function's bytecode into a captured
+    stream; Ray Train's print patch used to copy it to the worker's log (~1000 lines a trial)."""
+    worker_logs = [p for p in trial["logs"].glob("worker-*") if p.suffix in (".out", ".err")]
+    assert any("RayTrainWorker" in p.read_text(errors="replace") for p in worker_logs)
+    bytecode = re.compile(r"^\s*\d*\s+\d+ (LOAD_GLOBAL|LOAD_FAST|RESUME)\b", re.MULTILINE)
+    assert not [p.name for p in worker_logs if bytecode.search(p.read_text(errors="replace"))]
 
 
 def test_eval_points_reach_ray_train_and_checkpoints_keep_their_steps(trial):

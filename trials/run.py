@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,10 @@ def run_trial(
     storage_path = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     run_name = f"{config.name}_{trial_key(config)}"
     ensure_ray()
+    # Ray Train sends workers' print() to its logger, which then also gets what dill prints into a
+    # captured stream while datasets hashes each map function: ~1000 lines of bytecode a worker log.
+    # Ray copies this variable from here to the Train controller and its workers; a user's setting wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
     def killed() -> None:  # the run's end when this process aborts it, unless the run already ended
         if client.get_run(run_id).info.status == "RUNNING":
