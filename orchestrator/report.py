@@ -410,18 +410,13 @@ def plateau_table(mean: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def figure_panels(keys: Sequence[str]) -> list[str]:
-    """What one panel of the learning-curve figure holds fixed: the model and the rank. Any other swept field
-    (a calibration set, ...) is drawn as lines of its own, so an arm sits beside the baselines it is compared
-    with, and a sweep of many fields still makes a figure of a few panels."""
-    return cell_keys(keys)  # a cell never holds the seed or the learning rate: already curve_panels(keys)
-
-
 def learning_curves_figure(mean: pd.DataFrame, keys: Sequence[str]):
     """Validation perplexity against optimizer step, one panel per model and rank (two panels a row), one line
     per arm (at its shown learning rate) and other swept field, log scale: the first eval points sit far above
     the rest. A line keeps its color in every panel, and one legend below the panels names them all."""
-    panels = figure_panels(keys)
+    # A panel holds a cell fixed (model and rank); any other swept field (a calibration set, ...) is drawn as
+    # lines of its own, so an arm sits beside the baselines it is compared with in a figure of a few panels.
+    panels = cell_keys(keys)
     fields = [k for k in curve_panels(keys) if k not in panels]
     arm_keys = [*ARM, *([LEARNING_RATE] if LEARNING_RATE in mean.columns else [])]
     named = _varying(mean, fields)

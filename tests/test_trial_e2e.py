@@ -132,10 +132,14 @@ def test_two_worker_trial_reports_every_metric(trial):
 def test_worker_logs_carry_no_bytecode(trial):
     """datasets hashes each map function with dill, which prints the function's bytecode into a captured
     stream; Ray Train's print patch used to copy it to the worker's log (~1000 lines a trial)."""
-    worker_logs = [p for p in trial["logs"].glob("worker-*") if p.suffix in (".out", ".err")]
-    assert any("RayTrainWorker" in p.read_text(errors="replace") for p in worker_logs)
+    logs = {
+        p.name: p.read_text(errors="replace")
+        for p in trial["logs"].glob("worker-*")
+        if p.suffix in (".out", ".err")
+    }
+    assert any("RayTrainWorker" in text for text in logs.values())
     bytecode = re.compile(r"^\s*\d*\s+\d+ (LOAD_GLOBAL|LOAD_FAST|RESUME)\b", re.MULTILINE)
-    assert not [p.name for p in worker_logs if bytecode.search(p.read_text(errors="replace"))]
+    assert not [name for name, text in logs.items() if bytecode.search(text)]
 
 
 def test_eval_points_reach_ray_train_and_checkpoints_keep_their_steps(trial):
