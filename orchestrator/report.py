@@ -472,7 +472,8 @@ def steps_saved(df: pd.DataFrame, stopped: pd.DataFrame) -> str:
 
 def stage_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per stage: how many trials computed, reused or skipped it, the seconds spent computing, and the
-    seconds the reuses saved (each reuse saves what computing its entry took)."""
+    seconds the reuses saved (each reuse saves what computing its entry took). ``df``: every trial that ran
+    its stages, the ones the scheduler stopped early included (they ran them too)."""
     rows = []
     for stage in STAGES:
         status = df.get(f"stage.{stage}")
@@ -540,7 +541,8 @@ def build_report(
             plateaus = plateau_table(mean, keys)
     return SweepReport(
         tables=method_tables(df, extra), recovered=recovered, recovered_title=title, per_value=per_value,
-        chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures, stages=stage_table(df),
+        chosen=chosen, chosen_title=chosen_title, plateau=plateaus, figures=figures,
+        stages=stage_table(df if stopped.empty else pd.concat([df, stopped], ignore_index=True)),
         calibration=calibration, calibration_title=CALIBRATION_TITLE.format(split=split),
         options=options, options_title=OPTIONS_TITLE.format(split=split), pooled=pooled,
         calibration_pooled=calibration_pooled, options_pooled=options_pooled,

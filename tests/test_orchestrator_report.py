@@ -189,6 +189,13 @@ def test_stage_table_counts_computations_and_the_seconds_reuse_saved(records):
     assert table.loc["calibrate", ["computed", "reused", "skipped"]].tolist() == [0, 0, n]
     assert table.loc["initialize", "seconds computed"] == 3.0
     assert "Cached stages" in report.markdown() and "seconds saved" in report.html("x")
+    # A trial the scheduler stopped early ran its stages too: it counts.
+    stopped = df.iloc[:1].assign(
+        trial="stopped-0", quantize_saved_seconds=9.0, **{"stopped at step": 100, "stage.quantize": "reused"}
+    )
+    table = build_report(df, stopped=stopped).stages.set_index("stage")
+    assert table.loc["quantize", ["computed", "reused"]].tolist() == [1, n]
+    assert table.loc["quantize", "seconds saved"] == pytest.approx(9.0 * n)
 
 
 LR = "train.learning_rate"
