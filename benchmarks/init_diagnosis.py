@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from quailora.architectures import ModelWeights
 from quailora.base_layers import base_layer_kind
 from quailora.calibration import GramStore, collect_grams
 from quailora.linalg import adapter_product, calibrated_error, weight_error
-from quailora.peft_init import apply_adapters, checkpoint_name, compute_adapters
+from quailora.peft_init import apply_adapters, checkpoint_name, compute_adapters, lora_layer_names
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from quailora.text import perplexity, tokenize_blocks
 from trials.adapters import build_adapter
@@ -73,20 +74,32 @@ def adapted_model(config: TrialConfig, checkpoint: Path, targets: list[str]) -> 
     return model
 
 
-def layer_errors(model, updates, weights: ModelWeights, grams: dict[str, GramStore]) -> dict[str, float]:
-    """Mean over layers of the relative weight error and of the relative output error under each Gram."""
-    modules = dict(model.named_modules())
-    sums = {"weight": 0.0, **{g: 0.0 for g in grams}}
-    for name, update in updates.items():
-        module = modules[name]
-        base = module.get_base_layer()
-        key = checkpoint_name(name)
+Problem = tuple[torch.Tensor, float, dict[str, torch.Tensor]]  # E = W − Q, the LoRA scaling, the Grams
+
+
+def layer_problems(model, weights: ModelWeights, grams: dict[str, GramStore]) -> dict[str, Problem]:
+    """Per LoRA layer, read once for every row: its quantization error, its scaling and the Grams it is scored
+    under (none of the variants moves Q)."""
+    modules, problems = dict(model.named_modules()), {}
+    for name in lora_layer_names(model):
+        base, key = modules[name].get_base_layer(), checkpoint_name(name)
         error = weights.get(f"{key}.weight").float() - base_layer_kind(base, name).dequantize(base)
-        product = adapter_product(update.lora_A, update.lora_B, module.scaling["default"])
-        sums["weight"] += weight_error(error, product) / weight_error(error, torch.zeros_like(error))
-        for label, store in grams.items():
-            gram = store.get(key)
-            sums[label] += calibrated_error(error, product, gram) / calibrated_error(error, 0 * error, gram)
+        grams_of = {label: store.get(key) for label, store in grams.items()}
+        problems[name] = (error, modules[name].scaling["default"], grams_of)
+    return problems
+
+
+def layer_errors(updates, problems: dict[str, Problem]) -> dict[str, float]:
+    """Mean over layers of the relative weight error and of the relative output error under each Gram."""
+    sums: dict[str, float] = defaultdict(float)
+    for name, update in updates.items():
+        error, scaling, grams = problems[name]
+        product = adapter_product(update.lora_A, update.lora_B, scaling)
+        sums["weight"] += weight_error(error, product) / weight_error(error, torch.zeros(()))
+        for label, gram in grams.items():
+            sums[label] += calibrated_error(error, product, gram) / calibrated_error(
+                error, torch.zeros(()), gram
+            )
     return {label: total / len(updates) for label, total in sums.items()}
 
 
@@ -122,7 +135,7 @@ def diagnose(model_path: str, rank: int, variants=VARIANTS, seq_len: int = 128) 
             label: collect_grams(plan.checkpoint, ids, Path(tmp) / label.replace(" ", "_"), **kw)
             for label, (ids, kw) in sources.items()
         }
-        scored = {k: grams[k] for k in ("validation", "calibration")}
+        problems = layer_problems(model, weights, {k: grams[k] for k in ("validation", "calibration")})
 
         def row(label: str, updates: dict) -> dict:
             apply_adapters(model, updates, weights=weights)
@@ -130,7 +143,7 @@ def diagnose(model_path: str, rank: int, variants=VARIANTS, seq_len: int = 128) 
             return {"model": model_path, "rank": rank, "init": label, "val_ppl": ppl,
                     "recovers": (four_bit - ppl) / (four_bit - eight_bit), "val_ppl_8bit": eight_bit,
                     "val_ppl_nf4": four_bit, "calibration_sequences": len(data.calibration),
-                    "errors": layer_errors(model, updates, weights, scored)}  # fmt: skip
+                    "errors": layer_errors(updates, problems)}  # fmt: skip
 
         solved = {}
         for label, method, options, gram in variants:
