@@ -1,7 +1,8 @@
 """The `quailora` command: plan, run, resume, report, status and schema of sweeps, export of a trial (plus `models` and `trial`).
 
 Bad input (YAML, schema, addresses) prints one line naming the field or address and exits 2
-before any Ray cluster or MLflow run exists.
+before any Ray cluster or MLflow run exists. Other packages' log records and warnings go to a log file
+(orchestrator/log_routing.py), so that line stays the only one whatever they print.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from orchestrator.log_routing import route_third_party_logs
 from quailora.errors import QuailoraInputError
 
 EXIT_BAD_INPUT = 2
@@ -206,6 +208,7 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    route_third_party_logs()
     handler = COMMANDS.get(args.command) or getattr(args, "func", None)
     try:
         return handler(args) or 0

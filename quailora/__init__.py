@@ -6,15 +6,6 @@ its arguments) does not import torch and bitsandbytes.
 """
 
 import importlib
-import logging
-
-# bitsandbytes logs this at import on CPUs with AVX512-BF16: its optional `kernels` package fetches a kernel
-# from the Hugging Face hub, which cannot work offline, and bnb then uses its own C++ CPU path (the one every
-# test and trial here runs). Only this message is dropped; any other bitsandbytes warning still shows.
-_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not str(record.msg).startswith(_KERNELS_NOTICE)
-)
 
 _PUBLIC = {
     "initialize": "quailora.api",

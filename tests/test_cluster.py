@@ -28,6 +28,7 @@ from ray.cluster_utils import Cluster
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
+from tests.cli_output import refusal_line
 from tests.ports import free_ports
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
@@ -185,10 +186,8 @@ def test_a_token_authenticated_head_is_joined_with_this_machines_token(token_hea
     done = _cli_in_own_process(["run", str(config), "--address", address], tmp_path, HOME=str(home))
     assert done.returncode == 2, done.stderr  # no token here: say what to set, at once
     assert time.monotonic() - began < 20
-    err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and "requires token authentication" in err[0] and "RAY_AUTH_MODE=token" in err[0], (
-        err
-    )
+    err = refusal_line(done.stderr)
+    assert "requires token authentication" in err and "RAY_AUTH_MODE=token" in err, err
     assert not (tmp_path / "runs").exists()
 
     # The cluster's token on this machine, RAY_AUTH_MODE unset (what `ray start --head` users have): the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from orchestrator.experiment import ExperimentState
 from orchestrator.preflight import check_tracking_uri
 from orchestrator.sweep_config import SweepConfig
 from quailora.errors import QuailoraInputError
+from tests.cli_output import refusal_line
 
 QUICK = {
     "name": "cli-test",
@@ -46,10 +48,9 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def _assert_one_line_error(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
+    err = refusal_line(capsys.readouterr().err)
     for fragment in fragments:
-        assert fragment in err[0], err[0]
+        assert fragment in err, err
 
 
 def _assert_nothing_started(tmp_path):
@@ -293,14 +294,42 @@ def test_the_train_controller_unpickles_the_trial_function_without_the_worker_im
     assert done.stdout.decode().strip().splitlines()[-1] == "[]", done.stdout
 
 
-def test_bitsandbytes_kernels_notice_is_filtered_and_nothing_else():
+def test_a_refusal_is_one_line_on_stderr_whatever_other_packages_log(tmp_path):
+    """Issue 32: a new release of `kernels` added a warning on import, and the one-line refusal became two.
+    Here every kind of chatter is made while the command runs (transformers', the hub client's and plain
+    library loggers, a Python warning): stderr holds only what must be seen (a third-party ERROR, the
+    project's own warning) and the refusal; the chatter is in the log file."""
+    bad = _write(tmp_path, {**QUICK, "bogus": 1})
     script = (
-        "import logging, quailora.base_layers\n"  # quailora first, as every project entry point does
-        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')\n"
+        "import logging, sys, warnings\n"
+        "from orchestrator import cli\n"
+        "load = cli._load\n"
+        "def noisy(path):\n"
+        "    import huggingface_hub.utils.logging as hub, transformers.utils.logging as tf\n"
+        "    tf.get_logger('transformers.chat').warning('transformers chatter')\n"
+        "    hub.get_logger('huggingface_hub.chat').warning('hub chatter')\n"
+        "    logging.getLogger('kernels._internals.hf_hub').warning('Skipping publisher trust check')\n"
+        "    warnings.warn('a FutureWarning of a dependency', FutureWarning)\n"
+        "    logging.getLogger('somelib').error('a real third-party error')\n"
+        "    logging.getLogger('trials.chat').warning('our own warning')\n"
+        "    return load(path)\n"
+        "cli._load = noisy\n"
+        f"sys.exit(cli.main(['plan', {bad!r}]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr
+    log = tmp_path / "logs" / "cli.log"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "QUAILORA_LOG_FILE": str(log)},
+    )  # fmt: skip
+    assert done.returncode == 2
+    refusal = refusal_line(done.stderr)
+    assert "bogus" in refusal and "Extra inputs are not permitted" in refusal
+    assert done.stderr.splitlines() == ["a real third-party error", "our own warning", refusal]
+    routed = log.read_text()
+    for chatter in ("transformers chatter", "hub chatter", "Skipping publisher trust check", "FutureWarning"):
+        assert chatter in routed, routed
+    assert "our own warning" not in routed
 
 
 def test_output_piped_into_a_reader_that_leaves_early_is_no_error():
