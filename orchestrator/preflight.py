@@ -111,16 +111,30 @@ def _join_with_token_if_required(gcs_address: str, address: str) -> None:
     )
 
 
+HOST_REFUSED = "Invalid Host header"  # what `mlflow server` answers a Host it does not allow (3.x)
+
+
 def _check_mlflow_server(uri: str) -> None:
-    """MLflow servers answer `GET /health`; a bare TCP connect is not enough (a proxy or another service may accept it)."""
-    url = f"{uri.rstrip('/')}/health"
+    """MLflow servers answer `GET /health`; a bare TCP connect is not enough (a proxy or another service may
+    accept it). /health answers any Host header, its API only those `--allowed-hosts` names (by default
+    localhost and private addresses): so one API call too, or trials fail with 403 after their stages ran."""
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S):
+        with urllib.request.urlopen(f"{base}/health", timeout=CONNECT_TIMEOUT_S):
+            pass
+        with urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=CONNECT_TIMEOUT_S
+        ):
             return
     except urllib.error.HTTPError as exc:
+        if exc.code == 403 and HOST_REFUSED in exc.read().decode(errors="replace"):
+            raise QuailoraInputError(
+                f"tracking_uri {uri!r}: the MLflow server refuses the Host header {urlparse(uri).netloc!r}; "
+                f"start it with --allowed-hosts {urlparse(uri).netloc}"
+            ) from None
         if exc.code in (401, 403):  # an authenticating server is still a server
             return
-        problem = f"HTTP {exc.code} from {url}, not an MLflow tracking server"
+        problem = f"HTTP {exc.code} from {exc.url}, not an MLflow tracking server"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         problem = f"cannot connect ({getattr(reason, 'strerror', None) or reason})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from orchestrator.cluster_preflight import SharedPath, check_cluster_paths, shared_paths
 from orchestrator.expand import TrialMatrix, expand
 from orchestrator.experiment import STATE_FILE, ExperimentState
 from orchestrator.plan import describe, plan_trials, refuse_misfits
@@ -14,20 +15,23 @@ from quailora.errors import QuailoraInputError
 from trials.validation import validate_trial
 
 
-def prepare(sweep: SweepConfig, address: str | None) -> TrialMatrix:
-    """All input checks; raises QuailoraInputError before any cluster or run exists."""
+def prepare(sweep: SweepConfig, address: str | None) -> tuple[TrialMatrix, list[SharedPath]]:
+    """All input checks that need no cluster; raises QuailoraInputError before any cluster or run exists.
+    Returns the matrix and the directories every node must see (checked once connected, `check_cluster_paths`)."""
     matrix = expand(sweep)
     check_ray_address(address)
     check_tracking_uri(sweep.resolved_tracking_uri())
     planned = plan_trials(matrix)
     print(describe(matrix, planned), flush=True)
     refuse_misfits(matrix, planned)
+    checkpoints = {}
     for point in matrix.points:  # model, targets, data sources, tasks; builds a missing reference model
+        config = point.trial_config()
         try:
-            validate_trial(point.trial_config())
+            checkpoints[config.model.path] = validate_trial(config).checkpoint
         except QuailoraInputError as exc:
             raise QuailoraInputError(f"trial {point.name!r}: {exc}") from None
-    return matrix
+    return matrix, shared_paths(sweep.resolved_storage_path(), sweep.resolved_cache_path(), checkpoints)
 
 
 def _ended_trials(path: str) -> int:
@@ -43,9 +47,12 @@ def _ended_trials(path: str) -> int:
 INTERRUPTED = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
-def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *, resume: bool) -> int:
-    """Run the Tuner under the parent MLflow run; returns the exit status: 0, 1 if a trial failed, or
-    INTERRUPTED when Tune returned before every trial ended (Ctrl-C: Tune saves its state and returns)."""
+def _execute(
+    matrix: TrialMatrix, paths: list[SharedPath], state: ExperimentState, address: str | None, *, resume: bool
+) -> int:
+    """On a cluster, check that every node sees `paths`; then run the Tuner under the parent MLflow run.
+    Returns the exit status: 0, 1 if a trial failed, or INTERRUPTED when Tune returned before every trial
+    ended (Ctrl-C: Tune saves its state and returns)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -54,21 +61,24 @@ def _execute(matrix: TrialMatrix, state: ExperimentState, address: str | None, *
     from orchestrator.tuning import build_tuner, restore_tuner
     from trials.run import ensure_ray
 
-    client = MlflowClient(state.tracking_uri)
-    state.parent_run_id = ensure_parent_run(
-        client, state.name, state.tracking_uri, state.sweep, state.parent_run_id
-    )
-    state.save()
     connected = ensure_ray(address, log_to_driver=False)  # False: the caller's Ray (a test's), left running
     try:
-        tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
-        grid = tuner.fit()
-    except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving
-        mark_interrupted(client, state.parent_run_id)
-        raise
-    except BaseException:
-        finish_parent(client, state.parent_run_id, failed=True)
-        raise
+        if address:  # before the parent run and the state file: a refusal leaves nothing behind
+            check_cluster_paths(paths, state.tracking_uri)
+        client = MlflowClient(state.tracking_uri)
+        state.parent_run_id = ensure_parent_run(
+            client, state.name, state.tracking_uri, state.sweep, state.parent_run_id
+        )
+        state.save()
+        try:
+            tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
+            grid = tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving
+            mark_interrupted(client, state.parent_run_id)
+            raise
+        except BaseException:
+            finish_parent(client, state.parent_run_id, failed=True)
+            raise
     finally:
         if connected:
             ray.shutdown()
@@ -94,8 +104,8 @@ def run(sweep: SweepConfig, address: str | None) -> int:
         raise QuailoraInputError(
             f"name={sweep.name!r}: experiment {state.path} already exists; `quailora resume {sweep.name}` continues it"
         )
-    matrix = prepare(sweep, address)
-    return _execute(matrix, state, address, resume=False)
+    matrix, paths = prepare(sweep, address)
+    return _execute(matrix, paths, state, address, resume=False)
 
 
 def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
@@ -107,5 +117,5 @@ def resume(experiment: str, storage_path: str | None, address: str | None) -> in
             f"experiment {state.path}: no Tune state to resume (the sweep stopped before its Tuner started); "
             f"remove the directory and `quailora run` the sweep again"
         )
-    matrix = prepare(state.sweep_config(), address)
-    return _execute(matrix, state, address, resume=True)
+    matrix, paths = prepare(state.sweep_config(), address)
+    return _execute(matrix, paths, state, address, resume=True)

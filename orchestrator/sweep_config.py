@@ -6,7 +6,6 @@ Unknown fields are errors (a typo in a sweep must not silently run the wrong exp
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -153,7 +152,8 @@ class SweepConfig(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     devices: DevicesSpec = Field(default_factory=DevicesSpec)
     # CPUs held by each trial's driver (the Tune function that starts the TorchTrainer); its workers hold their own.
-    driver_cpus: float = Field(0.1, gt=0)
+    # 0 with a driver_resources entry: drivers on a head started with `--num-cpus 0`.
+    driver_cpus: float = Field(0.1, ge=0)
     # Custom Ray resources each trial driver also asks for, e.g. {head: 0.01} to keep drivers (and the Train
     # controllers Ray attaches to their node) on a node that outlives the worker nodes.
     driver_resources: dict[str, float] = Field(default_factory=dict)
@@ -208,15 +208,30 @@ class SweepConfig(_Strict):
         root = self.storage_path or DEFAULT_STORAGE
         return root if "://" in root else str(Path(root).expanduser().resolve())
 
+    @model_validator(mode="after")
+    def _drivers_ask_for_something(self) -> SweepConfig:
+        if self.driver_cpus == 0 and not any(self.driver_resources.values()):
+            raise ValueError(
+                "driver_cpus: 0 needs a driver_resources entry (e.g. {head: 0.01}) that places the drivers"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _uri_storage_names_its_cache(self) -> SweepConfig:
+        if self.share_stages and not self.cache_path and "://" in (self.storage_path or ""):
+            raise ValueError(
+                f"cache_path: storage_path {self.storage_path!r} is a URI, which cannot hold the stage cache; "
+                "set cache_path to a directory every node mounts (or share_stages: false)"
+            )
+        return self
+
     def resolved_cache_path(self) -> str | None:
-        """The shared stage cache, None when stages are not shared. A URI storage has no directory to hold
-        it: then the default is node-local, which suits one node (set cache_path for a cluster)."""
+        """The shared stage cache, None when stages are not shared (a URI storage needs an explicit one)."""
         if not self.share_stages:
             return None
         if self.cache_path:
             return str(Path(self.cache_path).expanduser().resolve())
-        storage = self.resolved_storage_path()
-        return str(Path(tempfile.gettempdir()) / "quailora_cache") if "://" in storage else f"{storage}/cache"
+        return f"{self.resolved_storage_path()}/cache"
 
     def resolved_tracking_uri(self) -> str:
         from trials.tracking import default_tracking_uri  # imports mlflow, which plan and schema never need

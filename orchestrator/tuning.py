@@ -203,7 +203,10 @@ def trial_demands(matrix: TrialMatrix) -> list[tuple[str, int, dict[str, float]]
 
 
 def _driver_bundle(sweep: SweepConfig) -> dict[str, float]:
-    return {**sweep.driver_resources, "CPU": sweep.driver_cpus}
+    """What each trial's driver reserves; zero amounts left out (a driver on a 0-CPU head asks for no CPU)."""
+    return {
+        key: amount for key, amount in {**sweep.driver_resources, "CPU": sweep.driver_cpus}.items() if amount
+    }
 
 
 def _whole_trial(workers: int, worker: Mapping[str, float], driver: Mapping[str, float]) -> dict[str, float]:
@@ -302,7 +305,7 @@ def make_trainable(matrix: TrialMatrix, state: ExperimentState):
     )
     # Tune's function trainable, with a cleanup that aborts the trial's Train run first.
     trainable = type("TrialDriver", (StopTrainRuns, wrap_function(driver)), {})
-    return tune.with_resources(trainable, {**matrix.sweep.driver_resources, "cpu": matrix.sweep.driver_cpus})
+    return tune.with_resources(trainable, _driver_bundle(matrix.sweep))
 
 
 def _callbacks(matrix: TrialMatrix, state: ExperimentState) -> list[tune.Callback]:

@@ -29,6 +29,7 @@ from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.tracking import child_runs
 from tests.cli_output import refusal_line
+from tests.mlflow_server import mlflow_server
 from tests.ports import free_ports
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
@@ -38,6 +39,13 @@ pytestmark = pytest.mark.slow
 MICRO_BASE = {**E2E_MICRO_BASE, "resources": {"num_workers": 1, "cpus_per_worker": 1}}
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024**2}
 TRAIN_WORKER = "RayTrainWorker"
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """A cluster of several nodes refuses a file store (orchestrator/cluster_preflight.py): a real server."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 @pytest.fixture
@@ -52,9 +60,11 @@ def cluster():
     c.shutdown()
 
 
-def _sweep(tmp_path: Path, name: str, space: dict, train: dict | None = None) -> str:
+def _sweep(
+    tmp_path: Path, name: str, space: dict, train: dict | None = None, tracking: str | None = None
+) -> str:
     base = {**MICRO_BASE, "train": {**MICRO_BASE["train"], **(train or {})}}
-    sweep = {"name": name, "base": base, "space": space, "driver_cpus": 0.05,
+    sweep = {"name": name, "base": base, "space": space, "driver_cpus": 0.05, "tracking_uri": tracking,
              "driver_resources": {"head": 0.01}, "search": {"max_concurrent_trials": 2, "max_failures": 1}}  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -84,10 +94,10 @@ def _logged_initial_ppl(name: str) -> bool:
     return any("val_ppl_init" in run.data.metrics for run in runs)
 
 
-def test_trials_spread_across_nodes(cluster, tmp_path, monkeypatch):
+def test_trials_spread_across_nodes(cluster, tracking, tmp_path, monkeypatch):
     c, workers = cluster
     monkeypatch.chdir(tmp_path)
-    config = _sweep(tmp_path, "spread", {"lora.rank": {"grid": [4, 8]}})
+    config = _sweep(tmp_path, "spread", {"lora.rank": {"grid": [4, 8]}}, tracking=tracking)
     assert main(["run", config, "--address", c.address]) == 0
 
     assert len(_finished_children("spread")) == 2
@@ -95,7 +105,9 @@ def test_trials_spread_across_nodes(cluster, tmp_path, monkeypatch):
     assert used == {w.node_id for w in workers}  # one trial's worker on each worker node, none on the head
 
 
-def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, monkeypatch, capsys):
+def test_node_killed_during_a_trial_is_retried_to_completion(
+    cluster, tracking, tmp_path, monkeypatch, capsys
+):
     c, workers = cluster
     monkeypatch.chdir(tmp_path)
     killed: list[str] = []
@@ -115,7 +127,11 @@ def test_node_killed_during_a_trial_is_retried_to_completion(cluster, tmp_path, 
     killer.start()
     # train.max_failures=0: the trial itself fails, so the sweep's Tune FailureConfig is what retries it.
     config = _sweep(
-        tmp_path, "node-failure", {"lora.rank": {"grid": [4]}}, train={"max_failures": 0, "max_steps": 100}
+        tmp_path,
+        "node-failure",
+        {"lora.rank": {"grid": [4]}},
+        train={"max_failures": 0, "max_steps": 100},
+        tracking=tracking,
     )
     assert main(["run", config, "--address", c.address]) == 0
     killer.join(timeout=5)

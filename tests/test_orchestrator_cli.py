@@ -219,11 +219,20 @@ def test_status_with_no_experiments(tmp_path, capsys):
     assert "no experiments under" in capsys.readouterr().out
 
 
-class _HealthOnly(BaseHTTPRequestHandler):
-    """Answers like an MLflow server on /health and like some other web server elsewhere."""
+class _MlflowLike(BaseHTTPRequestHandler):
+    """Answers like an MLflow server on /health and its API, and like some other web server elsewhere;
+    with `refuse_host`, like `mlflow server` whose --allowed-hosts leave this Host header out."""
+
+    refuse_host = False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self.send_response(200 if self.path == "/health" else 404)
+        api = self.path.startswith("/api/2.0/mlflow/")
+        if api and self.refuse_host:
+            self.send_response(403)
+            self.end_headers()
+            self.wfile.write(b"Invalid Host header - possible DNS rebinding attack detected")
+            return
+        self.send_response(200 if self.path == "/health" or api else 404)
         self.end_headers()
         self.wfile.write(b"OK")
 
@@ -231,20 +240,26 @@ class _HealthOnly(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server():
-    server = HTTPServer(("127.0.0.1", 0), _HealthOnly)
+@pytest.fixture(params=[False, True], ids=["allowed", "host-refused"])
+def http_server(request):
+    handler = type("Handler", (_MlflowLike,), {"refuse_host": request.param})
+    server = HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
+    yield f"http://127.0.0.1:{server.server_port}", request.param
     server.shutdown()
 
 
-def test_tracking_uri_must_be_an_mlflow_server(http_server):
-    check_tracking_uri(http_server)  # /health answers 200
+def test_tracking_uri_must_be_an_mlflow_server_that_takes_its_host_header(http_server):
+    uri, refuses_host = http_server
+    if refuses_host:  # /health answers any Host; the API then 403s every trial, after its stages ran
+        with pytest.raises(QuailoraInputError, match=r"refuses the Host header .*--allowed-hosts 127.0.0.1:"):
+            check_tracking_uri(uri)
+    else:
+        check_tracking_uri(uri)
     with pytest.raises(
         QuailoraInputError, match=r"tracking_uri .*/not-mlflow.*HTTP 404 .*not an MLflow tracking server"
     ):
-        check_tracking_uri(f"{http_server}/not-mlflow")
+        check_tracking_uri(f"{uri}/not-mlflow")
 
 
 HEAVY_MODULES = ("torch", "bitsandbytes", "transformers", "peft", "mlflow", "pandas", "ray", "matplotlib")

@@ -1,0 +1,126 @@
+"""A sweep on a faithful multi-node cluster: nodes with their own addresses and node-local disks (tests/netns_cluster.py).
+
+One cluster start (a 0-CPU head with an `mlflow server`, two 1-CPU worker nodes) serves every test here.
+The driver runs on the head node, as `quailora run --address` does there; the sweep's directories are
+either in `shared` (the "NFS" mount every node sees) or on a node's own /tmp or ~/.cache.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli_output import refusal_line
+from tests.netns_cluster import NamespacedCluster, available
+from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+MLFLOW_PORT = 5000
+MICRO_BASE = {**E2E_MICRO_BASE, "resources": {"num_workers": 1, "cpus_per_worker": 1}}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with NamespacedCluster(workers=2) as c:
+        store = c.shared / "mlflow"
+        store.mkdir()
+        c.start(c.head, [str(Path(sys.executable).parent / "mlflow"), "server", "--host", c.head.ip,
+                         "--port", str(MLFLOW_PORT), "--workers", "1", "--allowed-hosts", f"{c.head.ip}:{MLFLOW_PORT}",
+                         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                         "--artifacts-destination", str(store / "artifacts")], c.root / "mlflow.log")  # fmt: skip
+        # And one left at mlflow's default --allowed-hosts, which 198.18.0.0/15 is not part of.
+        c.start(c.head, [str(Path(sys.executable).parent / "mlflow"), "server", "--host", c.head.ip,
+                         "--port", str(MLFLOW_PORT + 1), "--workers", "1",
+                         "--backend-store-uri", f"sqlite:///{store / 'default-hosts.db'}"], c.root / "mlflow2.log")  # fmt: skip
+        c.tracking_uri = f"http://{c.head.ip}:{MLFLOW_PORT}"
+        for port in (MLFLOW_PORT, MLFLOW_PORT + 1):
+            c._wait_for(lambda port=port: c._port_open(c.head, port), f"the MLflow server on port {port}")
+        yield c
+
+
+def _quailora(c: NamespacedCluster, args: list[str], timeout: float = 600):
+    """`quailora ARGS` on the head node, from the shared directory."""
+    script = f"import sys; from orchestrator.cli import main; sys.exit(main({args!r}))"
+    return c.run(c.head, [sys.executable, "-c", script], timeout=timeout)
+
+
+def _sweep(c: NamespacedCluster, name: str, **fields) -> str:
+    sweep = {"name": name, "base": MICRO_BASE, "space": {"lora.rank": {"grid": [4]}}, "driver_cpus": 0,
+             "driver_resources": {"head": 0.01}, "tracking_uri": c.tracking_uri,
+             "storage_path": str(c.shared / "runs"), **fields}  # fmt: skip
+    path = c.shared / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
+    c = cluster
+    on_head = c.run(c.head, [sys.executable, "-c", (  # a checkpoint on the head's own disk, as a hub snapshot is
+        "from pathlib import Path; from tests.test_trial_fixtures import make_trial_checkpoint; "
+        "make_trial_checkpoint(Path('/tmp/head-model'))")], timeout=300)  # fmt: skip
+    assert on_head.returncode == 0, on_head.stderr[-2000:]
+    workers = [n.ip for n in c.nodes[1:]]
+    cases = [  # (sweep fields, what the one line must name)
+        ({"tracking_uri": None}, ["tracking_uri", "sqlite:///", "3 nodes", "http://"]),
+        ({"tracking_uri": f"http://{c.head.ip}:{MLFLOW_PORT + 1}"}, ["refuses the Host header", "--allowed-hosts"]),
+        ({"storage_path": "/tmp/runs"}, ["storage_path: '/tmp/runs'", *workers]),
+        ({"cache_path": "~/.cache/stages"}, ["cache_path: '/root/.cache/stages'", *workers]),
+        ({"base": {**MICRO_BASE, "model": {"path": "/tmp/head-model"}}}, ["model.path='/tmp/head-model'", *workers]),
+    ]  # fmt: skip
+    for i, (fields, fragments) in enumerate(cases):
+        began = time.monotonic()
+        done = _quailora(c, ["run", _sweep(c, f"refused-{i}", **fields), "--address", c.address], timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        line = refusal_line(done.stderr)
+        for fragment in fragments:
+            assert fragment in line, line
+        if "not seen from" in line:
+            assert c.head.ip not in line.split("not seen from")[-1]  # the head (the driver's node) sees it
+        assert time.monotonic() - began < 120
+    assert not (c.shared / "runs").exists()  # no experiment, no stage cache, no sentinel left behind
+    assert not list(c.shared.glob("**/.quailora-preflight-*"))
+
+
+def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
+    """Everything in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0): the
+    checks pass, and two trials that share every stage finish on the worker nodes."""
+    c = cluster
+    made = c.run(c.head, [sys.executable, "-c", (
+        "from pathlib import Path; from tests.test_trial_fixtures import make_texts, make_trial_checkpoint; "
+        f"make_trial_checkpoint(Path({str(c.shared / 'model')!r})); make_texts(Path({str(c.shared)!r}))")],
+        timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    text = {name: str(c.shared / f"{name}.txt") for name in ("train", "validation", "calibration", "test")}
+    base = {**MICRO_BASE, "model": {"path": str(c.shared / "model")}, "init": {"method": "quailora"},
+            "calibration": {**MICRO_BASE["calibration"], "dataset": text["calibration"]},
+            "data": {**MICRO_BASE["data"], "train": text["train"], "validation": text["validation"],
+                     "test": text["test"]}}  # fmt: skip
+    config = _sweep(c, "shared", base=base, space={"train.learning_rate": {"grid": [1e-3, 2e-3]}},
+                    search={"max_concurrent_trials": 2})  # fmt: skip
+    done = _quailora(c, ["run", config, "--address", c.address])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _child_runs(c, "shared")
+    assert [r["status"] for r in runs] == ["FINISHED", "FINISHED"], runs
+    stages = sorted(r["tags"].get("quailora.stage.calibrate") for r in runs)
+    assert stages == ["computed", "reused"], runs  # one shared cache, seen from both worker nodes
+    assert not list(c.shared.glob("**/.quailora-preflight-*"))
+
+
+def _child_runs(c: NamespacedCluster, experiment: str) -> list[dict]:
+    """The sweep's trial runs, read on the head (the tracking server is reachable only inside the cluster)."""
+    script = (
+        "import json; from mlflow.tracking import MlflowClient; "
+        f"from orchestrator.experiment import ExperimentState; from orchestrator.tracking import child_runs; "
+        f"state = ExperimentState.load({experiment!r}, {str(c.shared / 'runs')!r}); "
+        "runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id); "
+        "print(json.dumps([{'status': r.info.status, 'tags': r.data.tags} for r in runs]))"
+    )
+    done = c.run(c.head, [sys.executable, "-c", script], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
