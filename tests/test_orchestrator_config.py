@@ -16,6 +16,7 @@ from trials.commands import load_trial_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = {"model": {"path": "reference:llama-micro"}}
+GRID = {"lora.rank": {"grid": [4]}}
 # Every YAML in configs/: the init methods each sweep compares, and the single-trial configs.
 SHIPPED_SWEEPS = {
     "quickstart": {"gaussian", "quailora"},
@@ -232,6 +233,21 @@ def test_drop_if_cannot_use_sampled_fields():
             "space.lora.rank: search.algorithm='grid' allows only 'grid' domains",
         ),
         ({"name": "a b", "base": BASE}, "name", "should match pattern"),
+        (
+            {"name": "t", "base": BASE, "space": GRID, "driver_cpus": -1},
+            "driver_cpus",
+            "greater than or equal to 0",
+        ),
+        (
+            {"name": "t", "base": BASE, "space": GRID, "driver_cpus": 0},
+            "",
+            "driver_cpus: 0 needs a driver_resources entry",
+        ),
+        (
+            {"name": "t", "base": BASE, "space": GRID, "storage_path": "s3://bucket/runs"},
+            "",
+            "cache_path: storage_path 's3://bucket/runs' is a URI",
+        ),
     ],
 )
 def test_schema_rejects_bad_sweeps(raw, loc, msg):
@@ -240,6 +256,20 @@ def test_schema_rejects_bad_sweeps(raw, loc, msg):
     first = info.value.errors()[0]
     assert ".".join(str(p) for p in first["loc"]) == loc
     assert msg in first["msg"]
+
+
+def test_cluster_fields_that_hold():
+    """Drivers on a CPU-less head ask for its resource only; a URI storage with a named cache is fine."""
+    from orchestrator.tuning import _driver_bundle
+
+    sweep = SweepConfig.model_validate(
+        {"name": "t", "base": BASE, "space": GRID, "driver_cpus": 0, "driver_resources": {"head": 0.01},
+         "storage_path": "s3://bucket/runs", "cache_path": "/mnt/shared/cache"}
+    )  # fmt: skip
+    assert _driver_bundle(sweep) == {"head": 0.01}
+    assert sweep.resolved_cache_path() == "/mnt/shared/cache"
+    assert SweepConfig.model_validate({"name": "t", "base": BASE, "space": GRID, "storage_path": "s3://b/r",
+                                       "share_stages": False}).resolved_cache_path() is None  # fmt: skip
 
 
 def test_drop_rule_evaluator():
