@@ -5,7 +5,7 @@ Each node is a network namespace with its own address on a bridge that lives in 
 and a mount namespace with private tmpfs on /tmp and ~/.cache (node-local disks). The checkout (and its
 .venv) is bound back in where it lies under one of them, so every node has the same install, as a cluster
 whose nodes were provisioned alike. One plain directory, `shared`, plays the NFS mount every node sees.
-Each node's /etc/hosts maps its own hostname to its own address (not to a loopback address).
+Each node's /etc/hosts maps its own hostname to 127.0.1.1, as Debian does: nothing may rely on it.
 
 Needs root (ip netns, unshare); `available()` says why not where it cannot run. Everything it starts is
 ended by PID, its namespaces deleted, on every exit path.
@@ -145,9 +145,10 @@ class NamespacedCluster:
             _ip("link", "set", f"p{i}", "up", netns=self.bridge)
 
     def _hosts_file(self, node: Node) -> Path:
+        """Debian's default: the node's own hostname is 127.0.1.1, a loopback address; the others resolve."""
         path = self.root / f"hosts-{node.name}"
-        others = "".join(f"{n.ip} {n.name}\n" for n in self.nodes)
-        path.write_text(f"127.0.0.1 localhost\n{others}")
+        others = "".join(f"{n.ip} {n.name}\n" for n in self.nodes if n is not node)
+        path.write_text(f"127.0.0.1 localhost\n127.0.1.1 {node.name}\n{others}")
         return path
 
     def env(self, **extra: str) -> dict[str, str]:

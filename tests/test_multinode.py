@@ -89,7 +89,9 @@ def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
 
 def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
     """Everything in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0): the
-    checks pass, and two trials that share every stage finish on the worker nodes."""
+    checks pass, and two trials that share every stage finish on the worker nodes. One has two workers of a
+    whole CPU each, and each worker node has one CPU: it spans both nodes, whose hostnames resolve to
+    127.0.1.1 (tests/netns_cluster.py), so its process group must rendezvous over the Ray node addresses."""
     c = cluster
     made = c.run(c.head, [sys.executable, "-c", (
         "from pathlib import Path; from tests.test_trial_fixtures import make_texts, make_trial_checkpoint; "
@@ -101,7 +103,7 @@ def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
             "calibration": {**MICRO_BASE["calibration"], "dataset": text["calibration"]},
             "data": {**MICRO_BASE["data"], "train": text["train"], "validation": text["validation"],
                      "test": text["test"]}}  # fmt: skip
-    config = _sweep(c, "shared", base=base, space={"train.learning_rate": {"grid": [1e-3, 2e-3]}},
+    config = _sweep(c, "shared", base=base, space={"resources.num_workers": {"grid": [2, 1]}},
                     search={"max_concurrent_trials": 2})  # fmt: skip
     done = _quailora(c, ["run", config, "--address", c.address])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 from trials.config import TrialConfig
 from trials.contract import FAILURE_TAG, STOPPED_EARLY_TAG, is_result_metric
 from trials.entry import train_loop
+from trials.process_group import NodeAddressTorchConfig
 from trials.tracking import ensure_experiment, mark_failed, open_trial_run, trial_key, trial_tags
 from trials.train_runs import train_run
 from trials.validation import validate_trial
@@ -119,6 +120,7 @@ def run_trial(
                 "cache_path": str(cache_path or private_cache_path(storage_path, run_name)),
             },
             scaling_config=scaling_config(config),
+            torch_config=NodeAddressTorchConfig(),
             run_config=RunConfig(
                 name=run_name,
                 storage_path=storage_path,
