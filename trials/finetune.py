@@ -18,6 +18,7 @@ from torch import nn
 from trials.config import TrialConfig
 from trials.contract import STEP, TRAIN_LOSS, VAL_PPL
 from trials.deepspeed_config import deepspeed_config, warmup_scheduler
+from trials.deepspeed_ops import build_deepspeed_ops
 
 CHECKPOINT_TAG = "trial"
 
@@ -130,6 +131,7 @@ def fine_tune(
     rank, world_size = dist.get_rank(), dist.get_world_size()
     train = config.train
     model.train()
+    build_deepspeed_ops()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
