@@ -16,12 +16,13 @@ import pytest
 import yaml
 
 from tests.cli_output import refusal_line
-from tests.netns_cluster import NamespacedCluster, available
+from tests.netns_cluster import REPO, NamespacedCluster, available
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 MLFLOW_PORT = 5000
+TRAIN_WORKER = "ray::RayTrainWorker"
 MICRO_BASE = {**E2E_MICRO_BASE, "resources": {"num_workers": 1, "cpus_per_worker": 1}}
 
 
@@ -87,11 +88,9 @@ def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
     assert not list(c.shared.glob("**/.quailora-preflight-*"))
 
 
-def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
-    """Everything in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0): the
-    checks pass, and two trials that share every stage finish on the worker nodes. One has two workers of a
-    whole CPU each, and each worker node has one CPU: it spans both nodes, whose hostnames resolve to
-    127.0.1.1 (tests/netns_cluster.py), so its process group must rendezvous over the Ray node addresses."""
+@pytest.fixture(scope="module")
+def shared_base(cluster) -> dict:
+    """A trial base whose model and texts are in the shared directory."""
     c = cluster
     made = c.run(c.head, [sys.executable, "-c", (
         "from pathlib import Path; from tests.test_trial_fixtures import make_texts, make_trial_checkpoint; "
@@ -99,11 +98,19 @@ def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
         timeout=300)  # fmt: skip
     assert made.returncode == 0, made.stderr[-2000:]
     text = {name: str(c.shared / f"{name}.txt") for name in ("train", "validation", "calibration", "test")}
-    base = {**MICRO_BASE, "model": {"path": str(c.shared / "model")}, "init": {"method": "quailora"},
+    return {**MICRO_BASE, "model": {"path": str(c.shared / "model")}, "init": {"method": "quailora"},
             "calibration": {**MICRO_BASE["calibration"], "dataset": text["calibration"]},
             "data": {**MICRO_BASE["data"], "train": text["train"], "validation": text["validation"],
                      "test": text["test"]}}  # fmt: skip
-    config = _sweep(c, "shared", base=base, space={"resources.num_workers": {"grid": [2, 1]}},
+
+
+def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster, shared_base):
+    """Everything in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0): the
+    checks pass, and two trials that share every stage finish on the worker nodes. One has two workers of a
+    whole CPU each, and each worker node has one CPU: it spans both nodes, whose hostnames resolve to
+    127.0.1.1 (tests/netns_cluster.py), so its process group must rendezvous over the Ray node addresses."""
+    c = cluster
+    config = _sweep(c, "shared", base=shared_base, space={"resources.num_workers": {"grid": [2, 1]}},
                     search={"max_concurrent_trials": 2})  # fmt: skip
     done = _quailora(c, ["run", config, "--address", c.address])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -112,6 +119,36 @@ def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
     stages = sorted(r["tags"].get("quailora.stage.calibrate") for r in runs)
     assert stages == ["computed", "reused"], runs  # one shared cache, seen from both worker nodes
     assert not list(c.shared.glob("**/.quailora-preflight-*"))
+
+
+def test_a_worker_node_lost_mid_trial_is_retried_on_the_other(cluster, shared_base):
+    """The node running the trial's worker dies (every process killed at once) after a checkpoint reached the
+    shared storage: Tune retries the trial on the surviving node, in the same MLflow run. Last in the module:
+    the cluster has one worker node fewer after it."""
+    c = cluster
+    train = {**shared_base["train"], "max_steps": 40, "checkpoint_every": 4, "max_failures": 0}
+    config = _sweep(c, "node-loss", base={**shared_base, "train": train}, search={"max_failures": 1})
+    script = f"import sys; from orchestrator.cli import main; sys.exit(main({['run', config, '--address', c.address]!r}))"
+    driver = c.start(c.head, [sys.executable, "-c", script], c.root / "node-loss.log", PYTHONPATH=str(REPO))
+    lost = survivor = None
+    deadline = time.monotonic() + 400
+    while driver.poll() is None and time.monotonic() < deadline:
+        training = [n for n in c.nodes[1:] if any(TRAIN_WORKER in cmd for cmd in c.processes(n).values())]
+        if lost is None and training and list(c.shared.glob("runs/node-loss/train/*/checkpoint_*")):
+            lost = training[0]
+            c.kill(lost)
+        elif lost is not None and training and training[0] is not lost:
+            survivor = training[0]
+            break
+        time.sleep(0.5)
+    assert driver.wait(timeout=max(1, deadline - time.monotonic())) == 0, (
+        c.root / "node-loss.log"
+    ).read_text()[-4000:]
+    assert lost is not None and survivor is not None and survivor is not lost
+    log = (c.root / "node-loss.log").read_text()
+    assert "retrying" in log, log[-6000:]  # Tune restarted the failed trial
+    runs = _child_runs(c, "node-loss")
+    assert [r["status"] for r in runs] == ["FINISHED"], runs  # the retry continued the trial's MLflow run
 
 
 def _child_runs(c: NamespacedCluster, experiment: str) -> list[dict]:
