@@ -3,7 +3,7 @@
 # print how they differ from requirements/lock.txt, and run a quick subset: the CLI's refusals, a micro trial
 # (logged adapter reloaded by stock peft) and the export check. Not part of .ci/run: run it before
 # scripts/lock.sh refreshes the lock, and when a fresh install may have drifted (docs/environment.md).
-# ~3 min to install, ~8 min of tests on 2 cores. Extra arguments go to pytest.
+# 3 min 17 s in all on 2 cores (2026-12-07, pip cache warm: 57 tests in 96 s). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/quailora-canary.XXXXXX")
