@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from quailora.errors import QuailoraInputError
+from reference.paths import CACHE_ENV
 
 SENTINEL_PREFIX = ".quailora-preflight-"
 NODE_TIMEOUT_S = 60.0
@@ -40,6 +42,30 @@ def shared_paths(storage_path: str, cache_path: str | None, checkpoints: dict[st
         SharedPath(f"model.path={name!r}", str(ckpt), False) for name, ckpt in sorted(checkpoints.items())
     ]
     return paths
+
+
+def shared_reference_cache(storage_path: str) -> dict[str, str]:
+    """The environment every process of a cluster sweep gets so that `reference:` models and corpora are
+    built once into the shared storage (`<storage>/reference`), not into whichever node's ~/.cache resolves
+    them first. Empty where the user named the reference cache (QUAILORA_CACHE) or storage is a URI."""
+    if os.environ.get(CACHE_ENV) or "://" in storage_path:
+        return {}
+    return {CACHE_ENV: f"{storage_path}/reference"}
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with `variables` set for the block, as it was after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def refuse_file_tracking(tracking_uri: str, nodes: int) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from orchestrator.cluster_preflight import SharedPath, check_cluster_paths, shared_paths
+from orchestrator.cluster_preflight import (
+    SharedPath,
+    check_cluster_paths,
+    environment,
+    shared_paths,
+    shared_reference_cache,
+)
 from orchestrator.expand import TrialMatrix, expand
 from orchestrator.experiment import STATE_FILE, ExperimentState
 from orchestrator.plan import describe, plan_trials, refuse_misfits
@@ -48,7 +54,13 @@ INTERRUPTED = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
 
 
 def _execute(
-    matrix: TrialMatrix, paths: list[SharedPath], state: ExperimentState, address: str | None, *, resume: bool
+    matrix: TrialMatrix,
+    paths: list[SharedPath],
+    state: ExperimentState,
+    address: str | None,
+    *,
+    resume: bool,
+    env: dict[str, str],
 ) -> int:
     """On a cluster, check that every node sees `paths`; then run the Tuner under the parent MLflow run.
     Returns the exit status: 0, 1 if a trial failed, or INTERRUPTED when Tune returned before every trial
@@ -61,7 +73,8 @@ def _execute(
     from orchestrator.tuning import build_tuner, restore_tuner
     from trials.run import ensure_ray
 
-    connected = ensure_ray(address, log_to_driver=False)  # False: the caller's Ray (a test's), left running
+    # log_to_driver False: the caller's Ray (a test's), left running. env: every trial process's too.
+    connected = ensure_ray(address, log_to_driver=False, env_vars=env)
     try:
         if address:  # before the parent run and the state file: a refusal leaves nothing behind
             check_cluster_paths(paths, state.tracking_uri)
@@ -104,8 +117,10 @@ def run(sweep: SweepConfig, address: str | None) -> int:
         raise QuailoraInputError(
             f"name={sweep.name!r}: experiment {state.path} already exists; `quailora resume {sweep.name}` continues it"
         )
-    matrix, paths = prepare(sweep, address)
-    return _execute(matrix, paths, state, address, resume=False)
+    env = shared_reference_cache(sweep.resolved_storage_path()) if address else {}
+    with environment(env):
+        matrix, paths = prepare(sweep, address)
+        return _execute(matrix, paths, state, address, resume=False, env=env)
 
 
 def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
@@ -117,5 +132,8 @@ def resume(experiment: str, storage_path: str | None, address: str | None) -> in
             f"experiment {state.path}: no Tune state to resume (the sweep stopped before its Tuner started); "
             f"remove the directory and `quailora run` the sweep again"
         )
-    matrix, paths = prepare(state.sweep_config(), address)
-    return _execute(matrix, paths, state, address, resume=True)
+    sweep = state.sweep_config()
+    env = shared_reference_cache(sweep.resolved_storage_path()) if address else {}
+    with environment(env):
+        matrix, paths = prepare(sweep, address)
+        return _execute(matrix, paths, state, address, resume=True, env=env)

@@ -84,7 +84,9 @@ def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
         if "not seen from" in line:
             assert c.head.ip not in line.split("not seen from")[-1]  # the head (the driver's node) sees it
         assert time.monotonic() - began < 120
-    assert not (c.shared / "runs").exists()  # no experiment, no stage cache, no sentinel left behind
+    # No experiment, no stage cache, no sentinel left behind; only the reference cache the checks built the
+    # sweep's `reference:` model into (shared storage, as on one machine its ~/.cache: shared_reference_cache).
+    assert [p.name for p in (c.shared / "runs").iterdir()] == ["reference"]
     assert not list(c.shared.glob("**/.quailora-preflight-*"))
 
 
@@ -104,14 +106,16 @@ def shared_base(cluster) -> dict:
                      "test": text["test"]}}  # fmt: skip
 
 
-def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster, shared_base):
-    """Everything in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0): the
-    checks pass, and two trials that share every stage finish on the worker nodes. One has two workers of a
-    whole CPU each, and each worker node has one CPU: it spans both nodes, whose hostnames resolve to
-    127.0.1.1 (tests/netns_cluster.py), so its process group must rendezvous over the Ray node addresses."""
+def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
+    """Storage and cache in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0), the
+    model `reference:llama-micro` with the reference corpora: built once into the shared storage, not into
+    the driver node's ~/.cache, so the checks pass, and two trials that share every stage finish on the
+    worker nodes. One has two workers of a whole CPU each, and each worker node has one CPU: it spans both
+    nodes, whose hostnames resolve to 127.0.1.1 (tests/netns_cluster.py), so its process group must
+    rendezvous over the Ray node addresses."""
     c = cluster
-    config = _sweep(c, "shared", base=shared_base, space={"resources.num_workers": {"grid": [2, 1]}},
-                    search={"max_concurrent_trials": 2})  # fmt: skip
+    config = _sweep(c, "shared", base={**MICRO_BASE, "init": {"method": "quailora"}},
+                    space={"resources.num_workers": {"grid": [2, 1]}}, search={"max_concurrent_trials": 2})  # fmt: skip
     done = _quailora(c, ["run", config, "--address", c.address])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = _child_runs(c, "shared")
@@ -119,6 +123,7 @@ def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster, s
     stages = sorted(r["tags"].get("quailora.stage.calibrate") for r in runs)
     assert stages == ["computed", "reused"], runs  # one shared cache, seen from both worker nodes
     assert not list(c.shared.glob("**/.quailora-preflight-*"))
+    assert (c.shared / "runs" / "reference" / "models" / "llama-micro" / "config.json").is_file()
 
 
 def test_a_worker_node_lost_mid_trial_is_retried_on_the_other(cluster, shared_base):

@@ -34,15 +34,21 @@ def _result_metrics(metrics: dict) -> dict[str, float]:
 
 
 def ensure_ray(
-    address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    env_vars: dict[str, str] | None = None,
 ) -> bool:
     """Join the cluster at ``address``, or start a private local instance (a bare ray.init() would join a
     cluster that RAY_ADDRESS names or that another process on this machine started). Returns False when Ray
-    was already initialized here (then the caller did not connect it and must not shut it down)."""
+    was already initialized here (then the caller did not connect it and must not shut it down).
+    ``env_vars``: set in every task and actor of this job on the cluster (the job's runtime_env)."""
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     return True
