@@ -111,16 +111,23 @@ def _execute(
     return 0
 
 
+def _prepare_and_execute(
+    sweep: SweepConfig, state: ExperimentState, address: str | None, *, resume: bool
+) -> int:
+    """Checks, then the sweep; on a cluster with the reference cache in the shared storage throughout."""
+    env = shared_reference_cache(sweep.resolved_storage_path()) if address else {}
+    with environment(env):
+        matrix, paths = prepare(sweep, address)
+        return _execute(matrix, paths, state, address, resume=resume, env=env)
+
+
 def run(sweep: SweepConfig, address: str | None) -> int:
     state = ExperimentState.for_sweep(sweep)
     if "://" not in state.path and (Path(state.path) / STATE_FILE).exists():
         raise QuailoraInputError(
             f"name={sweep.name!r}: experiment {state.path} already exists; `quailora resume {sweep.name}` continues it"
         )
-    env = shared_reference_cache(sweep.resolved_storage_path()) if address else {}
-    with environment(env):
-        matrix, paths = prepare(sweep, address)
-        return _execute(matrix, paths, state, address, resume=False, env=env)
+    return _prepare_and_execute(sweep, state, address, resume=False)
 
 
 def resume(experiment: str, storage_path: str | None, address: str | None) -> int:
@@ -132,8 +139,4 @@ def resume(experiment: str, storage_path: str | None, address: str | None) -> in
             f"experiment {state.path}: no Tune state to resume (the sweep stopped before its Tuner started); "
             f"remove the directory and `quailora run` the sweep again"
         )
-    sweep = state.sweep_config()
-    env = shared_reference_cache(sweep.resolved_storage_path()) if address else {}
-    with environment(env):
-        matrix, paths = prepare(sweep, address)
-        return _execute(matrix, paths, state, address, resume=True, env=env)
+    return _prepare_and_execute(state.sweep_config(), state, address, resume=True)
