@@ -13,14 +13,20 @@ from pathlib import Path
 from tests.ports import free_port
 
 
+def server_command(host: str, port: int, root: Path, *options: str) -> list[str]:
+    """`mlflow server` with one worker, its SQLite store and proxied artifacts under `root`."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return [str(mlflow_bin), "server", "--host", host, "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+            str(root / "artifacts"), *options]  # fmt: skip
+
+
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
-    """Its own SQLite store and proxied artifacts under `root`; yields the http:// URI, ends it after."""
+    """A server on loopback (server_command); yields the http:// URI, ends it after."""
     port = free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        server_command("127.0.0.1", port, root),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"

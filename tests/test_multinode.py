@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.cli_output import refusal_line
+from tests.mlflow_server import server_command
 from tests.netns_cluster import REPO, NamespacedCluster, available
 from tests.test_orchestrator_e2e import MICRO_BASE as E2E_MICRO_BASE
 
@@ -29,16 +29,13 @@ MICRO_BASE = {**E2E_MICRO_BASE, "resources": {"num_workers": 1, "cpus_per_worker
 @pytest.fixture(scope="module")
 def cluster():
     with NamespacedCluster(workers=2) as c:
-        store = c.shared / "mlflow"
-        store.mkdir()
-        c.start(c.head, [str(Path(sys.executable).parent / "mlflow"), "server", "--host", c.head.ip,
-                         "--port", str(MLFLOW_PORT), "--workers", "1", "--allowed-hosts", f"{c.head.ip}:{MLFLOW_PORT}",
-                         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                         "--artifacts-destination", str(store / "artifacts")], c.root / "mlflow.log")  # fmt: skip
+        allowed, default = c.shared / "mlflow", c.shared / "mlflow-default-hosts"
+        for root in (allowed, default):
+            root.mkdir()
+        c.start(c.head, server_command(c.head.ip, MLFLOW_PORT, allowed, "--allowed-hosts", f"{c.head.ip}:{MLFLOW_PORT}"),
+                c.root / "mlflow.log")  # fmt: skip
         # And one left at mlflow's default --allowed-hosts, which 198.18.0.0/15 is not part of.
-        c.start(c.head, [str(Path(sys.executable).parent / "mlflow"), "server", "--host", c.head.ip,
-                         "--port", str(MLFLOW_PORT + 1), "--workers", "1",
-                         "--backend-store-uri", f"sqlite:///{store / 'default-hosts.db'}"], c.root / "mlflow2.log")  # fmt: skip
+        c.start(c.head, server_command(c.head.ip, MLFLOW_PORT + 1, default), c.root / "mlflow2.log")
         c.tracking_uri = f"http://{c.head.ip}:{MLFLOW_PORT}"
         for port in (MLFLOW_PORT, MLFLOW_PORT + 1):
             c._wait_for(lambda port=port: c._port_open(c.head, port), f"the MLflow server on port {port}")
