@@ -1,16 +1,18 @@
-"""A 12-trial sweep with and without the shared stage cache: stage executions against trials, makespan.
+"""A 12-trial sweep three ways: private stages, the on-demand shared cache, and sweep-level stage jobs.
 
     python benchmarks/sweep_stages.py [--hidden 1024 --layers 4] [--out docs/results/sweep_stages.md]
 
 Builds a random-init LLaMA checkpoint (hidden 1024, MLP 2816, 4 layers, the reference 4096-token
-tokenizer) so that quantizing, calibrating and initializing take seconds, then runs one grid sweep twice
-through `quailora run`'s own code (orchestrator.runner.run), one trial at a time so the makespans compare
-the work done and not how it packs on 2 cores:
+tokenizer) so that quantizing, calibrating and initializing take seconds, then runs one grid sweep three
+times through `quailora run`'s own code (orchestrator.runner.run), two trials at a time with one
+0.9-CPU worker each (the 2-core machine's whole capacity with the drivers):
   2 calibrated init methods (quailora, closed_form) x 2 ranks (8, 16) x 3 learning rates = 12 trials,
-first with `share_stages: false` (every trial computes its stages privately, as before the cache), then
-with a fresh shared cache. It counts, from each trial's MLflow tags, how many trials computed each stage.
-Expected with the cache: 1 quantization, 1 calibration (one model, one calibration set), 4 init solves
-(method x rank), everything else reused.
+with `share_stages: false` (every trial computes its stages privately), with the shared cache computed on
+demand inside the trials (`stage_jobs: false`: the first trial of a key computes it while the others of
+that key wait on its lock, holding their workers), and with the stage graph (`stage_jobs: true`: the
+shared stages computed ahead by stage jobs, trials waiting for them holding no worker). It prints each
+way's makespan, the seconds trials spent waiting for a stage (`stage_wait_seconds`), and how many times
+each stage was computed (in trials and in stage jobs), read back from MLflow.
 
 It also measures the Gram-collection peak memory for 8 decoder layers against 2 (each in a fresh process,
 peak RSS after a warm-up), which must stay flat: one decoder layer is resident at a time.
@@ -38,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.experiment import ExperimentState  # noqa: E402
 from orchestrator.runner import run  # noqa: E402
 from orchestrator.sweep_config import SweepConfig  # noqa: E402
-from orchestrator.tracking import child_runs  # noqa: E402
+from orchestrator.tracking import STAGE_JOBS_ARTIFACT, child_runs  # noqa: E402
 from reference.tokenizer import load_tokenizer  # noqa: E402
-from trials.contract import STAGES, stage_tag  # noqa: E402
+from trials.contract import STAGE_WAIT_SECONDS, STAGES, stage_tag  # noqa: E402
 
 VOCAB = 4096
 
@@ -60,9 +62,16 @@ def build_checkpoint(out: Path, hidden: int, mlp: int, layers: int) -> Path:
     return out
 
 
-def sweep(checkpoint: Path, storage: Path, shared: bool) -> SweepConfig:
+WAYS = {  # name -> (share_stages, stage_jobs)
+    "private stages (no sharing)": (False, False),
+    "shared cache, on demand": (True, False),
+    "stage graph (stage jobs ahead)": (True, True),
+}
+
+
+def sweep(checkpoint: Path, storage: Path, shared: bool, ahead: bool) -> SweepConfig:
     return SweepConfig.model_validate({
-        "name": "stages-shared" if shared else "stages-private",
+        "name": "stages-graph" if ahead else "stages-shared" if shared else "stages-private",
         "base": {
             "model": {"path": str(checkpoint)},
             "quant": {"method": "nf4", "bits": 4},
@@ -71,35 +80,52 @@ def sweep(checkpoint: Path, storage: Path, shared: bool) -> SweepConfig:
             "data": {"seq_len": 128, "max_eval_sequences": 4},
             "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 0},
             "eval": {"perplexity": True},
-            "resources": {"num_workers": 1, "cpus_per_worker": 1.9},
+            "resources": {"num_workers": 1, "cpus_per_worker": 0.9},
         },
         "space": {
             "init.method": {"grid": ["quailora", "closed_form"]},
             "lora.rank": {"grid": [8, 16]},
             "train.learning_rate": {"grid": [1e-4, 3e-4, 1e-3]},
         },
-        "search": {"max_concurrent_trials": 1},
+        "search": {"max_concurrent_trials": 2},
+        "driver_cpus": 0.1,
         "devices": {"memory_gb": 20},
         "storage_path": str(storage),
         "tracking_uri": f"sqlite:///{storage / 'mlflow.db'}",
         "share_stages": shared,
+        "stage_jobs": ahead,
     })  # fmt: skip
 
 
-def stage_counts(config: SweepConfig) -> tuple[int, dict[str, Counter], dict[tuple[str, str], list[float]]]:
-    """Finished trials of the sweep; per stage how many trials computed / reused / skipped it; and the
-    seconds the stage took in each trial, by (stage, status)."""
+def stage_counts(config: SweepConfig) -> dict:
+    """Finished trials of the sweep; per stage how many trials computed / precomputed / reused it and how
+    many times a stage job computed it; the seconds trials waited for stages; and the seconds the stage
+    took in each trial, by (stage, status)."""
     from mlflow.tracking import MlflowClient
 
     state = ExperimentState.load(config.name, config.resolved_storage_path())
-    runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id)
-    runs = [r for r in runs if r.info.status == "FINISHED"]
+    client = MlflowClient(state.tracking_uri)
+    runs = [r for r in child_runs(client, state.parent_run_id) if r.info.status == "FINISHED"]
     seconds: dict[tuple[str, str], list[float]] = {}
     for trial in runs:
         for stage in STAGES:
             status = trial.data.tags.get(stage_tag(stage))
             seconds.setdefault((stage, status), []).append(trial.data.metrics[f"{stage}_seconds"])
-    return len(runs), {s: Counter(r.data.tags.get(stage_tag(s)) for r in runs) for s in STAGES}, seconds
+    in_jobs: Counter = Counter()
+    if any(a.path == STAGE_JOBS_ARTIFACT for a in client.list_artifacts(state.parent_run_id)):
+        jobs = json.loads(
+            Path(client.download_artifacts(state.parent_run_id, STAGE_JOBS_ARTIFACT)).read_text()
+        )
+        for job in jobs.values():
+            for record in job.get("records", []):
+                in_jobs.update(stage for stage, s in record.items() if s["status"] == "computed")
+    return {
+        "trials": len(runs),
+        "counts": {s: Counter(r.data.tags.get(stage_tag(s)) for r in runs) for s in STAGES},
+        "in_jobs": in_jobs,
+        "waited_s": sum(r.data.metrics.get(STAGE_WAIT_SECONDS, 0.0) for r in runs),
+        "seconds": seconds,
+    }
 
 
 MEMORY_SCRIPT = textwrap.dedent(
@@ -128,6 +154,10 @@ def gram_peak_mib(checkpoint: Path, work: Path) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def config_dir(way: str) -> str:
+    return way.split(" ")[0].lower()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -140,47 +170,40 @@ def main() -> None:
     checkpoint = build_checkpoint(work / "model", args.hidden, args.mlp, args.layers)
 
     rows = {}
-    for shared in (False, True):
-        config = sweep(checkpoint, work / ("shared" if shared else "private"), shared)
+    for way, (shared, ahead) in WAYS.items():
+        config = sweep(checkpoint, work / config_dir(way), shared, ahead)
         began = time.perf_counter()
         if run(config, address=None) != 0:
             raise SystemExit(f"sweep {config.name} had failed trials")
-        makespan = time.perf_counter() - began
-        trials, counts, seconds = stage_counts(config)
-        rows[shared] = {"makespan_s": makespan, "trials": trials, "counts": counts, "seconds": seconds}
-        print(json.dumps({"shared": shared, "makespan_s": round(makespan, 1), "trials": trials,
-                          "computed": {s: c["computed"] for s, c in counts.items()}}), flush=True)  # fmt: skip
+        rows[way] = {"makespan_s": time.perf_counter() - began, **stage_counts(config)}
+        print(json.dumps({"way": way, "makespan_s": round(rows[way]["makespan_s"], 1), "trials": rows[way]["trials"],
+                          "waited_s": round(rows[way]["waited_s"], 1),
+                          "computed": {s: c["computed"] for s, c in rows[way]["counts"].items()},
+                          "in_jobs": dict(rows[way]["in_jobs"])}), flush=True)  # fmt: skip
 
     peaks = {}
     for n in (2, 8):
         ckpt = build_checkpoint(work / f"gram{n}", args.hidden, args.mlp, n)
         peaks[n] = gram_peak_mib(ckpt, work / f"mem{n}")
 
-    private, shared = rows[False], rows[True]
     lines = [
-        "| | trials | quantizations | calibrations | init solves | makespan (s) |",
-        "|---|---|---|---|---|---|",
+        "| | trials | quantizations | calibrations | init solves | seconds trials waited for a stage | makespan (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, row in (("private stages (no sharing)", private), ("shared stage cache", shared)):
-        c = row["counts"]
-        lines.append(f"| {label} | {row['trials']} | {c['quantize']['computed']} | {c['calibrate']['computed']} | "
-                     f"{c['initialize']['computed']} | {row['makespan_s']:.0f} |")  # fmt: skip
+    for way, row in rows.items():
+        c, jobs = row["counts"], row["in_jobs"]
+        done = {
+            s: f"{c[s]['computed'] + jobs[s]}" + (f" ({jobs[s]} in stage jobs)" if jobs[s] else "")
+            for s in STAGES
+        }
+        lines.append(f"| {way} | {row['trials']} | {done['quantize']} | {done['calibrate']} | "
+                     f"{done['initialize']} | {row['waited_s']:.0f} | {row['makespan_s']:.0f} |")  # fmt: skip
+    private, demand, graph = (rows[way]["makespan_s"] for way in WAYS)
     lines += [
         "",
-        f"Makespan ratio, private / shared: **{private['makespan_s'] / shared['makespan_s']:.2f}x**.",
-        "",
-        "Seconds a stage took in one trial (mean over the shared sweep's trials), computing it against "
-        "loading the cached entry:",
-        "",
-        "| stage | computed | reused (load) |",
-        "|---|---|---|",
+        f"Makespan ratios: private / on-demand **{private / demand:.2f}x**, on-demand / stage graph "
+        f"**{demand / graph:.2f}x**.",
     ]
-    for stage in STAGES:
-        by = shared["seconds"]
-        computed, reused = by.get((stage, "computed"), []), by.get((stage, "reused"), [])
-        if computed and reused:
-            lines.append(f"| {stage} | {sum(computed) / len(computed):.2f} s (n={len(computed)}) | "
-                         f"{sum(reused) / len(reused):.2f} s (n={len(reused)}) |")  # fmt: skip
     lines += [
         "",
         f"Gram-collection peak RSS growth (hidden {args.hidden}, 8 x 128 calibration tokens): "

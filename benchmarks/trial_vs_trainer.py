@@ -93,10 +93,10 @@ def trainer_tokens_per_second(config: TrialConfig, checkpoint: Path, out_dir: Pa
 def trial_tokens_per_second(config: TrialConfig, work_dir: Path, num_cpus: int) -> float:
     import ray
 
-    from trials.run import run_trial
+    from trials.run import ensure_ray, run_trial
     from trials.tracking import default_tracking_uri
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    ensure_ray(num_cpus=num_cpus)
     try:
         metrics = run_trial(
             config,

@@ -31,6 +31,7 @@ class SharedPath:
     field: str
     path: str
     writable: bool  # storage and cache: written by trials; a checkpoint: only read
+    remedy: str = "use a directory every node mounts at the same path"
 
 
 def shared_paths(storage_path: str, cache_path: str | None, checkpoints: dict[str, Path]) -> list[SharedPath]:
@@ -38,8 +39,12 @@ def shared_paths(storage_path: str, cache_path: str | None, checkpoints: dict[st
     paths = [] if "://" in storage_path else [SharedPath("storage_path", storage_path, True)]
     if cache_path:
         paths.append(SharedPath("cache_path", cache_path, True))
+    from reference.cache import is_hub_id  # imports torch: only when a sweep runs
+
+    hub = "a hub snapshot in the driver's hub cache: set HF_HOME to a directory every node mounts, on every node"
     paths += [
-        SharedPath(f"model.path={name!r}", str(ckpt), False) for name, ckpt in sorted(checkpoints.items())
+        SharedPath(f"model.path={name!r}", str(ckpt), False, *([hub] if is_hub_id(name) else []))
+        for name, ckpt in sorted(checkpoints.items())
     ]
     return paths
 
@@ -151,5 +156,5 @@ def check_cluster_paths(paths: list[SharedPath], tracking_uri: str) -> None:
         if blind:
             raise QuailoraInputError(
                 f"{shared.field}: {shared.path!r} is not the same directory on every node of the Ray cluster; "
-                f"not seen from {', '.join(blind)}: use a directory every node mounts at the same path"
+                f"not seen from {', '.join(blind)}: {shared.remedy}"
             )

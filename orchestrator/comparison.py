@@ -1,15 +1,20 @@
-"""How a sweep's arms are compared: which runs are peers, the learning rate each arm is shown at, and the
-4-bit arms against 4-bit and 8-bit QLoRA paired by seed.
+"""How a sweep's arms are compared: which runs are peers, the learning rate each arm is shown at, and every
+arm below 8 bits against QLoRA at its own precision and 8-bit QLoRA, paired by seed.
 
-An arm is a bit width, init method (with its options) and quantizer. Runs are peers when they agree on
-model, rank, seed and every other swept or sampled field outside the method's own sections (init.*,
-quant.*). Seeds are the only thing averaged or paired over: runs that differ in any swept or sampled field
-are never averaged together. When the sweep varies `train.learning_rate`, each arm can also be shown at
-its own learning rate, the one with the lowest mean validation perplexity over seeds (chosen on
-validation); the numbers shown for it then come from the test split.
+An arm is a bit width, init method (with its options) and quantizer. The quantizer is named by its precision
+(precision_label: 'nf4', 'int8', 'int3-g64' for group-wise INT3 with groups of 64), so the arms of one method
+at different bit widths or group sizes stay apart. Runs are peers when they agree on model, rank, seed and
+every other swept or sampled field outside the method's own sections (init.*, quant.*). Seeds are the only
+thing averaged or paired over: runs that differ in any swept or sampled field are never averaged together.
+When the sweep varies `train.learning_rate`, each arm can also be shown at its own learning rate, the one with
+the lowest mean validation perplexity over seeds (chosen on validation); the numbers shown for it then come
+from the test split.
 
-recovered = mean(p4 - p4m) / mean(p4 - p8) over seeds, with p4 the 4-bit gaussian (QLoRA) value, p4m the
-arm's and p8 the 8-bit gaussian value (methods.md): a ratio of mean paired differences, not a mean of
+recovered = mean(p4 - p4m) / mean(p4 - p8) over seeds, with p4m the arm's value, p4 the QLoRA (gaussian) value
+at the arm's own precision (its quantizer, bits and group size where the sweep ran QLoRA there, else QLoRA at
+the same bit width: never another bit width) and p8 the 8-bit QLoRA value, the reference (methods.md; the
+columns keep the paper's 4-bit names at every bit width). No registered quantizer stores more than 8 bits, so
+8-bit QLoRA is the best-precision arm a sweep can run. A ratio of mean paired differences, not a mean of
 per-seed ratios, which one seed with a near-zero gap can drive to any size.
 
 Across models and ranks (`over_cells`), each difference is also averaged over the sweep's cells (a model and
@@ -25,6 +30,7 @@ import pandas as pd
 
 from orchestrator.paired import NO_GAP, Interval, ratio_ci, stratified_mean_ci
 from quailora.initializers import needs_gram
+from quailora.quantizers import QUANTIZER_SPECS, quantizer_spec
 from trials.contract import (
     BITS_TAG,
     FAMILY_TAG,
@@ -53,6 +59,30 @@ INIT_OPTIONS = "init options"  # options_effect's column: a method's options, as
 METHOD_DEFAULTS = "(defaults)"  # sorts before any option label (`split-kaiming_a`): the one compared against
 GRID_EDGE = "edge of the rates"  # "lowest"/"highest" when the chosen rate is the end of 3+ rates tried
 STOPPED_RATES = "stopped early (rate at step)"  # the chosen-rate table's list of rates the scheduler stopped
+GROUP_SIZE = "quant.group_size"  # the run param of a group-wise quantizer's group size (a record column)
+REFERENCE_BITS = 8  # the gap's upper end: 8-bit QLoRA (no registered quantizer stores more bits)
+
+
+def precision_label(quantizer: str, bits: int, group_size: object = None) -> str:
+    """An arm's quantizer as the comparison names it: the registered name with its bit width ('nf4', 'fp4',
+    'int8' for LLM.int8, 'int3' for group-wise INT3) and, for a quantizer that reads quant.group_size, the
+    group size ('int3-g64'; 'int3-g?' when the record lacks it). A name not in the registry (a label already,
+    or '' for runs from before the quantizer tag) is kept as it is."""
+    if quantizer not in QUANTIZER_SPECS:
+        return quantizer
+    label = quantizer if quantizer.endswith(str(bits)) else f"{quantizer}{bits}"
+    if "group_size" in quantizer_spec(quantizer).settings:
+        label += "-g?" if group_size is None or pd.isna(group_size) else f"-g{int(group_size)}"
+    return label
+
+
+def with_precision_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with its quantizer column as precision_label names it (from the bits tag and quant.group_size)."""
+    groups = df[GROUP_SIZE] if GROUP_SIZE in df else [None] * len(df)
+    labels = [
+        precision_label(q, int(b), g) for q, b, g in zip(df[QUANTIZER_TAG], df[BITS_TAG], groups, strict=True)
+    ]
+    return df.assign(**{QUANTIZER_TAG: labels})
 
 
 def under(param: str, paths: Sequence[str]) -> bool:
@@ -147,24 +177,29 @@ def baseline_keys(keys: Sequence[str]) -> list[str]:
 
 
 def recovered_fraction(df: pd.DataFrame, value: str, keys: Sequence[str] = MATCH_KEYS) -> pd.DataFrame:
-    """Per 4-bit non-gaussian run and its peers (`keys`): p4, its value, p8 and the per-seed ratio
-    (p4 - p4m) / (p4 - p8), NaN where p4 == p8. p4 is the 4-bit gaussian run on the method's own quantizer
-    when the sweep has one (QA-LoRA on INT4 against gaussian INT4), else any 4-bit gaussian peer."""
+    """Per non-gaussian run below REFERENCE_BITS and its peers (`keys`): p4, its value, p8 and the per-seed
+    ratio (p4 - p4m) / (p4 - p8), NaN where p4 == p8. p4 is the gaussian run at the method's own precision
+    label when the sweep has one (QA-LoRA on INT4 against gaussian INT4, INT3-g64 against gaussian INT3-g64),
+    else any gaussian peer of the same bit width (the name p4 is the paper's, whatever the bits); p8 the
+    8-bit gaussian peer. An arm without a same-bit baseline or an 8-bit peer is left out."""
     keys, base = list(keys), baseline_keys(keys)
-    base4 = df[(df.bits == 4) & (df.method == BASELINE)]
-    base8 = df[(df.bits == 8) & (df.method == BASELINE)]
-    base4 = base4.groupby([*base, QUANTIZER_TAG], as_index=False, dropna=False)[value].mean()
-    base8 = base8.groupby(base, as_index=False, dropna=False)[value].mean().rename(columns={value: "p8"})
-    others = df[(df.bits == 4) & (df.method != BASELINE)][[*keys, QUANTIZER_TAG, METHOD_TAG, value]]
-    same = others.merge(base4.rename(columns={value: "p4"}), on=[*base, QUANTIZER_TAG], how="left")
-    any4 = base4.groupby(base, as_index=False, dropna=False)[value].mean().rename(columns={value: "p4_any"})
-    merged = same.merge(any4, on=base, how="left").merge(base8, on=base, how="inner")
+    qlora = df[df[METHOD_TAG] == BASELINE]
+    low = qlora[qlora[BITS_TAG] < REFERENCE_BITS]
+    same = low.groupby([*base, BITS_TAG, QUANTIZER_TAG], as_index=False, dropna=False)[value].mean()
+    any_bits = same.groupby([*base, BITS_TAG], as_index=False, dropna=False)[value].mean()
+    reference = qlora[qlora[BITS_TAG] == REFERENCE_BITS].groupby(base, as_index=False, dropna=False)[value]
+    reference = reference.mean().rename(columns={value: "p8"})
+    arms = df[(df[BITS_TAG] < REFERENCE_BITS) & (df[METHOD_TAG] != BASELINE)]
+    arms = arms[[*keys, BITS_TAG, QUANTIZER_TAG, METHOD_TAG, value]]
+    merged = arms.merge(same.rename(columns={value: "p4"}), on=[*base, BITS_TAG, QUANTIZER_TAG], how="left")
+    merged = merged.merge(any_bits.rename(columns={value: "p4_any"}), on=[*base, BITS_TAG], how="left")
+    merged = merged.merge(reference, on=base, how="inner")
     merged["p4"] = merged["p4"].fillna(merged["p4_any"])
     merged = merged.dropna(subset=["p4", "p8", value])
     gap = merged["p4"] - merged["p8"]
     no_gap = gap.abs() < NO_GAP  # nothing to recover
     merged["recovered"] = (merged["p4"] - merged[value]) / gap.mask(no_gap)
-    return merged[[*keys, METHOD_TAG, QUANTIZER_TAG, "p4", value, "p8", "recovered"]]
+    return merged[[*keys, METHOD_TAG, QUANTIZER_TAG, BITS_TAG, "p4", value, "p8", "recovered"]]
 
 
 def _columns(name: str, interval: Interval) -> dict:
@@ -175,22 +210,25 @@ def paired_comparison(
     df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[tuple[str, str, str]], over_cells: bool = False
 ) -> pd.DataFrame:
     """Per model, arm, rank and other key (seed aside), for each (label, column, split) of `metrics`: the arm
-    minus 4-bit QLoRA and minus 8-bit QLoRA as mean paired differences over seeds with 95 % paired-t intervals,
-    and the recovered fraction with Fieller's interval (orchestrator/paired.py). `straddles_0` names the
-    intervals that contain 0 (the recovered fraction's does exactly when the one against 4-bit does).
+    minus QLoRA at its own precision (vs4: recovered_fraction's p4) and minus 8-bit QLoRA (vs8) as mean paired
+    differences over seeds with 95 % paired-t intervals, and the recovered fraction with Fieller's interval
+    (orchestrator/paired.py). An arm is its method and precision label (`quantizer`: 'nf4', 'int3-g64'), so
+    each bit width and group size has its rows. `straddles_0` names the intervals that contain 0 ('vs 4-bit',
+    'vs 3-bit': the arm's own bits; the recovered fraction's contains 0 exactly when that one does).
 
     over_cells: per arm and other key, the same differences averaged over the models and ranks the arm ran in
-    (2 or more; `cells` counts them), with stratified intervals. No recovered fraction there: the 4-to-8-bit
-    gap differs from cell to cell, and a ratio of averages would weigh the cells by it."""
+    (2 or more; `cells` counts them), with stratified intervals. No recovered fraction there: the gap to 8 bits
+    differs from cell to cell, and a ratio of averages would weigh the cells by it."""
     cells = cell_keys(keys) if over_cells else []
     by = [k for k in keys if k != SEED_TAG and k not in cells] + [METHOD_TAG, QUANTIZER_TAG]
+    # the bits are in the label already; grouped on too, so labels kept as logged ('') never mix bit widths
     parts = []
     for label, value, split in metrics:
         if value not in df or df[value].isna().all():
             continue
         per_seed = recovered_fraction(df, value, keys)
         rows = []
-        for group, runs in per_seed.groupby(by, dropna=False, sort=True):
+        for (*group, bits), runs in per_seed.groupby([*by, BITS_TAG], dropna=False, sort=True):
             strata = _strata(runs, cells)
             if over_cells and len(strata) < 2:
                 continue
@@ -201,7 +239,8 @@ def paired_comparison(
                 if over_cells
                 else _columns("recovered", ratio_ci(runs["p4"] - runs[value], runs["p4"] - runs["p8"]))
             )
-            straddles = [name for name, ci in (("vs 4-bit", vs4), ("vs 8-bit", vs8)) if ci.straddles_zero]
+            against = ((f"vs {bits}-bit", vs4), (f"vs {REFERENCE_BITS}-bit", vs8))
+            straddles = [name for name, ci in against if ci.straddles_zero]
             rows.append({"metric": label, "split": split, **dict(zip(by, group, strict=True)),
                          **({"cells": len(strata)} if over_cells else {}), "seeds": len(runs),
                          **_columns("vs4", vs4), **_columns("vs8", vs8), **ratio,

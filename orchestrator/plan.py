@@ -10,6 +10,7 @@ from tabulate import tabulate
 from orchestrator.expand import TrialMatrix
 from orchestrator.memory import GIB, MemoryEstimate, estimate
 from orchestrator.model_shapes import ModelShape, resolve_shape
+from orchestrator.stage_graph import describe_stage_graph, plan_stage_graph
 from quailora.errors import QuailoraInputError
 from trials.config import TrialConfig, check_resources
 
@@ -89,6 +90,8 @@ def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
             "sampled per trial (memory at the worst corner): "
             + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
         )
+    if sweep.share_stages and sweep.stage_jobs:
+        lines.append(describe_stage_graph(plan_stage_graph(matrix)))
     # tabulate (what pandas' to_markdown calls) directly: plan stays free of pandas' import time
     lines.append(tabulate(plan_rows(planned), headers="keys", tablefmt="pipe", floatfmt=".2f"))
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Sweep report: tables per model and bit width, every 4-bit arm against 4-bit and 8-bit QLoRA paired by seed
-(orchestrator/comparison.py), learning curves, plots, one HTML page.
+"""Sweep report: tables per model and bit width, every arm below 8 bits against QLoRA at its own precision and
+8-bit QLoRA paired by seed (orchestrator/comparison.py), learning curves, plots, one HTML page.
 
 Works on a plain records table (and a table of learning curves) so it can be tested without MLflow or Ray.
 """
@@ -27,6 +27,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from orchestrator.comparison import (  # noqa: E402
     ARM,
     CALIBRATION_SECTION,
+    GROUP_SIZE,
     LEARNING_RATE,
     MATCH_KEYS,
     MODEL_KEYS,
@@ -40,6 +41,7 @@ from orchestrator.comparison import (  # noqa: E402
     paired_comparison,
     rate_chosen_per_seed,
     under,
+    with_precision_labels,
 )
 from orchestrator.curves import PLATEAU_TOLERANCE, PLATEAU_WINDOW, mean_curves, plateau  # noqa: E402
 from orchestrator.paired import LEVEL  # noqa: E402
@@ -100,12 +102,18 @@ OVER_CELLS_NOTE = (
 )
 PAIRED_NOTE = (
     f"Δ = arm - QLoRA baseline, paired by seed: mean difference with its {100 * LEVEL:g} % paired-t interval. "
-    f"recovered = mean(p4 - arm) / mean(p4 - p8) with Fieller's {100 * LEVEL:g} % interval (unbounded when the "
-    "4-to-8-bit gap itself is not distinguishable from 0). The last column names the intervals that contain 0."
+    "Same-bit QLoRA is QLoRA at the arm's own precision (the quantizer column: bits, and group size for "
+    "group-wise INT-k), or the mean of the QLoRA runs at its bits where the sweep has none at that precision. "
+    f"recovered = mean(p4 - arm) / mean(p4 - p8) with Fieller's {100 * LEVEL:g} % interval, "
+    "p4 the same-bit QLoRA value and p8 the 8-bit one (unbounded when that gap itself is not distinguishable "
+    "from 0). The last column names the intervals that contain 0."
 )
 
 
-NO_BASELINES = "(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields)"
+NO_BASELINES = (
+    "(needs 4-bit and 8-bit gaussian trials at matching rank, seed and other swept fields; "
+    "an arm at 3 or 2 bits needs gaussian trials at its own bits in place of the 4-bit ones)"
+)
 
 
 @dataclass
@@ -238,7 +246,7 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
     """The paired comparison as a reader sees it: each estimate with its interval in one cell."""
     numeric = {f"{name}{suffix}" for name in ("vs4", "vs8", "recovered") for suffix in ("", "_lo", "_hi")}
     shown = comparison[[c for c in comparison.columns if c not in numeric and c != "straddles_0"]].copy()
-    estimates = (("vs4", "Δ vs 4-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered"))
+    estimates = (("vs4", "Δ vs same-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered"))
     for name, title in [(n, t) for n, t in estimates if n in comparison]:  # over cells: no recovered
         shown[title] = [
             _interval(*values)
@@ -263,7 +271,8 @@ def _accuracy(records: pd.DataFrame) -> pd.Series:
 
 
 def normalize(records: pd.DataFrame) -> pd.DataFrame:
-    """Typed columns, one `accuracy` column (mean over lm-eval tasks), and numeric field params as numbers."""
+    """Typed columns, one `accuracy` column (mean over lm-eval tasks), numeric field params as numbers, and the
+    quantizer named by its precision (comparison.precision_label: 'nf4', 'int8', 'int3-g64')."""
     df = records.copy()
     for col in (BITS_TAG, RANK_TAG, SEED_TAG):
         df[col] = pd.to_numeric(df[col]).astype(int)
@@ -278,7 +287,7 @@ def normalize(records: pd.DataFrame) -> pd.DataFrame:
         with contextlib.suppress(ValueError, TypeError):  # not a number: kept as logged
             df[col] = pd.to_numeric(df[col])
     df["accuracy"] = _accuracy(df)
-    return df
+    return with_precision_labels(df)
 
 
 def method_tables(df: pd.DataFrame, extra: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
@@ -370,16 +379,18 @@ def ppl_vs_rank_figure(df: pd.DataFrame, extra: Sequence[str] = ()):
 
 
 def plot_recovered(comparison: pd.DataFrame) -> bytes:
+    """Per family, one bar per method and precision (a method's INT3 and NF4 arms are not averaged together)."""
     ppl = comparison[comparison.metric == "perplexity"]
-    per_family = ppl.groupby(["family", "method"], as_index=False).agg(
+    ppl = ppl.assign(arm=ppl[METHOD_TAG] + " (" + ppl[QUANTIZER_TAG].fillna("") + ")")
+    per_family = ppl.groupby(["family", "arm"], as_index=False).agg(
         mean=("recovered", "mean"), std=("recovered", "std")
     )
-    pivot_mean = per_family.pivot(index="family", columns="method", values="mean")
-    pivot_std = per_family.pivot(index="family", columns="method", values="std").fillna(0)
+    pivot_mean = per_family.pivot(index="family", columns="arm", values="mean")
+    pivot_std = per_family.pivot(index="family", columns="arm", values="std").fillna(0)
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(pivot_mean) * max(1, len(pivot_mean.columns)) / 2, 3.5))
     pivot_mean.plot.bar(yerr=pivot_std, ax=ax, rot=0)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
-    ax.set(ylabel="recovered fraction of 4→8-bit gap (ppl)", xlabel="family")
+    ax.set(ylabel="recovered fraction of the gap to 8-bit (ppl)", xlabel="family")
     return _png(fig)
 
 
@@ -471,9 +482,10 @@ def steps_saved(df: pd.DataFrame, stopped: pd.DataFrame) -> str:
 
 
 def stage_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per stage: how many trials computed, reused or skipped it, the seconds spent computing, and the
-    seconds the reuses saved (each reuse saves what computing its entry took). ``df``: every trial that ran
-    its stages, the ones the scheduler stopped early included (they ran them too)."""
+    """Per stage: how many trials computed it, found it computed ahead by the sweep's stage jobs
+    (precomputed), reused or skipped it, the seconds spent computing in trials, and the seconds the reuses
+    saved (what computing the entry took, less what the trial waited on another's computation of it).
+    ``df``: every trial that ran its stages, the ones the scheduler stopped early included."""
     rows = []
     for stage in STAGES:
         status = df.get(f"stage.{stage}")
@@ -484,6 +496,7 @@ def stage_table(df: pd.DataFrame) -> pd.DataFrame:
             {
                 "stage": stage,
                 "computed": int(computed.sum()),
+                "precomputed": int((status == "precomputed").sum()),
                 "reused": int((status == "reused").sum()),
                 "skipped": int((status == "skipped").sum()),
                 "seconds computed": float(df.loc[computed, stage_seconds(stage)].sum()),
@@ -552,7 +565,8 @@ def build_report(
 
 def _run_record(run, swept: Sequence[str]) -> dict:
     """A child run as a report row: its tags (family, size, bits, method, rank, seed, quantizer), its params
-    under the `swept` field paths and its train.max_steps, and its metrics."""
+    under the `swept` field paths, its train.max_steps and quant.group_size (part of a group-wise quantizer's
+    precision label), and its metrics."""
     tags = run.data.tags
     row = {k: tags.get(k) for k in REPORT_TAGS}
     row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
@@ -560,6 +574,7 @@ def _run_record(run, swept: Sequence[str]) -> dict:
     row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
     row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
     row[MAX_STEPS] = run.data.params.get(MAX_STEPS)
+    row[GROUP_SIZE] = run.data.params.get(GROUP_SIZE)
     return row
 
 
@@ -621,14 +636,23 @@ def publish_report(client, state) -> str:
     report.write(out_dir, title=f"quailora sweep {state.name}")
     client.log_artifacts(state.parent_run_id, str(out_dir), artifact_path="report")
     extra = [k for k in match_keys(normalize(records), swept)[len(MATCH_KEYS) :] if k in report.recovered]
-    for row in report.recovered.to_dict("records"):
-        if pd.isna(row["recovered"]):  # no 4-to-8-bit gap: n/a in the report, no metric
+    for key, value in recovered_metrics(report.recovered, extra).items():
+        client.log_metric(state.parent_run_id, key, value)
+    return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"
+
+
+def recovered_metrics(recovered: pd.DataFrame, extra: Sequence[str] = ()) -> dict[str, float]:
+    """The paired comparison's recovered fractions as parent-run metrics (none for n/a):
+    recovered_<metric>_<family>_<size>_<method>_r<rank>, then _<field>-<value> per `extra` matched field, then
+    _<precision label> when the comparison has more than one ('nf4', 'int3-g64'), so a method's arms at
+    different bit widths or group sizes do not overwrite each other."""
+    precisions = recovered[QUANTIZER_TAG].nunique() > 1 if QUANTIZER_TAG in recovered else False
+    metrics = {}
+    for row in recovered.to_dict("records"):
+        if pd.isna(row["recovered"]):  # no gap to the 8-bit reference: n/a in the report, no metric
             continue
         key = f"recovered_{row['metric']}_{row['family']}_{row['size']}_{row['method']}_r{row['rank']}"
         key += "".join(f"_{c}-{row[c]}" for c in extra)
-        client.log_metric(
-            state.parent_run_id,
-            "".join(c if c.isalnum() or c in "_-./" else "_" for c in key),
-            row["recovered"],
-        )
-    return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"
+        key += f"_{row[QUANTIZER_TAG]}" if precisions else ""
+        metrics["".join(c if c.isalnum() or c in "_-./" else "_" for c in key)] = row["recovered"]
+    return metrics

@@ -69,8 +69,9 @@ def _execute(
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import publish_report
-    from orchestrator.tracking import ensure_parent_run, finish_parent, mark_interrupted
-    from orchestrator.tuning import build_tuner, restore_tuner
+    from orchestrator.stage_graph import plan_stage_graph
+    from orchestrator.tracking import ensure_parent_run, finish_parent, log_stage_jobs, mark_interrupted
+    from orchestrator.tuning import build_tuner, restore_tuner, start_stage_jobs
     from trials.run import ensure_ray
 
     # log_to_driver False: the caller's Ray (a test's), left running. env: every trial process's too.
@@ -83,9 +84,17 @@ def _execute(
             client, state.name, state.tracking_uri, state.sweep, state.parent_run_id
         )
         state.save()
+        sweep = matrix.sweep
+        graph = plan_stage_graph(matrix) if sweep.resolved_cache_path() and sweep.stage_jobs else None
         try:
-            tuner = restore_tuner(matrix, state) if resume else build_tuner(matrix, state)
+            stage_jobs = graph.job_of if graph else {}
+            tuner = (
+                restore_tuner(matrix, state, stage_jobs) if resume else build_tuner(matrix, state, stage_jobs)
+            )
+            service = start_stage_jobs(matrix, state, graph) if graph else None
             grid = tuner.fit()
+            if service is not None:
+                log_stage_jobs(client, state.parent_run_id, ray.get(service.records.remote()))
         except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving
             mark_interrupted(client, state.parent_run_id)
             raise

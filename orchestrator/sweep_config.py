@@ -164,6 +164,9 @@ class SweepConfig(_Strict):
     cache_path: str | None = None
     # False: each trial computes its stages privately (reused only by its own restarts), as a baseline.
     share_stages: bool = True
+    # True: stages two or more trials share are computed ahead of them by stage jobs using the free workers
+    # (orchestrator/stage_graph.py); False: inside the first trial that needs them, on demand (a baseline).
+    stage_jobs: bool = True
 
     @field_validator("space")
     @classmethod

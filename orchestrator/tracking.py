@@ -64,3 +64,15 @@ def mark_interrupted(client: MlflowClient, parent_run_id: str) -> int:
         client.set_terminated(run.info.run_id, status="KILLED")
     client.set_terminated(parent_run_id, status="KILLED")
     return len(running)
+
+
+STAGE_JOBS_ARTIFACT = "stage_jobs.json"  # on the parent run: orchestrator/stage_service.py's records
+STAGE_JOBS, STAGE_JOB_SECONDS = "stage_jobs", "stage_job_seconds"
+
+
+def log_stage_jobs(client: MlflowClient, parent_run_id: str, records: dict) -> None:
+    """Each stage job the sweep ran ahead of its trials, on the parent run: per job its attempts, workers,
+    seconds and per init key each stage's status, cache key, seconds and bytes written."""
+    client.log_text(parent_run_id, json.dumps(records, indent=1, sort_keys=True), STAGE_JOBS_ARTIFACT)
+    client.log_metric(parent_run_id, STAGE_JOBS, len(records))
+    client.log_metric(parent_run_id, STAGE_JOB_SECONDS, sum(r["seconds"] for r in records.values()))

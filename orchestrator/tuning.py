@@ -79,6 +79,7 @@ def trial_driver(
     trial.name = sampled_trial_name(point.name, state["name"], values)  # the MLflow run's name
     trial.tags = {**trial.tags, TRIAL_ID_TAG: trial_id, SEED_TAG: str(trial.seed)}
 
+    precomputed, waited = _wait_for_stage_job(state, point.name)
     # A retry or resume reaches the same MLflow run (and Train checkpoint): run_trial keys them by the
     # trial's config, which the stable Tune trial id in its tags makes unique to this trial.
     try:
@@ -90,10 +91,25 @@ def trial_driver(
             parent_run_id=state["parent_run_id"],
             callbacks=[TuneReportCallback()],
             cache_path=state["cache_path"],
+            precomputed=precomputed,
+            waited_seconds=waited,
         )
     except TrialAbortedError:
         return  # Tune is stopping this trial (StopTrainRuns.cleanup aborted its Train run); nothing to report
     tune.report(metrics)
+
+
+def _wait_for_stage_job(state: dict[str, Any], point: str) -> tuple[list[str], float]:
+    """The digests the sweep's stage job computed for this trial and the seconds waited for it, holding no
+    worker (orchestrator/stage_service.py); nothing to wait for on the on-demand path."""
+    from orchestrator.stage_service import actor_name, precomputed_digests
+
+    job_id = state["stage_jobs"].get(point)
+    if job_id is None:
+        return [], 0.0
+    began = time.monotonic()
+    record = ray.get(ray.get_actor(actor_name(state["name"])).wait.remote(job_id))
+    return precomputed_digests(record), time.monotonic() - began
 
 
 def _discard_pending_report() -> None:
@@ -293,7 +309,8 @@ def _scheduler(matrix: TrialMatrix):
     return GroupedASHA(*trial_groups(matrix, asha.compare_across, _key), **options)
 
 
-def make_trainable(matrix: TrialMatrix, state: ExperimentState):
+def make_trainable(matrix: TrialMatrix, state: ExperimentState, stage_jobs: Mapping[str, str]):
+    """``stage_jobs``: grid point -> the stage job its trials wait for (orchestrator/stage_graph.py)."""
     driver = tune.with_parameters(
         trial_driver,
         points=matrix.points,
@@ -301,6 +318,7 @@ def make_trainable(matrix: TrialMatrix, state: ExperimentState):
         state={
             **{k: getattr(state, k) for k in ("name", "storage_path", "tracking_uri", "parent_run_id")},
             "cache_path": matrix.sweep.resolved_cache_path(),
+            "stage_jobs": dict(stage_jobs),
         },
     )
     # Tune's function trainable, with a cleanup that aborts the trial's Train run first.
@@ -320,14 +338,25 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
+def trial_concurrency(matrix: TrialMatrix) -> int:
+    return matrix.sweep.search.max_concurrent_trials or default_concurrency(matrix, ray.cluster_resources())
+
+
+def start_stage_jobs(matrix: TrialMatrix, state: ExperimentState, graph):
+    """The sweep's stage service (its jobs running), or None: Tune's trials then wait for them."""
+    from orchestrator.stage_service import start
+
+    return start(graph, matrix.sweep, state, trial_concurrency(matrix), _driver_bundle(matrix.sweep))
+
+
+def build_tuner(matrix: TrialMatrix, state: ExperimentState, stage_jobs: Mapping[str, str]) -> tune.Tuner:
     # Intermediate results come from Train workers (train_loss, val_ppl); the sweep metric arrives at the end.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     sweep = matrix.sweep
     check_fits_cluster(matrix, alive_nodes())
-    concurrency = sweep.search.max_concurrent_trials or default_concurrency(matrix, ray.cluster_resources())
+    concurrency = trial_concurrency(matrix)
     return tune.Tuner(
-        make_trainable(matrix, state),
+        make_trainable(matrix, state, stage_jobs),
         param_space=param_space(matrix),
         tune_config=tune.TuneConfig(
             search_alg=_search_alg(
@@ -347,8 +376,9 @@ def build_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
     )
 
 
-def restore_tuner(matrix: TrialMatrix, state: ExperimentState) -> tune.Tuner:
+def restore_tuner(matrix: TrialMatrix, state: ExperimentState, stage_jobs: Mapping[str, str]) -> tune.Tuner:
     """Finished trials stay finished; unfinished and errored ones run again."""
     check_fits_cluster(matrix, alive_nodes())
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    return tune.Tuner.restore(state.path, trainable=make_trainable(matrix, state), resume_errored=True)
+    trainable = make_trainable(matrix, state, stage_jobs)
+    return tune.Tuner.restore(state.path, trainable=trainable, resume_errored=True)

@@ -10,7 +10,14 @@ from typing import get_args
 import torch
 
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, Initialization, Initializer, InitProblem, needs_gram
+from quailora.initializers import (
+    INITIALIZERS,
+    Initialization,
+    Initializer,
+    InitProblem,
+    method_options,
+    needs_gram,
+)
 from quailora.linalg import FactorSplit, SvdSolver
 from quailora.quantizers.base import Quantizer
 
@@ -138,10 +145,3 @@ def validate_options(method: str, options: dict, *, where: str = "init.options")
         if not check(value):
             raise QuailoraInputError(f"{where}: option {key}={value!r} must be {domain}")
     return fn
-
-
-def method_options(fn: Initializer) -> set[str]:
-    """The keyword-only options an initializer accepts."""
-    return {
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }

@@ -101,6 +101,13 @@ def _hub_snapshot(name: str) -> Path:
     return path
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether resolve_model fetches ``name`` from the hub (into this machine's hub cache, HF_HOME)."""
+    if name.startswith((REFERENCE_PREFIX, *LOCAL_PREFIXES)) or Path(name).expanduser().exists():
+        return False
+    return bool(HUB_ID.match(name))
+
+
 def resolve_model(name: str) -> Path:
     """The local checkpoint directory (config.json + safetensors weights) for a model name.
 
@@ -116,7 +123,7 @@ def resolve_model(name: str) -> Path:
         if not (local / "config.json").is_file():
             raise QuailoraInputError(f"model.path={name!r}: no model checkpoint (config.json) at {local}")
         return _with_safetensors(local.resolve(), name)
-    if HUB_ID.match(name):
+    if is_hub_id(name):
         return _with_safetensors(_hub_snapshot(name), name)
     raise QuailoraInputError(
         f"model.path={name!r} does not exist locally and is not a hub id or reference:<name> "

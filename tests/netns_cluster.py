@@ -3,8 +3,9 @@
 Each node is a network namespace with its own address on a bridge that lives in a namespace of its own
 (198.18.0.0/24, the benchmarking range: nothing outside the namespaces this harness creates is addressed),
 and a mount namespace with private tmpfs on /tmp and ~/.cache (node-local disks). The checkout (and its
-.venv) is bound back in where it lies under one of them, so every node has the same install, as a cluster
-whose nodes were provisioned alike. One plain directory, `shared`, plays the NFS mount every node sees.
+.venv) is bound back in where it lies under one of them, so every node has the same dependencies, as a
+cluster whose nodes were provisioned alike; on worker nodes the project's own packages are hidden (empty
+tmpfs), so a sweep runs there only with the code its job ships (trials.run.job_runtime_env). One plain directory, `shared`, plays the NFS mount every node sees.
 Each node's /etc/hosts maps its own hostname to 127.0.1.1, as Debian does: nothing may rely on it.
 
 Needs root (ip netns, unshare); `available()` says why not where it cannot run. Everything it starts is
@@ -27,21 +28,25 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trials.run import PROJECT_PACKAGES  # hidden on worker nodes: the job ships them
+
 SUBNET = "198.18.0"
 HEAD_PORT = 6379
 HEALTH_CHECKS = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3}'
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs as the node's first process, inside its own network, mount and UTS namespaces: the node-local disks,
-# the checkout bound back where a tmpfs covers it, its hostname and hosts file; then the command.
+# the checkout bound back where a tmpfs covers it, the project's packages hidden on worker nodes (only the
+# dependencies are installed there: the code comes with the job), its hostname and hosts file; then the command.
 NODE_INIT = r"""
 set -eu
-stash=$1 hosts=$2 name=$3; shift 3
+stash=$1 hosts=$2 name=$3 hide=$4; shift 4
 mount --make-rprivate /
 mkdir -p "$stash" && mount --bind "$REPO" "$stash"
 mount -t tmpfs -o size=4g tmpfs /tmp
 mkdir -p "$HOME/.cache" && mount -t tmpfs -o size=4g tmpfs "$HOME/.cache"
 if [ ! -d "$REPO/.venv" ]; then mkdir -p "$REPO" && mount --bind "$stash" "$REPO"; fi
+for package in $hide; do mount -t tmpfs -o size=1m tmpfs "$REPO/$package"; done
 mount --bind "$hosts" /etc/hosts
 hostname "$name"
 ip link set lo up
@@ -117,7 +122,7 @@ class NamespacedCluster:
             self.shared.mkdir(parents=True)
             (self.root / "auth_token").write_text(secrets.token_hex(32))
             self._start_node(self.head, ["--head", "--port", str(HEAD_PORT), "--num-cpus", "0",
-                                         "--resources", '{"head": 1}', "--include-dashboard", "false",
+                                         "--resources", '{"head": 1}',
                                          # a lost node is declared dead in ~3 s, not ~30
                                          "--system-config", HEALTH_CHECKS])  # fmt: skip
             self._wait_for(lambda: self._port_open(self.head, HEAD_PORT), "the head's GCS")
@@ -167,7 +172,7 @@ class NamespacedCluster:
         ray = str(Path(sys.executable).parent / "ray")
         command = ["ip", "netns", "exec", node.netns, "unshare", "--mount", "--uts", "--", "bash", "-c",
                    NODE_INIT, "node-init", str(self.root / f"stash-{node.name}"), str(self._hosts_file(node)),
-                   node.name, ray, "start", "--block", "--node-ip-address", node.ip, "--disable-usage-stats",
+                   node.name, "" if node is self.head else " ".join(PROJECT_PACKAGES), ray, "start", "--block", "--node-ip-address", node.ip, "--disable-usage-stats",
                    "--object-store-memory", str(200 * 2**20), *ray_args]  # fmt: skip
         with node.log.open("w") as log:
             proc = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,

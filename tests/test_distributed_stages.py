@@ -193,3 +193,81 @@ def test_solved_updates_are_gathered_as_cpu_tensors(tmp_path, monkeypatch):
     for update in (*payload.values(), *gathered.values()):
         for tensor in (update.lora_A, update.lora_B, *update.base_residual):
             assert isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+
+
+def _two_node_worker(rank, world_size, port, checkpoint, texts, root, out):
+    """One trial's two ranks on two 'nodes': each has its own temp dir, and rank 1's cache path does not
+    exist, as on a node whose local disk lacks the leader's cache."""
+    import tempfile
+
+    from quailora.peft_init import lora_layer_names
+    from quailora.quantizers.bnb.layers import exact_cpu_4bit
+    from trials import stages
+    from trials.adapters import build_adapter
+    from trials.cache import StageCache
+    from trials.validation import validate_trial
+    from trials.worker import load_data
+
+    torch.set_num_threads(1)
+    tempfile.tempdir = f"{root}/tmp{rank}"
+    os.makedirs(tempfile.tempdir, exist_ok=True)
+    _init(rank, world_size, port)
+    try:
+        config = micro_trial_config(checkpoint, texts, init={"method": "quailora", "options": {"iterations": 2}},
+                                    resources={"num_workers": world_size})  # fmt: skip
+        targets = validate_trial(config).target_names
+        cache = StageCache(f"{root}/cache" if rank == 0 else f"{root}/absent")
+        ctx = stages.StageContext(config, checkpoint, torch.device("cpu"), torch.float32, cache, node=rank,
+                                  run_id="run")  # fmt: skip
+        base, quantized, q = stages.quantize(ctx)
+        grams, calibrated, c = stages.calibrate(ctx, load_data(config, checkpoint).calibration)
+        model = build_adapter(base, config, targets)
+        exact_cpu_4bit(model)
+        _, i, _ = stages.initialize(ctx, model, grams, targets, quantized, calibrated)
+        received = ctx.transfer.root.is_dir()
+        ctx.transfer.release()
+        modules = dict(model.named_modules())
+        state = {
+            f"{n}.A": modules[n].lora_A["default"].weight.detach().clone() for n in lora_layer_names(model)
+        }
+        state |= {
+            f"{n}.B": modules[n].lora_B["default"].weight.detach().clone() for n in lora_layer_names(model)
+        }
+        metadata = {"statuses": " ".join(o.status for o in (q, c, i)), "sent": str(ctx.transfer.sent_bytes),
+                    "received": str(received), "left": str(ctx.transfer.root.exists())}  # fmt: skip
+        save_file(state, f"{out}/rank{rank}.safetensors", metadata=metadata)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_on_another_node_get_stage_entries_over_the_process_group(tmp_path):
+    """Issue 26 item 2: only rank 0 reads and writes the cache; a rank on another node receives what it
+    reads (Grams when computed; quantized base, Grams and adapters when reused) and removes its copy after."""
+    from safetensors import safe_open
+
+    from trials.cache import StageCache
+
+    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+    runs = []
+    for attempt in ("first", "again"):
+        out = tmp_path / attempt
+        out.mkdir()
+        _spawn(_two_node_worker, 2, checkpoint, texts, str(tmp_path), str(out))
+        ranks = []
+        for rank in range(2):
+            with safe_open(out / f"rank{rank}.safetensors", "pt") as f:
+                ranks.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))  # noqa: SIM118
+        runs.append(ranks)
+    sizes = {e.stage: e.size_bytes for e in StageCache(tmp_path / "cache").entries()}
+    assert sorted(sizes) == ["calibrate", "initialize", "quantize"]
+    (first0, m0), (first1, m1) = runs[0]
+    assert m0["statuses"] == m1["statuses"] == "computed computed computed"
+    assert int(m0["sent"]) == sizes["calibrate"]  # every rank holds its quantized base and solved adapters
+    assert (m1["received"], m1["left"]) == ("True", "False") and m0["received"] == "False"
+    (again0, n0), (again1, n1) = runs[1]
+    assert n0["statuses"] == n1["statuses"] == "reused reused reused"
+    assert int(n0["sent"]) == sum(sizes.values())
+    assert not (tmp_path / "absent").exists()  # rank 1 never touched its cache path
+    for state in (first1, again0, again1):
+        assert state.keys() == first0.keys()
+        assert all(torch.equal(state[k], first0[k]) for k in first0)

@@ -2,7 +2,8 @@
 
 One cluster start (a 0-CPU head with an `mlflow server`, two 1-CPU worker nodes) serves every test here.
 The driver runs on the head node, as `quailora run --address` does there; the sweep's directories are
-either in `shared` (the "NFS" mount every node sees) or on a node's own /tmp or ~/.cache.
+either in `shared` (the "NFS" mount every node sees) or on a node's own /tmp or ~/.cache. Worker nodes have
+the dependencies but not the project's packages: the sweep's job ships them (issue 26 item 4).
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def _sweep(c: NamespacedCluster, name: str, **fields) -> str:
 
 def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
     c = cluster
-    on_head = c.run(c.head, [sys.executable, "-c", (  # a checkpoint on the head's own disk, as a hub snapshot is
+    on_head = c.run(c.head, [sys.executable, "-c", (  # a checkpoint on the head's own disk, and a hub
+        # snapshot in its own hub cache (~/.cache/huggingface, resolved offline by huggingface_hub)
         "from pathlib import Path; from tests.test_trial_fixtures import make_trial_checkpoint; "
-        "make_trial_checkpoint(Path('/tmp/head-model'))")], timeout=300)  # fmt: skip
+        "make_trial_checkpoint(Path('/tmp/head-model')); "
+        "repo = Path.home() / '.cache/huggingface/hub/models--test--micro'; "
+        "make_trial_checkpoint(repo / 'snapshots' / ('0' * 40)); "
+        "(repo / 'refs').mkdir(); (repo / 'refs' / 'main').write_text('0' * 40)")], timeout=300)  # fmt: skip
     assert on_head.returncode == 0, on_head.stderr[-2000:]
     workers = [n.ip for n in c.nodes[1:]]
     cases = [  # (sweep fields, what the one line must name)
@@ -70,6 +75,7 @@ def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
         ({"storage_path": "/tmp/runs"}, ["storage_path: '/tmp/runs'", *workers]),
         ({"cache_path": "~/.cache/stages"}, ["cache_path: '/root/.cache/stages'", *workers]),
         ({"base": {**MICRO_BASE, "model": {"path": "/tmp/head-model"}}}, ["model.path='/tmp/head-model'", *workers]),
+        ({"base": {**MICRO_BASE, "model": {"path": "test/micro"}}}, ["model.path='test/micro'", "HF_HOME", *workers]),
     ]  # fmt: skip
     for i, (fields, fragments) in enumerate(cases):
         began = time.monotonic()
@@ -106,19 +112,26 @@ def shared_base(cluster) -> dict:
 def test_a_sweep_on_shared_paths_runs_with_drivers_on_a_cpu_less_head(cluster):
     """Storage and cache in `shared`, tracking on the head's server, drivers on the head (driver_cpus 0), the
     model `reference:llama-micro` with the reference corpora: built once into the shared storage, not into
-    the driver node's ~/.cache, so the checks pass, and two trials that share every stage finish on the
+    the driver node's ~/.cache, so the checks pass, and three trials that share every stage finish on the
     worker nodes. One has two workers of a whole CPU each, and each worker node has one CPU: it spans both
     nodes, whose hostnames resolve to 127.0.1.1 (tests/netns_cluster.py), so its process group must
-    rendezvous over the Ray node addresses."""
+    rendezvous over the Ray node addresses, and its rank on the second node gets the stage entries it reads
+    from rank 0 over that process group (trials/stage_transfer.py), not from the cache."""
     c = cluster
+    bare = c.run(c.nodes[1], [sys.executable, "-c", "import trials.run"], timeout=60)
+    assert bare.returncode != 0 and "No module named 'trials.run'" in bare.stderr  # only the job brings it
     config = _sweep(c, "shared", base={**MICRO_BASE, "init": {"method": "quailora"}},
-                    space={"resources.num_workers": {"grid": [2, 1]}}, search={"max_concurrent_trials": 2})  # fmt: skip
+                    space={"resources.num_workers": {"grid": [2, 1]}, "train.learning_rate": {"grid": [3e-3, 1e-3]}},
+                    drop_if=["resources.num_workers == 2 and train.learning_rate == 1e-3"],
+                    search={"max_concurrent_trials": 2})  # fmt: skip
     done = _quailora(c, ["run", config, "--address", c.address])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = _child_runs(c, "shared")
-    assert [r["status"] for r in runs] == ["FINISHED", "FINISHED"], runs
+    assert [r["status"] for r in runs] == ["FINISHED"] * 3, runs
     stages = sorted(r["tags"].get("quailora.stage.calibrate") for r in runs)
-    assert stages == ["computed", "reused"], runs  # one shared cache, seen from both worker nodes
+    assert stages == ["computed", "reused", "reused"], runs  # one shared cache, seen from both worker nodes
+    sent = sorted((r["params"]["resources.num_workers"], r["metrics"]["stage_transfer_bytes"]) for r in runs)
+    assert [workers for workers, n in sent if n > 0] == ["2"], sent  # to the spanning trial's second node
     assert not list(c.shared.glob("**/.quailora-preflight-*"))
     assert (c.shared / "runs" / "reference" / "models" / "llama-micro" / "config.json").is_file()
 
@@ -160,7 +173,8 @@ def _child_runs(c: NamespacedCluster, experiment: str) -> list[dict]:
         f"from orchestrator.experiment import ExperimentState; from orchestrator.tracking import child_runs; "
         f"state = ExperimentState.load({experiment!r}, {str(c.shared / 'runs')!r}); "
         "runs = child_runs(MlflowClient(state.tracking_uri), state.parent_run_id); "
-        "print(json.dumps([{'status': r.info.status, 'tags': r.data.tags} for r in runs]))"
+        "print(json.dumps([{'status': r.info.status, 'tags': r.data.tags, 'params': r.data.params, "
+        "'metrics': r.data.metrics} for r in runs]))"
     )
     done = c.run(c.head, [sys.executable, "-c", script], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,64 @@ def test_two_trial_sweep_end_to_end_then_resume_reruns_nothing(tmp_path, monkeyp
     assert STARTED not in capsys.readouterr().out  # Tune restored both trials as finished and started none
     after = {r.info.run_id: r.info.end_time for r in _children(state)}
     assert after == before  # the same two runs, neither ended again
+
+
+def test_shared_stages_are_computed_once_ahead_of_the_trials_that_need_them(
+    tmp_path, monkeypatch, capsys, local_ray
+):
+    """Issue 28: four trials share one calibration (two ranks x two learning rates). The sweep computes it and
+    both init keys in one stage job before the trials, which then find every stage `precomputed`: the
+    planned keys are the keys the trials use, and no trial starts before its stages are ready."""
+    from orchestrator.expand import expand
+    from orchestrator.stage_graph import plan_stage_graph
+    from orchestrator.sweep_config import load_sweep
+    from orchestrator.tracking import STAGE_JOBS_ARTIFACT
+    from trials.contract import STAGE_WAIT_SECONDS, stage_param
+
+    monkeypatch.chdir(tmp_path)
+    space = {"lora.rank": {"grid": [4, 8]}, "train.learning_rate": {"grid": [1e-3, 3e-3]}}
+    config = _sweep(tmp_path, "ahead", space, base={**MICRO_BASE, "init": {"method": "quailora"}},
+                    search={"max_concurrent_trials": 2})  # fmt: skip
+    graph = plan_stage_graph(expand(load_sweep(config)))
+    assert len(graph.jobs) == 1 and not graph.on_demand
+    assert main(["run", config]) == 0
+    out = capsys.readouterr().out
+    assert "stage jobs: 1" in out and "stage job " in out  # plan's graph, then the service
+    state = ExperimentState.load("ahead")
+    client = MlflowClient(state.tracking_uri)
+    (job,) = json.loads(
+        Path(client.download_artifacts(state.parent_run_id, STAGE_JOBS_ARTIFACT)).read_text()
+    ).values()
+    assert job["status"] == "done" and job["attempts"] == 1 and job["workers"] >= 1
+    first, second = job["records"]  # one init key per rank, on one base and one calibration
+    assert [first[s]["status"] for s in ("quantize", "calibrate", "initialize")] == ["computed"] * 3
+    assert [second[s]["status"] for s in ("quantize", "calibrate", "initialize")] == [
+        "reused",
+        "reused",
+        "computed",
+    ]
+    assert first["calibrate"]["bytes"] > 0
+    ready = job["started"] + job["seconds"]
+    runs = _children(state)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert {run.data.tags[stage_tag(s)] for s in ("quantize", "calibrate", "initialize")} == {
+            "precomputed"
+        }
+        assert run.info.start_time / 1000 >= ready - 1.0  # its run began once its stages were ready
+        assert run.data.metrics[STAGE_WAIT_SECONDS] >= 0
+    # planned = computed: the runs' keys partition the trials as the graph did, with the job's digests
+    for stage in ("calibrate", "initialize"):
+        used = {}
+        for run in runs:
+            used.setdefault(run.data.params[stage_param(stage)], set()).add(
+                run.data.tags["trial_name"].split("_")[0]
+            )
+        planned = [sorted({n.split("_")[0] for n in names}) for names in graph.entries[stage].values()]
+        assert sorted(sorted(v) for v in used.values()) == sorted(planned)
+    assert {r.data.params[stage_param("calibrate")] for r in runs} == {first["calibrate"]["digest"]}
+    # the report's cached-stages table: calibrate computed in no trial, precomputed for all four
+    assert re.search(r"\| calibrate\s+\|\s+0\s+\|\s+4\s+\|\s+0\s+\|", out), out[-3000:]
 
 
 def _live_placement_groups() -> list[dict]:

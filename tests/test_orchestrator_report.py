@@ -16,6 +16,7 @@ from orchestrator.report import (
     method_label,
     normalize,
     ppl_vs_rank_figure,
+    recovered_metrics,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -526,3 +527,92 @@ def test_arms_are_also_compared_averaged_over_models_and_ranks():
         pd.DataFrame([r for r in rows if r["family"] == "llama"]), swept=["init", "seed"]
     )
     assert one_model.pooled.empty and one_model.options_pooled.empty  # one cell: nothing to average over
+
+
+def _precision_runs() -> pd.DataFrame:
+    """Issue 29: NF4, group-wise INT3 (groups of 64 and 128) and 8-bit runs, 3 seeds, a large seed effect (5 per
+    seed) that only pairing by seed takes out. QuAILoRA on INT3-g64 is 6 better than gaussian INT3-g64 (per
+    seed 6, 5.5, 6.5), whose gap to 8-bit is 30; on NF4 it recovers half of a gap of 10. svd on INT2 has no
+    2-bit QLoRA beside it."""
+    rows = []
+    for seed, noise in zip((0, 1, 2), (0.0, 0.5, -0.5), strict=True):
+        for method, bits, quantizer, group, ppl in (
+            ("gaussian", 8, "int8", 64, 10.0), ("gaussian", 4, "nf4", 64, 20.0), ("quailora", 4, "nf4", 64, 15.0),
+            ("gaussian", 3, "int", 64, 40.0),
+            ("gaussian", 3, "int", 128, 50.0),  # another INT3 precision: not the g64 arm's baseline
+            ("quailora", 3, "int", 64, 34.0 + noise), ("svd", 2, "int", 64, 60.0),
+        ):  # fmt: skip
+            rows.append(_rec(method, bits, 8, seed, ppl + 5.0 * seed, 0.5, quantizer=quantizer,
+                             **{"quant.group_size": str(group)}))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_quantizer_label_names_bits_and_the_group_size_of_group_wise_int_k():
+    assert comparison.precision_label("int", 3, 64) == "int3-g64"
+    assert comparison.precision_label("int", 8, 32.0) == "int8-g32"  # not LLM.int8's label
+    assert comparison.precision_label("int", 2, None) == "int2-g?"
+    assert comparison.precision_label("nf4", 4, 64) == "nf4"  # no group size: bitsandbytes blocks instead
+    assert comparison.precision_label("int8", 8, 64) == "int8"
+    assert comparison.precision_label("int3-g64", 3) == "int3-g64"  # a label already: kept
+    df = normalize(_precision_runs())
+    assert set(df.quantizer) == {"int8", "nf4", "int3-g64", "int3-g128", "int2-g64"}
+    assert normalize(df).quantizer.tolist() == df.quantizer.tolist()  # normalizing again changes nothing
+
+
+def test_an_int3_arm_is_paired_by_seed_with_int3_qlora_against_the_8_bit_reference():
+    per_seed = recovered_fraction(normalize(_precision_runs()), "val_ppl_final")
+    int3 = per_seed[per_seed.quantizer == "int3-g64"].sort_values("seed")
+    assert int3.method.tolist() == ["quailora"] * 3 and int3.bits.tolist() == [3] * 3
+    assert int3.p4.tolist() == [40.0, 45.0, 50.0]  # gaussian INT3-g64 of the same seed, not g128's or NF4's
+    assert int3.p8.tolist() == [10.0, 15.0, 20.0]  # the 8-bit run of the same seed
+    assert int3.recovered.tolist() == pytest.approx([6 / 30, 5.5 / 30, 6.5 / 30])
+    nf4 = per_seed[per_seed.quantizer == "nf4"]
+    assert nf4.recovered.tolist() == pytest.approx([0.5] * 3)  # the 4-bit arm as before
+    assert "svd" not in set(per_seed.method)  # no 2-bit QLoRA: no baseline, never the 4- or 3-bit one
+
+    report = build_report(_precision_runs())
+    ppl = report.recovered[report.recovered.metric == "perplexity"].set_index(["method", "quantizer"])
+    assert sorted(ppl.index) == [("quailora", "int3-g64"), ("quailora", "nf4")]
+    arm = ppl.loc[("quailora", "int3-g64")]
+    # p4 - arm per seed (6, 5.5, 6.5): s = 0.5, half-width t(0.975, 2) · 0.5 / √3 = 1.24207. Unpaired, the
+    # seed effect (s = 5) would widen it tenfold. The gap is 30 in every seed, so Fieller's interval is /30.
+    assert arm.seeds == 3
+    assert (arm.vs4, arm.vs4_lo, arm.vs4_hi) == pytest.approx((-6.0, -7.24207, -4.75793), abs=1e-4)
+    assert arm.vs8 == pytest.approx(24.0)  # against the 8-bit reference, not against NF4 or INT3 QLoRA
+    assert (arm.recovered, arm.recovered_lo, arm.recovered_hi) == pytest.approx(
+        (0.2, 4.75793 / 30, 7.24207 / 30), abs=1e-5
+    )
+    assert arm.straddles_0 == ""
+    nf4 = ppl.loc[("quailora", "nf4")]
+    assert (
+        nf4.recovered == pytest.approx(0.5)
+        and nf4.vs4 == pytest.approx(-5.0)
+        and nf4.vs8 == pytest.approx(5.0)
+    )
+    text = report.markdown()
+    assert "| int3-g64 " in text and "Δ vs same-bit QLoRA" in text
+    assert "llama 1.2M, 3-bit" in report.tables  # and the per-bit table names the group size
+    assert set(report.tables["llama 1.2M, 3-bit"].quantizer) == {"int3-g64", "int3-g128"}
+
+
+def test_the_straddle_column_names_the_arms_own_bits():
+    rows = _precision_runs()
+    arm = (rows.method == "quailora") & (rows.quantizer == "int")
+    # INT3 QuAILoRA 1 worse, 1 better, 0 better than INT3 QLoRA (40 + 5·seed): its interval against INT3 spans 0
+    rows.loc[arm, "val_ppl_final"] = [41.0, 44.0, 50.0]
+    table = build_report(rows).recovered.set_index(["metric", "quantizer"])
+    assert table.loc[("perplexity", "int3-g64"), "straddles_0"] == "vs 3-bit"
+    assert table.loc[("perplexity", "nf4"), "straddles_0"] == ""  # 5 better in every seed
+
+
+def test_recovered_metrics_name_the_precision_when_a_sweep_has_more_than_one():
+    report = build_report(_precision_runs())
+    metrics = recovered_metrics(report.recovered[report.recovered.metric == "perplexity"])
+    assert metrics == pytest.approx({"recovered_perplexity_llama_1.2M_quailora_r8_int3-g64": 0.2,
+                                     "recovered_perplexity_llama_1.2M_quailora_r8_nf4": 0.5})  # fmt: skip
+    only_nf4 = report.recovered[
+        (report.recovered.metric == "perplexity") & (report.recovered.quantizer == "nf4")
+    ]
+    assert list(recovered_metrics(only_nf4)) == [
+        "recovered_perplexity_llama_1.2M_quailora_r8"  # one precision: the name as before
+    ]

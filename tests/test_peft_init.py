@@ -253,3 +253,35 @@ def test_groupwise_base_layers(checkpoint, method, qalora_group):
         assert calibrated_error(error, update.detach(), gram) < 0.9 * calibrated_error(
             error, 0 * error, gram
         ), name
+
+
+@pytest.mark.parametrize("method", ["svd", "loftq"])
+def test_uncalibrated_plain_inits_on_groupwise_int_k(checkpoint, method):
+    """configs/rank_bits_sweep.yaml runs svd and loftq on group-wise INT-k as well: plain LoRA on a
+    GroupwiseLinear base, and LoftQ re-quantizes that base with the layer's own group-wise quantizer."""
+    from quailora.qalora.adapter import groupwise_lora_config
+    from quailora.qalora.layer import quantize_model_groupwise
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    quantize_model_groupwise(model, bits=3, group_size=16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, groupwise_lora_config(4, 8, targets))
+    modules = dict(model.named_modules())
+    names = lora_layer_names(model)
+    before = {n: modules[n].get_base_layer().dequantize().clone() for n in names}
+    options = {"iterations": 3} if method == "loftq" else {}
+    updates = initialize_peft_model(model, method, SafetensorsWeights(checkpoint), **options)
+    weights = SafetensorsWeights(checkpoint)
+    quantizer = get_quantizer("int", bits=3, group_size=16)
+    for name in names:
+        module = modules[name]
+        q = module.get_base_layer().dequantize()
+        a, b, s = module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+        w = weights.get(f"{checkpoint_name(name)}.weight")
+        # The adapter fits the quantization error it goes with: W - Q' - sBA is smaller than W - Q.
+        assert (w - q - s * b @ a).norm() < 0.95 * (w - before[name]).norm(), name
+        if method == "loftq":  # Q' = quant(W - L·R) with the INT3 g16 quantizer, bit for bit
+            assert not torch.equal(q, before[name]), name
+            assert torch.equal(q, quantizer.fake_quantize(rebuilt_base(w, updates[name].base_residual))), name
+        else:
+            assert torch.equal(q, before[name]) and updates[name].base_residual is None, name

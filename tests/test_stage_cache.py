@@ -103,23 +103,29 @@ def test_checkpoint_identity_is_content_not_place(trial_files, tmp_path):
 KEY = StageKey("calibrate", {"what": "test"})
 
 
-def _obtain_counting(root: str, log: str, hold_s: float) -> str:
+def _obtain_counting(root: str, log: str, hold_s: float) -> tuple[str, float, float]:
     def compute(tmp):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(hold_s)
         (tmp / "payload.txt").write_text("done")
 
-    return obtain(StageCache(root), KEY, compute, poll_s=0.05).status
+    outcome = obtain(StageCache(root), KEY, compute, poll_s=0.05)
+    return outcome.status, outcome.saved_seconds, outcome.waited_seconds
 
 
 def test_concurrent_processes_compute_a_key_once(tmp_path):
+    """Two of three processes wait while the first computes: they reuse its entry, but what they saved is
+    the computation less their wait (issue 28: a waiter was credited the whole computation)."""
     log = tmp_path / "computations.log"
     with multiprocessing.get_context("spawn").Pool(3) as pool:
-        statuses = pool.starmap(_obtain_counting, [(str(tmp_path / "cache"), str(log), 1.0)] * 3)
-    assert sorted(statuses) == ["computed", "reused", "reused"]
+        outcomes = pool.starmap(_obtain_counting, [(str(tmp_path / "cache"), str(log), 1.0)] * 3)
+    assert sorted(status for status, _, _ in outcomes) == ["computed", "reused", "reused"]
     assert len(log.read_text().splitlines()) == 1
     (entry,) = StageCache(tmp_path / "cache").entries()
+    for status, saved, waited in outcomes:
+        if status == "reused":
+            assert waited > 0.5 and saved == pytest.approx(max(0.0, entry.compute_seconds - waited), abs=1e-6)
     assert (entry.path / "payload.txt").read_text() == "done" and entry.compute_seconds >= 1.0
     assert (entry.path / INPUTS_FILE).is_file()
 

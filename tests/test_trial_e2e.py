@@ -24,7 +24,7 @@ from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
 from trials.contract import TRIAL_KEY_TAG, stage_param, stage_tag
-from trials.run import run_trial
+from trials.run import ensure_ray, run_trial
 from trials.tracking import flat_params, trial_key
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def trial(tmp_path_factory, mlflow_server):
     # last step is not reported on its own: the final report follows).
     config = micro_trial_config(checkpoint, texts, train={"eval_every": 2, "checkpoint_every": 3})
     reports = root / "reports.jsonl"
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
     try:
         began = time.perf_counter()
         metrics = run_trial(
@@ -92,7 +92,8 @@ def test_two_worker_trial_reports_every_metric(trial):
                      for kind in ("seconds", "saved_seconds")}  # fmt: skip
     assert set(metrics) == {"val_ppl_init", "val_ppl_final", "test_ppl_final", "train_seconds", "tokens_per_second",
                             "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
-                            *stage_metrics}  # fmt: skip
+                            "stage_transfer_bytes", "stage_wait_seconds", *stage_metrics}  # fmt: skip
+    assert metrics["stage_transfer_bytes"] == 0  # both workers on one node read the cache entries in place
     assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
     assert 1 < metrics["test_ppl_final"] < 2 * 320 and metrics["test_ppl_final"] != metrics["val_ppl_final"]
@@ -116,6 +117,15 @@ def test_worker_logs_carry_no_bytecode(trial):
     assert any("RayTrainWorker" in text for text in logs.values())
     bytecode = re.compile(r"^\s*\d*\s+\d+ (LOAD_GLOBAL|LOAD_FAST|RESUME)\b", re.MULTILINE)
     assert not [name for name, text in logs.items() if bytecode.search(text)]
+
+
+def test_ray_trains_placement_group_cleaner_runs_without_a_warning_loop(trial):
+    """Issue 26 item 8: the cleaner that removes a Train run's placement group when its controller dies polls
+    the State API; without the dashboard (or with two Ray instances on the host and no RAY_ADDRESS) it logged
+    "Failed to query Ray Train Controller actor state" every second and could clean nothing."""
+    logs = {p.name: p.read_text(errors="replace") for p in trial["logs"].glob("worker-*")}
+    assert any("PlacementGroupCleaner" in text for text in logs.values()), sorted(logs)
+    assert not [name for name, text in logs.items() if "Failed to query Ray Train Controller" in text]
 
 
 def test_eval_points_reach_ray_train_and_checkpoints_keep_their_steps(trial):

@@ -22,7 +22,7 @@ from quailora.qalora.adapter import load_groupwise_adapter
 from quailora.qalora.layer import quantize_model_groupwise
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
-from trials.run import run_trial
+from trials.run import ensure_ray, run_trial
 from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def trial(tmp_path_factory):
         eval={"lm_eval_tasks": ["reference:cloze"], "lm_eval_limit": 8},  # ZeRO-3: every rank runs it
     )
     uri = default_tracking_uri(root)
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
     try:
         metrics = run_trial(
             config, tracking_uri=uri, experiment_name="qalora", storage_path=str(root / "ray")

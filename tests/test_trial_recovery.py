@@ -14,7 +14,7 @@ from ray.train import UserCallback
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.config import TrialConfig
 from trials.contract import FAILURE_TAG, STAGES, stage_tag
-from trials.run import TrialStoppedError, run_trial
+from trials.run import TrialStoppedError, ensure_ray, run_trial
 from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def _tokens(config: TrialConfig) -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
     try:
         # Beyond llama, a MoE runs the full Ray trial: split experts calibrated, quantized and adapted.
         yield root, make_trial_checkpoint(root / "ckpt", family="mixtral"), make_texts(root)
@@ -135,3 +135,21 @@ def test_non_finite_loss_stops_the_trial_with_the_reason_on_its_run(setup):
     assert run.data.tags[FAILURE_TAG].startswith("non-finite loss: train_loss=nan at step ")
     assert run.data.metrics["stopped_nonfinite_loss"] == 1
     assert "val_ppl_final" not in run.data.metrics
+
+
+def test_workers_that_cannot_start_fail_the_trial_after_its_start_timeout(setup):
+    """Issue 26 item 9(a): Ray Train retries a worker group that cannot start forever by default (seen after a
+    node loss left a 2-worker trial room for one). Three 1-CPU workers on 2 CPUs never start: the trial
+    fails after resources.start_timeout_s with Ray's startup error on its run."""
+    import time
+
+    root, checkpoint, texts = setup
+    config = micro_trial_config(checkpoint, texts, name="cannot-start",
+                                resources={"num_workers": 3, "start_timeout_s": 4})  # fmt: skip
+    uri = default_tracking_uri(root / "cannot-start")
+    began = time.monotonic()
+    with pytest.raises(Exception, match="(?i)start"):
+        run_trial(config, tracking_uri=uri, experiment_name="cannot-start", storage_path=str(root / "ray"))
+    assert time.monotonic() - began < 60
+    run = _only_run(MlflowClient(uri), "cannot-start")
+    assert run.info.status == "FAILED" and "start" in run.data.tags[FAILURE_TAG].lower(), run.data.tags

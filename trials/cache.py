@@ -38,7 +38,8 @@ META_FILE = "meta.json"
 LAST_USED_FILE = ".last_used"  # its mtime is the entry's last use
 TMP_PREFIX = ".tmp-"
 LOCK_DIR = ".locks"
-Status = Literal["computed", "reused", "skipped"]
+# precomputed: reused, and computed for this sweep by its stage jobs (orchestrator/stage_service.py)
+Status = Literal["computed", "reused", "skipped", "precomputed"]
 
 
 def canonical_json(value: Any) -> str:
@@ -64,7 +65,8 @@ class StageKey:
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """What a stage did in this trial: seconds it took here, and the compute seconds a reuse saved."""
+    """What a stage did in this trial: seconds it took here, the compute seconds a reuse saved it (less the
+    seconds it waited while another process computed the entry), and those seconds waited."""
 
     stage: str
     status: Status
@@ -72,6 +74,7 @@ class StageOutcome:
     path: Path | None = None
     seconds: float = 0.0
     saved_seconds: float = 0.0
+    waited_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class SingleProcess:
         return value
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -178,7 +181,7 @@ class StageCache:
                         stage=stage,
                         digest=path.name,
                         path=path,
-                        size_bytes=_tree_size(path),
+                        size_bytes=tree_size(path),
                         created=meta["created"],
                         last_used=last_used.stat().st_mtime if last_used.exists() else meta["created"],
                         compute_seconds=meta["compute_seconds"],
@@ -255,6 +258,7 @@ def obtain(
     group = group or SingleProcess()
     began = time.perf_counter()
     lock = None
+    waited = 0.0
     try:
         while True:
             decision = None
@@ -273,9 +277,8 @@ def obtain(
             if kind == "reused":
                 if group.leader:
                     cache.touch(key)
-                return StageOutcome(
-                    key.stage, "reused", key.digest, cache.entry_path(key), time.perf_counter() - began, value
-                )
+                return StageOutcome(key.stage, "reused", key.digest, cache.entry_path(key),
+                                    time.perf_counter() - began, max(0.0, value - waited), waited)  # fmt: skip
             if kind == "compute":
                 tmp = cache.begin(key) if group.leader else None
                 started = time.perf_counter()
@@ -283,10 +286,10 @@ def obtain(
                 if group.leader:
                     cache.commit(key, tmp, time.perf_counter() - started)
                 group.broadcast(None)  # the entry is in place for every rank
-                return StageOutcome(
-                    key.stage, "computed", key.digest, cache.entry_path(key), time.perf_counter() - began
-                )
+                return StageOutcome(key.stage, "computed", key.digest, cache.entry_path(key),
+                                    time.perf_counter() - began, waited_seconds=waited)  # fmt: skip
             time.sleep(poll_s)
+            waited = time.perf_counter() - began
     finally:
         if lock is not None:
             lock.release()

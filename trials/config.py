@@ -135,6 +135,9 @@ class ResourcesSpec(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    # How long the trial's workers may wait for their resources (other trials holding them) before the trial
+    # fails, instead of waiting forever for workers a shrunken cluster can no longer give.
+    start_timeout_s: float = Field(1800, gt=0)
 
 
 def check_resources(resources: ResourcesSpec) -> None:

@@ -34,11 +34,19 @@ def stage_saved_seconds(stage: str) -> str:
     return f"{stage}_saved_seconds"
 
 
+# Bytes of stage entries the trial's rank 0 sent to its ranks on other nodes (trials/stage_transfer.py).
+STAGE_TRANSFER_BYTES = "stage_transfer_bytes"
+# Seconds the trial waited for its stages: for the sweep's stage job that computes them ahead of it, and on
+# a cache entry another trial was computing (trials/cache.py obtain).
+STAGE_WAIT_SECONDS = "stage_wait_seconds"
+
 RESULT_METRICS = (
     VAL_PPL_INIT,
     VAL_PPL_FINAL,
     TEST_PPL_FINAL,
     *(name for stage in STAGES for name in (stage_seconds(stage), stage_saved_seconds(stage))),
+    STAGE_TRANSFER_BYTES,
+    STAGE_WAIT_SECONDS,
     "train_seconds",
     "tokens_per_second",
     "init_peak_memory_mb",
@@ -73,7 +81,9 @@ FAMILY_TAG, SIZE_TAG, BITS_TAG, QUANTIZER_TAG = "family", "size", "bits", "quant
 METHOD_TAG, RANK_TAG, SEED_TAG = "method", "rank", "seed"
 REPORT_TAGS = (FAMILY_TAG, SIZE_TAG, BITS_TAG, METHOD_TAG, RANK_TAG, SEED_TAG, QUANTIZER_TAG)
 
-STAGE_TAG_PREFIX = "quailora.stage."  # + stage: computed, reused or skipped (in the trial's last attempt)
+STAGE_TAG_PREFIX = (
+    "quailora.stage."  # + stage: computed, reused, precomputed or skipped (in the last attempt)
+)
 STAGE_KEY_PREFIX = "stage_key."  # + stage: the param holding the stage's cache key
 
 

@@ -12,3 +12,9 @@ def train_loop(loop_config: dict) -> None:
     from trials.worker import train_trial
 
     train_trial(loop_config)
+
+
+def stage_loop(loop_config: dict) -> None:
+    from trials.stage_job import compute_stages
+
+    compute_stages(loop_config)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from quailora.api import method_options
-from quailora.initializers import INITIALIZERS, needs_gram
+from quailora.initializers import needs_gram
 from trials.cache import StageKey, canonical_json
 from trials.config import TrialConfig
+from trials.stage_plan import init_key_options
 
 SAMPLE_BYTES = 1 << 20  # per sampled window of a weight file
 
@@ -92,24 +92,11 @@ def calibrate_key(
     return StageKey("calibrate", inputs)
 
 
-def draws_random_numbers(method: str, options: dict) -> bool:
-    """Whether the seed changes the init: a method with a solver option draws only in the randomized SVD
-    (solver='exact' draws nothing); a seeded method without one (gaussian, qalora_zero) always draws."""
-    accepted = method_options(INITIALIZERS.get(method, where="init.method"))
-    if "seed" not in accepted:
-        return False
-    return "solver" not in accepted or options.get("solver", "auto") != "exact"
-
-
 def initialize_key(
     config: TrialConfig, quantize: StageKey, calibrate: StageKey | None, target_names: list[str]
 ) -> StageKey:
     method = config.init.method
-    options = dict(config.init.options)
-    if draws_random_numbers(method, options):
-        options.setdefault("seed", config.seed)
-    else:
-        options.pop("seed", None)
+    options = init_key_options(config)
     inputs = {
         "quantize": quantize.digest,
         "method": method,

@@ -10,6 +10,7 @@ shared StageCache: computed once per key across every trial that shares the cach
 - initialize: each worker solves its share of decoder layers; only the thin adapters (and, for methods
   that move Q, the thin factors Q was quantized from) are gathered, on the CPU; each worker rebuilds any
   changed base layer from its own streamed full-precision weight.
+Only rank 0 touches the cache; an entry another rank must read reaches it through trials/stage_transfer.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from trials.quantized_model import (
     save_quantized_model,
 )
 from trials.stage_keys import calibrate_key, initialize_key, quantize_key
+from trials.stage_transfer import EntryTransfer
 
 
 class TrialGroup:
@@ -62,17 +65,24 @@ class TrialGroup:
 
 @dataclass
 class StageContext:
-    """What every stage reads: the trial, where its checkpoint is, the worker's device and dtype, the cache."""
+    """What every stage reads: the trial, where its checkpoint is, the worker's device and dtype, the cache,
+    and this worker's node (Ray Train's node rank) with the trial's MLflow run id, which place received entries."""
 
     config: TrialConfig
     checkpoint: Path
     device: torch.device
     dtype: torch.dtype
     cache: StageCache
+    node: int = 0
+    run_id: str = "local"
 
     @property
     def group(self) -> TrialGroup:
         return TrialGroup(self.device)
+
+    @cached_property
+    def transfer(self) -> EntryTransfer:
+        return EntryTransfer(self.node, self.device, self.run_id)
 
 
 def _whole(outcome: StageOutcome, began: float) -> StageOutcome:
@@ -95,7 +105,9 @@ def quantize(ctx: StageContext) -> tuple[nn.Module, StageKey, StageOutcome]:
         compute(None)
         return loaded["model"], key, _whole(StageOutcome("quantize", "computed", key.digest), began)
     outcome = obtain(ctx.cache, key, compute, ctx.group)
-    model = loaded.get("model") or load_saved_quantized_model(outcome.path, ctx.config, ctx.dtype, ctx.device)
+    model = loaded.get("model") or load_saved_quantized_model(
+        ctx.transfer.entry(outcome.path), ctx.config, ctx.dtype, ctx.device
+    )
     return model, key, _whole(outcome, began)
 
 
@@ -122,7 +134,7 @@ def calibrate(
         )
 
     outcome = obtain(ctx.cache, key, compute, ctx.group)
-    return GramStore(outcome.path), key, _whole(outcome, began)
+    return GramStore(ctx.transfer.entry(outcome.path)), key, _whole(outcome, began)
 
 
 def my_layers(model: nn.Module, names: list[str], rank: int, world_size: int) -> list[str]:
@@ -168,6 +180,6 @@ def initialize(
             save_updates(solved["updates"], tmp)
 
     outcome = obtain(ctx.cache, key, compute, ctx.group)
-    updates = solved.get("updates") or load_updates(outcome.path)
+    updates = solved.get("updates") or load_updates(ctx.transfer.entry(outcome.path))
     apply_adapters(model, updates, weights=weights)
     return key, _whole(outcome, began), updates

@@ -6,6 +6,7 @@ evaluate -> save. The first three stages and the init are cached across trials (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -39,6 +40,8 @@ from trials.contract import (
     MODEL_SIZE_MB,
     PROBE_ARTIFACT,
     PROBE_LOGITS,
+    STAGE_TRANSFER_BYTES,
+    STAGE_WAIT_SECONDS,
     STOPPED_AT_STEP,
     TEST_PPL_FINAL,
     VAL_PPL_FINAL,
@@ -116,7 +119,7 @@ def load_data(config: TrialConfig, checkpoint: Path) -> TrialData:
     """Token blocks of the training and validation data (labels mask prompts out of the loss), and of the
     calibration text for calibrated methods."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    data, cal = config.data, config.calibration
+    data = config.data
     shape = {"template": data.template, "text_field": data.text_field}
     train = token_blocks(tokenizer, data.train, data.seq_len, field="data.train", **shape)
     validation, validation_labels = token_blocks(tokenizer, data.validation, data.seq_len,
@@ -126,11 +129,17 @@ def load_data(config: TrialConfig, checkpoint: Path) -> TrialData:
     if data.test and config.eval.perplexity:
         test = token_blocks(tokenizer, data.test, data.seq_len, field="data.test",
                             max_blocks=data.max_eval_sequences, **shape)  # fmt: skip
-    calibration = None
-    if needs_gram(config.init.method):
-        texts = load_texts(cal.dataset, "calibration.dataset", cal.text_field)
-        calibration = tokenize_blocks(tokenizer, texts, cal.seq_len, cal.num_sequences)
+    calibration = calibration_ids(config, tokenizer)
     return TrialData(tokenizer, torch.stack(train, dim=1), validation, validation_labels, calibration, test)
+
+
+def calibration_ids(config: TrialConfig, tokenizer) -> torch.Tensor | None:
+    """The calibration sequences' token ids, for calibrated methods; None for the others."""
+    if not needs_gram(config.init.method):
+        return None
+    cal = config.calibration
+    texts = load_texts(cal.dataset, "calibration.dataset", cal.text_field)
+    return tokenize_blocks(tokenizer, texts, cal.seq_len, cal.num_sequences)
 
 
 def stage_metrics(outcomes: list[StageOutcome]) -> dict[str, float]:
@@ -208,7 +217,15 @@ def train_trial(loop_config: dict) -> None:
     tracker = RankZeroTracker(
         loop_config["tracking_uri"], loop_config["run_id"], enabled=dist.get_rank() == 0
     )
-    ctx = stages.StageContext(config, checkpoint, device, dtype, StageCache(loop_config["cache_path"]))
+    ctx = stages.StageContext(
+        config,
+        checkpoint,
+        device,
+        dtype,
+        StageCache(loop_config["cache_path"]),
+        node=ray.train.get_context().get_node_rank(),
+        run_id=loop_config["run_id"],
+    )
     reset_peak_memory(device)
 
     data = load_data(config, checkpoint)
@@ -225,7 +242,14 @@ def train_trial(loop_config: dict) -> None:
     _, initialize_outcome, updates = stages.initialize(
         ctx, model, grams, loop_config["target_names"], quantized, calibrated
     )
-    outcomes = [quantize_outcome, calibrate_outcome, initialize_outcome]
+    ctx.transfer.release()
+    precomputed = set(loop_config.get("precomputed", ()))  # what the sweep's stage jobs computed for it
+    outcomes = [
+        dataclasses.replace(o, status="precomputed")
+        if o.status == "reused" and o.digest in precomputed
+        else o
+        for o in (quantize_outcome, calibrate_outcome, initialize_outcome)
+    ]
     tracker.stages(outcomes)
     tracker.changed_base(updates)
     tracker.tag(EVAL_PATH_TAG, eval_path(device, dtype))
@@ -233,7 +257,12 @@ def train_trial(loop_config: dict) -> None:
     def evaluate(module, blocks=(data.validation, data.validation_labels)) -> float:
         return perplexity(module, blocks[0], config.train.batch_size, device, blocks[1])
 
-    summary: dict[str, float] = {**stage_metrics(outcomes), MODEL_SIZE_MB: model_size_mb}
+    summary: dict[str, float] = {
+        **stage_metrics(outcomes),
+        STAGE_WAIT_SECONDS: loop_config.get("waited_seconds", 0.0) + sum(o.waited_seconds for o in outcomes),
+        STAGE_TRANSFER_BYTES: ctx.transfer.sent_bytes,
+        MODEL_SIZE_MB: model_size_mb,
+    }
     summary[VAL_PPL_INIT] = evaluate(model)
     summary.update(_phase_peaks("init", device))
     tracker.metrics(dict(summary), 0)

@@ -12,6 +12,8 @@ from quailora.initializers.base import (
     InitProblem,
     adapter_kind,
     changes_base,
+    draws_random_numbers,
+    method_options,
     needs_gram,
     rebuilt_base,
     register,
@@ -25,6 +27,8 @@ for _mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "draws_random_numbers",
+    "method_options",
     "INITIALIZERS",
     "AdapterKind",
     "Initialization",

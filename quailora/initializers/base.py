@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,22 @@ def changes_base(method: str) -> bool:
 
 def adapter_kind(method: str) -> AdapterKind:
     return traits(method).adapter
+
+
+def method_options(fn: Initializer) -> set[str]:
+    """The keyword-only options an initializer accepts."""
+    return {
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def draws_random_numbers(method: str, options: dict) -> bool:
+    """Whether the seed changes the init: a method with a solver option draws only in the randomized SVD
+    (solver='exact' draws nothing); a seeded method without one (gaussian, qalora_zero) always draws."""
+    accepted = method_options(INITIALIZERS.get(method, where="init.method"))
+    if "seed" not in accepted:
+        return False
+    return "solver" not in accepted or options.get("solver", "auto") != "exact"
 
 
 def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
