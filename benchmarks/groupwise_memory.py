@@ -5,8 +5,8 @@
     python benchmarks/groupwise_memory.py --device cuda --hidden 4096 --layers 4
 
 load: ``from_pretrained`` of the whole model in full precision, then ``quantize_model_groupwise`` (the
-trial's former path), against ``quailora.qalora.loading.load_groupwise_model`` (one weight at a time on
-the device). step: forward and backward (input gradient, as LoRA training needs) through a stack of
+trial's former path), against ``quailora.quantizers.groupwise.loading.load_groupwise_model`` (one weight at
+a time on the device). step: forward and backward (input gradient, as LoRA training needs) through a stack of
 ``GroupwiseLinear`` layers, with the former forward ``F.linear(x, layer.dequantize().to(x.dtype), b)``
 against the layer's own. Each case runs in a fresh process; peak = the process's peak RSS (VmHWM) on CPU,
 CUDA's max allocated on CUDA, both minus what was held before the case started. On CPU the cases run
@@ -47,8 +47,8 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
 
     from quailora.architectures import prepare
     from quailora.peak_memory import held_memory_mb, peak_memory_mb, reset_peak_memory
-    from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
-    from quailora.qalora.loading import load_groupwise_model
+    from quailora.quantizers.groupwise.layer import GroupwiseLinear, quantize_model_groupwise
+    from quailora.quantizers.groupwise.loading import load_groupwise_model
 
     if case.startswith("step"):  # the layers exist before the measured phase
         gen = torch.Generator().manual_seed(0)

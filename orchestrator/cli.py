@@ -54,7 +54,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     matrix = expand(_load(args.config))
     planned = plan_trials(matrix)
-    print(describe(matrix, planned))
+    print(describe(matrix, planned, every_trial=args.trials))
     refuse_misfits(matrix, planned)
     return 0
 
@@ -148,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quailora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
-        "plan", help="print the trial matrix, resources and memory estimates; refuse what cannot fit"
+        "plan",
+        help="print the sweep's summary (stage computations, disk), resources and memory estimates; "
+        "refuse what cannot fit",
     )
     p.add_argument("config")
+    p.add_argument(
+        "--trials", action="store_true", help="one table row per trial (default: one per distinct footprint)"
+    )
     p = sub.add_parser("run", help="run a sweep on an embedded local Ray or an existing cluster")
     p.add_argument("config")
     p.add_argument(

@@ -1,13 +1,23 @@
 """Per-worker accelerator memory estimate of one trial, so `plan` can refuse what cannot fit.
 
+A worker runs its trial in phases (trials/worker.py), and the estimate is the largest of them, each the
+sum of what is resident at once:
+- calibrate: the quantized base (quantize runs first and keeps it) + the one-block calibration set;
+- initialize: the quantized base + the attached adapters + the computed updates + one layer's problem,
+  with the damping copies of its Gram;
+- train: the quantized base + adapters with grads and optimizer state + activations;
+- evaluate (perplexity during and after training, the probe): the quantized base + adapters with grads
+  and optimizer state (DeepSpeed keeps them) + the evaluation logits.
+
 Terms (bytes), all stated so a reader can check them by hand:
 - quantized linear weights: each quantizer's own count (QuantizerSpec.linear_bytes, stated in its
   package's docstring: quailora.quantizers.bnb for NF4/FP4/LLM.int8, .groupwise for INT-k).
-- other weights (embeddings, lm_head unless tied, norms, biases, MoE routers) stay at `model.dtype`.
+- other weights (embeddings, lm_head unless tied, norms, biases, MoE routers) at the dtype the worker
+  loads the model in (weight_bytes: the training precision's when it trains in bf16/fp16, else model.dtype).
 - every linear layer of every decoder layer is quantized: fused projections (qkv, gate_up) as they are,
   MoE experts one by one, all resident (orchestrator.model_shapes derives them from the config).
-- adapters r·(in+out) per targeted linear, in fp32, plus fp32 grads and Adam's two fp32 moments;
-  ZeRO-2/3 shard grads and optimizer state over the workers.
+- adapters r·(in+out) per targeted linear (r·(in/group_size + out) for a pooled QA-LoRA adapter), in fp32,
+  plus fp32 grads and Adam's two fp32 moments; ZeRO-2/3 shard grads and optimizer state over the workers.
 - weights count whole per worker under ZeRO-3 too: each worker loads the whole quantized model before
   deepspeed.initialize partitions it (transformers 5 never loads a quantized model under zero.Init), so
   that is the worker's peak at load; ZeRO-3 saves memory only once training runs.
@@ -16,21 +26,35 @@ Terms (bytes), all stated so a reader can check them by hand:
   with gradient checkpointing 2·b·s·h per layer plus one full layer; plus fp32 logits and their
   gradient 2·4·b·s·V.
 - calibration (inits that need the Gram, quailora.initializers.needs_gram): the largest block's weights
-  at model.dtype + fp32 Grams of its linear inputs (an upper bound: inputs read by several layers share
-  one Gram at run time) + fp32 hidden states in and out.
+  at the load dtype + fp32 Grams of its distinct linear inputs (ModelShape.gram_widths: q/k/v and gate/up
+  share one) + fp32 hidden states in and out.
+- initialization (quailora.peft_init.compute_adapters, every method): the updates it computes, A and B in
+  fp32 (plus LoftQ's thin base residuals, 4·r·(in+out)), held on the device until gathered, and the
+  largest targeted linear's problem: W, Q and E = W − Q in fp32 (quailora.initializers.InitProblem) plus
+  one product of that size the methods form (E·L, E·H, W − Q − sBA): 4·4·out·in; with its fp32 Gram 4·in²
+  for the calibrated methods.
+- damping (quailora.linalg.damp, methods with a ``damping`` option > 0): H + λ·mean(diag H)·I makes the
+  identity, its scaled copy and the sum, three more fp32 in x in matrices (in/group_size for the pooled
+  Gram of qalora_closed_form) beside the Gram: 3·4·in².
+- evaluation logits (quailora.text.perplexity at train.batch_size): the model's logits sliced and cast to
+  fp32, and cross_entropy's fp32 log-probabilities, 2·4·b·s·V; at least the probe's (trials.worker: two
+  validation blocks' logits at the compute dtype and their fp32 copy, 2·s·V·(c + 4), c = 4 meaning no copy).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 
 from orchestrator.model_shapes import ModelShape
-from quailora.initializers import needs_gram
+from quailora.initializers import INITIALIZERS, adapter_kind, changes_base, needs_gram
 from quailora.quantizers import quantizer_spec
 from trials.config import TrialConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
+PROBE_ROWS = 2  # trials.worker: the probe's logits are of the first two validation blocks
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,23 @@ class MemoryEstimate:
     adapters: int  # params + grads + optimizer state
     activations: int
     calibration: int
+    initialization: int = 0  # the init's updates and one layer's problem (without the damping copies)
+    damping: int = 0  # the damping copies of that layer's Gram
+    eval_logits: int = 0
+
+    @property
+    def base(self) -> int:
+        """The quantized base model, resident from the quantize stage on."""
+        return self.quantized_weights + self.other_weights
+
+    def phases(self) -> dict[str, int]:
+        """What each phase of the trial holds at once; a phase the trial skips holds 0."""
+        return {
+            "calibrate": self.base + self.calibration if self.calibration else 0,
+            "initialize": self.base + self.initialization + self.damping,
+            "train": self.training,
+            "evaluate": self.base + self.adapters + self.eval_logits,
+        }
 
     @property
     def training(self) -> int:
@@ -47,7 +88,12 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return max(self.training, self.calibration)
+        return max(self.phases().values())
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases()
+        return max(phases, key=phases.__getitem__)
 
 
 def quantized_linear_bytes(trial: TrialConfig, shape: ModelShape) -> int:
@@ -57,17 +103,47 @@ def quantized_linear_bytes(trial: TrialConfig, shape: ModelShape) -> int:
     return sum(spec.linear_bytes(n_in, n_out, trial.quant) for _, n_in, n_out in shape.linears())
 
 
-def _is_targeted(name: str, targets: list[str] | str) -> bool:
+def _is_targeted(name: str, targets: tuple[str, ...] | str) -> bool:
     return targets == "all-linear" or any(name == t or name.endswith(t) for t in targets)
 
 
+def _targets(trial: TrialConfig) -> tuple[str, ...] | str:
+    targets = trial.lora.target_modules
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
+@cache  # plan sizes every grid point of a sweep against a few shapes: each sum is made once
+def _targeted(shape: ModelShape, targets: tuple[str, ...] | str) -> tuple[tuple[str, int, int], ...]:
+    return tuple(linear for linear in shape.linears() if _is_targeted(linear[0], targets))
+
+
+@cache
+def _adapter_width(shape: ModelShape, targets: tuple[str, ...] | str, pool: int) -> int:
+    """Σ (in/pool + out) over the targeted linears: adapter parameters per unit of rank."""
+    return sum(n_in // pool + n_out for _, n_in, n_out in _targeted(shape, targets))
+
+
+def targeted_linears(trial: TrialConfig, shape: ModelShape) -> list[tuple[str, int, int]]:
+    return list(_targeted(shape, _targets(trial)))
+
+
+def pool_size(trial: TrialConfig) -> int:
+    """How many inputs a targeted linear's lora_A reads as one: 1, or for a pooled (QA-LoRA) adapter
+    quant.group_size (trials.adapters.build_qalora pools by it), so lora_A is r x in/group_size."""
+    return trial.quant.group_size if adapter_kind(trial.init.method) == "pooled" else 1
+
+
 def adapter_params(trial: TrialConfig, shape: ModelShape) -> int:
-    r = trial.lora.rank
-    return sum(
-        r * (n_in + n_out)
-        for name, n_in, n_out in shape.linears()
-        if _is_targeted(name, trial.lora.target_modules)
-    )
+    return trial.lora.rank * _adapter_width(shape, _targets(trial), pool_size(trial))
+
+
+def base_residual_params(trial: TrialConfig, shape: ModelShape) -> int:
+    """A method that moves Q (LoftQ) keeps per targeted linear the thin factors sBA = (U·S, Vh) that Q was
+    quantized from, r·(out + in) (quailora.initializers.Initialization.base_residual); an upper bound,
+    as a one-iteration LoftQ keeps none."""
+    if not changes_base(trial.init.method):
+        return 0
+    return trial.lora.rank * _adapter_width(shape, _targets(trial), 1)
 
 
 def activation_bytes(trial: TrialConfig) -> int:
@@ -79,8 +155,50 @@ def activation_bytes(trial: TrialConfig) -> int:
     return 2 if half else 4
 
 
+def weight_bytes(trial: TrialConfig) -> int:
+    """Bytes per unquantized weight as the worker loads the model (trials.deepspeed_config.compute_dtype):
+    the training precision's dtype when it trains in bf16/fp16, else model.dtype."""
+    return 2 if activation_bytes(trial) == 2 else DTYPE_BYTES[trial.model.dtype]
+
+
+def damping_factor(trial: TrialConfig) -> float:
+    """The init's damping λ (init.options, else the method's default); 0 for a method without one."""
+    default = inspect.signature(INITIALIZERS.get(trial.init.method, where="init.method")).parameters.get(
+        "damping"
+    )
+    if default is None:
+        return 0.0
+    return float(trial.init.options.get("damping", default.default))
+
+
+def layer_problem_bytes(trial: TrialConfig, shape: ModelShape) -> tuple[int, int]:
+    """(the largest targeted linear's init problem with its Gram, its damping copies): see the module
+    docstring, terms initialization and damping."""
+    calibrated, damped = needs_gram(trial.init.method), damping_factor(trial) > 0
+    return _layer_problem(shape, _targets(trial), calibrated, calibrated and damped, pool_size(trial))
+
+
+@cache
+def _layer_problem(
+    shape: ModelShape, targets: tuple[str, ...] | str, calibrated: bool, damped: bool, pool: int
+) -> tuple[int, int]:
+    worst = (0, 0)
+    for _, n_in, n_out in _targeted(shape, targets):
+        problem = 4 * 4 * n_out * n_in + (4 * n_in * n_in if calibrated else 0)
+        width = n_in // pool  # the Gram qalora_closed_form damps is the pooled P H Pᵀ
+        worst = max(worst, (problem, 3 * 4 * width * width if damped else 0), key=sum)
+    return worst
+
+
+def eval_logits_bytes(trial: TrialConfig, shape: ModelShape) -> int:
+    s, b, V, c = trial.data.seq_len, trial.train.batch_size, shape.vocab, weight_bytes(trial)
+    perplexity = 2 * 4 * b * s * V
+    probe = PROBE_ROWS * s * V * (c + 4 if c != 4 else 4)
+    return max(perplexity, probe)
+
+
 def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
-    dtype = DTYPE_BYTES[trial.model.dtype]
+    dtype = weight_bytes(trial)
     h, s, b, L, V = shape.hidden, trial.data.seq_len, trial.train.batch_size, shape.layers, shape.vocab
     n_adapter = adapter_params(trial, shape)
     workers = trial.resources.num_workers  # ZeRO-2 and ZeRO-3 both shard grads and optimizer state
@@ -102,10 +220,16 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
         hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h
         calibration = block_weights + grams + hidden_states
 
+    problem, damping = layer_problem_bytes(trial, shape)
+    # the attached adapters and the computed updates (with any base residuals), both fp32
+    updates = 4 * n_adapter + 4 * n_adapter + 4 * base_residual_params(trial, shape)
     return MemoryEstimate(
         quantized_weights=quantized_linear_bytes(trial, shape),
         other_weights=shape.other_params * dtype,
         adapters=adapters,
         activations=layers_act + logits,
         calibration=calibration,
+        initialization=updates + problem,
+        damping=damping,
+        eval_logits=eval_logits_bytes(trial, shape),
     )

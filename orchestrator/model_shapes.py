@@ -49,13 +49,40 @@ class ModelShape:
         layers = tuple(tuple(tuple(linear) for linear in layer) for layer in values.pop("linear_layers"))
         return cls(**values, linear_layers=layers)
 
+    def gram_inputs(self, index: int) -> list[int]:
+        """Widths of the distinct linear inputs of decoder layer ``index``: one Gram each
+        (quailora.calibration.accumulate keys a Gram by the input tensor, so siblings that read one
+        tensor, see shares_input, share it)."""
+        seen: set[str] = set()
+        widths = []
+        for name, n_in, _ in self.linear_layers[index]:
+            key = input_key(name)
+            if key not in seen:
+                seen.add(key)
+                widths.append(n_in)
+        return widths
+
     def gram_widths(self) -> list[int]:
-        """Input widths of the largest layer's linear layers: an upper bound on its Grams, since layers
-        that read the same input (q/k/v, gate/up) share one Gram at run time."""
+        """Distinct input widths of the layer whose Grams are largest (calibration holds one layer's)."""
         return max(
-            ([n_in for _, n_in, _ in layer] for layer in self.linear_layers),
+            (self.gram_inputs(i) for i in range(len(self.linear_layers))),
             key=lambda w: sum(n * n for n in w),
         )
+
+
+# Sibling projections that read the very same tensor in one forward, hence share one Gram at run time
+# (tests/test_calibration.py SHARING checks it on every reference family). A sibling set not listed here
+# (e.g. GPT-J's parallel attention and MLP) counts a Gram per module: an upper bound, never less.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def input_key(name: str) -> str:
+    """``name`` itself, or for a module of a SHARED_INPUTS set its parent plus the set: equal keys, one Gram."""
+    parent, _, leaf = name.rpartition(".")
+    for group in SHARED_INPUTS:
+        if leaf in group:
+            return f"{parent}.{'/'.join(group)}"
+    return name
 
 
 def shape_from_config(config: PretrainedConfig) -> ModelShape:

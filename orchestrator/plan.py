@@ -1,4 +1,5 @@
-"""`quailora plan`: the trial matrix with each trial's resources and memory estimate, and the fit check."""
+"""`quailora plan`: the sweep's summary (stage computations, disk), the trial matrix with each trial's
+resources and memory estimate (grouped by identical footprint, or one row per trial), and the fit check."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from functools import cache
 from tabulate import tabulate
 
 from orchestrator.expand import TrialMatrix
+from orchestrator.footprint import describe_footprint, sweep_footprint
 from orchestrator.memory import GIB, MemoryEstimate, estimate
 from orchestrator.model_shapes import ModelShape, resolve_shape
 from orchestrator.stage_graph import describe_stage_graph, plan_stage_graph
@@ -58,26 +60,42 @@ def plan_trials(matrix: TrialMatrix) -> list[PlannedTrial]:
     return planned
 
 
+def _row(p: PlannedTrial) -> dict:
+    return {
+        "workers": p.resources["num_workers"],
+        "cpu/worker": p.resources["cpus_per_worker"],
+        "gpu/worker": p.resources["gpus_per_worker"],
+        "quant weights MiB": p.memory.quantized_weights / MIB,
+        "other weights MiB": p.memory.other_weights / MIB,
+        "adapters+optim MiB": p.memory.adapters / MIB,
+        "activations MiB": p.memory.activations / MIB,
+        "calibration MiB": p.memory.calibration / MIB,
+        "init MiB": p.memory.initialization / MIB,
+        "damping MiB": p.memory.damping / MIB,
+        "eval logits MiB": p.memory.eval_logits / MIB,
+        "peak at": p.memory.peak_phase,
+        "peak GiB": p.memory.peak / GIB,
+        "fits": "yes" if p.fits else "NO",
+    }
+
+
 def plan_rows(planned: list[PlannedTrial]) -> list[dict]:
-    return [
-        {
-            "trial": p.name,
-            "workers": p.resources["num_workers"],
-            "cpu/worker": p.resources["cpus_per_worker"],
-            "gpu/worker": p.resources["gpus_per_worker"],
-            "quant weights MiB": p.memory.quantized_weights / MIB,
-            "other weights MiB": p.memory.other_weights / MIB,
-            "adapters+optim MiB": p.memory.adapters / MIB,
-            "activations MiB": p.memory.activations / MIB,
-            "calibration MiB": p.memory.calibration / MIB,
-            "peak GiB": p.memory.peak / GIB,
-            "fits": "yes" if p.fits else "NO",
-        }
-        for p in planned
-    ]
+    """One row per grid point (`quailora plan --trials`)."""
+    return [{"trial": p.name, **_row(p)} for p in planned]
 
 
-def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
+def grouped_rows(planned: list[PlannedTrial]) -> list[dict]:
+    """One row per distinct footprint (resources and memory estimate), in order of first appearance, with
+    how many grid points have it and the first of them."""
+    groups: dict[tuple, list[PlannedTrial]] = {}
+    for p in planned:
+        groups.setdefault((tuple(sorted(p.resources.items(), key=str)), p.memory), []).append(p)
+    return [{"grid points": len(ps), "e.g.": ps[0].name, **_row(ps[0])} for ps in groups.values()]
+
+
+def describe(matrix: TrialMatrix, planned: list[PlannedTrial], every_trial: bool = False) -> str:
+    """The header, the summary (orchestrator.footprint), the stage graph, then the table: grouped by
+    identical footprint, or with ``every_trial`` one row per grid point."""
     sweep = matrix.sweep
     lines = [
         f"sweep {sweep.name!r}: {matrix.num_trials} trials ({len(matrix.points)} grid points x "
@@ -90,10 +108,17 @@ def describe(matrix: TrialMatrix, planned: list[PlannedTrial]) -> str:
             "sampled per trial (memory at the worst corner): "
             + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
         )
+    lines.append(describe_footprint(sweep_footprint(matrix, _shape), sweep.resolved_cache_path()))
     if sweep.share_stages and sweep.stage_jobs:
         lines.append(describe_stage_graph(plan_stage_graph(matrix)))
+    rows = plan_rows(planned) if every_trial else grouped_rows(planned)
+    if not every_trial:
+        lines.append(
+            f"memory per worker: {len(rows)} distinct footprint(s) over {len(planned)} grid point(s) "
+            "(quailora plan --trials: one row per grid point)"
+        )
     # tabulate (what pandas' to_markdown calls) directly: plan stays free of pandas' import time
-    lines.append(tabulate(plan_rows(planned), headers="keys", tablefmt="pipe", floatfmt=".2f"))
+    lines.append(tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".2f"))
     return "\n".join(lines)
 
 

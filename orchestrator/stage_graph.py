@@ -23,7 +23,7 @@ STAGE_FIELDS = ("model.", "quant.", "calibration.", "init.", "lora.", "seed", "t
                 "resources.use_gpu")  # fmt: skip
 
 
-SHOWN = 3  # grid point names `plan` prints per stage job
+SHOWN, SHOWN_JOBS = 3, 8  # grid point names `plan` prints per stage job, stage jobs it lists
 
 
 @dataclass
@@ -94,7 +94,7 @@ def describe_stage_graph(graph: StageGraph) -> str:
     """What `quailora plan` prints: distinct entries per stage, the stage jobs and the trials each serves."""
     counts = ", ".join(f"{stage} {n} ({shared} shared)" for stage, (n, shared) in graph.counts().items())
     lines = [f"stages: distinct entries: {counts}"]
-    for job in graph.jobs:
+    for job in graph.jobs[:SHOWN_JOBS]:
         kind = "calibrated" if job.calibrated else "uncalibrated"
         shown = ", ".join(job.points[:SHOWN]) + (
             f", ... ({len(job.points) - SHOWN} more)" if len(job.points) > SHOWN else ""
@@ -103,6 +103,8 @@ def describe_stage_graph(graph: StageGraph) -> str:
             f"  stage job {job.id} ({kind}): {len(job.configs)} init key(s), ahead of "
             f"{len(job.points)} grid point(s): {shown}"
         )
+    if len(graph.jobs) > SHOWN_JOBS:
+        lines.append(f"  ... {len(graph.jobs) - SHOWN_JOBS} more stage jobs")
     if graph.on_demand:
         reasons = sorted(set(graph.on_demand.values()))
         lines.append(

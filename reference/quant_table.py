@@ -34,7 +34,7 @@ PRECISIONS: Registry[Loader] = Registry("precision")
 
 @dataclass(frozen=True)
 class TableQuantization:
-    """The table's settings (quailora.quantizers.spec.QuantSettings): NF4 with double quantization and
+    """The table's settings (quailora.quantizers.base.QuantSettings): NF4 with double quantization and
     block 64, INT-k with group 64."""
 
     method: str

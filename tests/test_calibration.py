@@ -157,6 +157,38 @@ def test_store_reopens_and_layers_split_across_workers(checkpoints, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2  # one file per decoder layer
 
 
+def test_grams_are_stored_as_their_upper_triangle_and_read_once_per_shared_input(checkpoints, tmp_path):
+    """Issue 27: H is symmetric, so the store keeps its upper triangle (about half the bytes, in fp32: half
+    precision moved the calibrated objective far beyond 1e-3, benchmarks/gram_precision.py), and modules
+    that share an input read its Gram once."""
+    from safetensors import safe_open
+
+    from quailora.calibration.store import pack_gram, unpack_gram
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 24, generator=gen)
+    gram = x.T @ x / 64
+    symmetric = (gram + gram.T) / 2
+    assert torch.equal(unpack_gram(pack_gram(symmetric)), symmetric)  # exact on a symmetric matrix
+    assert pack_gram(gram).numel() == 24 * 25 // 2
+
+    store = collect_grams(checkpoints["llama"], calibration_ids(), tmp_path)
+    names = store.names(layer=0)
+    n = {name: store.get(name).shape[0] for name in names}
+    with safe_open(tmp_path / store.index["layers"]["0"], "pt") as f:
+        assert all(f.get_tensor(k).dim() == 1 for k in f.keys())  # noqa: SIM118
+        stored = sum(f.get_tensor(k).numel() for k in f.keys())  # noqa: SIM118
+    full = sum(n[k] ** 2 for k in {store.shared_key(name): name for name in names})
+    assert stored < 0.6 * full
+    again = GramStore(tmp_path)
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    in_model_order = sorted(names, key=lambda name: order.index(name.rsplit(".", 1)[1]))
+    got = [again.get(name) for name in in_model_order]  # as peft_init.compute_adapters solves them
+    assert again.reads == len({store.shared_key(name) for name in names}) < len(names)
+    for h in got:
+        assert torch.equal(h, h.T) and torch.linalg.eigvalsh(h.double()).min() > -1e-6
+
+
 def test_checkpoint_without_base_model_prefix(tmp_path):
     """Hub bloom checkpoints are saved from BloomModel: keys read 'h.0...' instead of 'transformer.h.0...'."""
     ckpt = make_micro_checkpoint("bloom", tmp_path / "causal")
@@ -337,3 +369,18 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     print(f"one layer {layer_kib:.0f} KiB; peaks {peaks}")
     assert full_growth > 4 * layer_kib, f"the measurement should see 6 extra resident layers: {peaks}"
     assert growth < layer_kib, f"layer-sharded peak grew by {growth} KiB from 2 to 8 layers: {peaks}"
+
+
+def test_tf32_matmul_is_scoped_to_its_block():
+    """The Gram accumulator turns TF32 on for bf16 inputs on CUDA only inside its matmul (tests/test_gpu.py
+    checks the sums against fp64 on a GPU): the global setting comes back, also after an error."""
+    from quailora.calibration.accumulate import tf32_matmul
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    with tf32_matmul(True):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    with pytest.raises(RuntimeError), tf32_matmul(True):
+        raise RuntimeError("a failed matmul")
+    with tf32_matmul(False):
+        assert torch.backends.cuda.matmul.fp32_precision == before
+    assert torch.backends.cuda.matmul.fp32_precision == before

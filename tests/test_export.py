@@ -30,9 +30,9 @@ from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
 from quailora.initializers import changes_base
 from quailora.peft_init import initialize_peft_model, save_base_residuals
-from quailora.qalora.compressed import save_compressed
-from quailora.qalora.layer import quantize_model_groupwise
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
+from quailora.quantizers.groupwise.compressed import save_compressed
+from quailora.quantizers.groupwise.layer import quantize_model_groupwise
 from tests.cli_output import refusal_line
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.adapters import build_adapter

@@ -29,10 +29,10 @@ from quailora.bench import method_options_for, synthetic_layer
 from quailora.initializers import adapter_kind, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
 from quailora.peft_init import LayerUpdate
-from quailora.qalora.layer import GroupwiseLinear
-from quailora.qalora.loading import load_groupwise_model
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
+from quailora.quantizers.groupwise.loading import load_groupwise_model
 from tests.ports import free_port
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from tests.test_trial_precision import train_worker
@@ -191,6 +191,30 @@ def test_grams_on_cuda_equal_the_cpu(setup, tmp_path):
     for name in on_cpu.names():
         a, b = on_cpu.get(name).double(), on_cuda.get(name).double()
         assert (a - b).norm() <= 1e-4 * a.norm(), name
+
+
+def test_gram_sums_of_bf16_inputs_use_tf32_and_match_an_fp64_reference():
+    """Issue 27: bf16 activations are accumulated on TF32 tensor cores (their products are exact there) in
+    fp32; the Gram matches fp64 to fp32 accumulation error, and the global matmul setting is restored."""
+    from torch import nn
+
+    from quailora.calibration.accumulate import GramAccumulator
+
+    layer = nn.Sequential(nn.Linear(512, 64)).to(CUDA, torch.bfloat16)
+    before = torch.backends.cuda.matmul.fp32_precision
+    grams = GramAccumulator(layer, "layer")
+    batches = [torch.randn(4, 256, 512, generator=torch.Generator().manual_seed(i)).to(CUDA, torch.bfloat16)
+               for i in range(3)]  # fmt: skip
+    with torch.no_grad():
+        for x in batches:
+            layer(x)
+            grams.end_batch()
+    grams.remove()
+    (gram,) = grams.grams().values()
+    flat = torch.cat([x.reshape(-1, 512) for x in batches]).double().cpu()
+    reference = flat.T @ flat / flat.shape[0]
+    assert (gram.double() - reference).norm() <= 1e-5 * reference.norm()
+    assert torch.backends.cuda.matmul.fp32_precision == before
 
 
 def test_groupwise_loads_on_cuda_as_on_the_cpu_and_trains_without_full_weights(setup, record_property):

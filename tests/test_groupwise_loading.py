@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quailora.architectures import prepare
-from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
-from quailora.qalora.loading import load_groupwise_model
+from quailora.quantizers.groupwise.layer import GroupwiseLinear, quantize_model_groupwise
+from quailora.quantizers.groupwise.loading import load_groupwise_model
 from tests.micro_models import ARCHITECTURES, make_micro_checkpoint
 
 CPU = torch.device("cpu")

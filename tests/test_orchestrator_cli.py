@@ -207,6 +207,27 @@ def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):
     _assert_nothing_started(tmp_path)
 
 
+def test_plan_groups_rows_by_footprint_and_trials_lists_every_one(tmp_path, capsys):
+    """Issue 27 item 6: the summary first, then one row per distinct footprint with its count; the seed
+    changes no footprint. `--trials` prints a row per trial."""
+    sweep = _write(tmp_path, {**QUICK, "space": {**QUICK["space"], "seed": {"grid": [0, 1, 2]}}})
+    assert main(["plan", sweep]) == 0
+    out = capsys.readouterr().out
+    assert out.index("summary: 6 trials") < out.index("2 distinct footprint(s) over 6 grid point(s)")
+    assert "initialize 6 x " in out and "checkpoints (" in out and "artifacts (" in out
+    rows = [line for line in out.splitlines() if line.startswith("|") and "_seed=" in line]
+    assert [row.split("|")[1:3] for row in rows] == [
+        ["             3 ", " rank=4_seed=0 "],
+        ["             3 ", " rank=8_seed=0 "],
+    ]
+    assert main(["plan", sweep, "--trials"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| rank=")] == [
+        f"rank={r}_seed={s}" for r in (4, 8) for s in (0, 1, 2)
+    ]
+    _assert_nothing_started(tmp_path)
+
+
 def test_schema_export(tmp_path):
     out = tmp_path / "schema.json"
     assert main(["schema", "-o", str(out)]) == 0

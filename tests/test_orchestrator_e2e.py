@@ -292,6 +292,51 @@ def test_resume_after_driver_is_killed(tmp_path):
     assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"
 
 
+def test_resume_after_a_kill_mid_stage_job_reuses_what_was_finished(tmp_path):
+    """Issue 28: the driver (and its embedded Ray) killed while the sweep's stage job runs: no half-written
+    entry is ever complete, and `resume` runs the job again (reusing what it finished) and every trial
+    finishes with its stages ready."""
+    base = {**MICRO_BASE, "init": {"method": "quailora"}}
+    config = _sweep(tmp_path, "midstage", {"lora.rank": {"grid": [4, 8]}}, base=base)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    experiment, cache = tmp_path / "runs" / "midstage", tmp_path / "runs" / "cache"
+    log = (tmp_path / "run.log").open("w")
+    driver = subprocess.Popen([*cli, "run", config], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+
+        def started() -> bool:
+            return bool(
+                list(experiment.glob("stages/stages-*")) and list(experiment.glob("experiment_state-*"))
+            )
+
+        while not started() and time.monotonic() < deadline:
+            assert driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert started(), "the stage job never started"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert "stage jobs: 1" in (tmp_path / "run.log").read_text()
+    before = ExperimentState.load(str(experiment))
+    assert not [r for r in _children(before) if r.info.status == "FINISHED"]  # killed before any trial ended
+    for entry in (p for p in cache.glob("*/*") if not p.name.startswith(".")):
+        assert (entry / "meta.json").is_file(), entry  # under its final name only once complete
+
+    resumed = subprocess.run(
+        [*cli, "resume", "midstage"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "stage jobs: 1" in resumed.stdout
+    runs = _children(ExperimentState.load(str(experiment)))
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags[stage_tag("calibrate")] for r in runs} <= {"precomputed", "reused"}
+    assert len(list(cache.glob("calibrate/*/meta.json"))) == 1 and not list(cache.glob("*/.tmp-*"))
+
+
 def test_ctrl_c_interrupts_the_sweep_and_resume_finishes_it_from_its_checkpoint(tmp_path):
     """Ctrl-C (SIGINT to the driver): Tune saves its state and returns; the sweep and the trial run it left
     running end KILLED (`status`: interrupted, not running), the command exits 130, and resume finishes the

@@ -9,8 +9,8 @@ import pytest
 from transformers import LlamaConfig
 
 from orchestrator.expand import expand
-from orchestrator.memory import estimate
-from orchestrator.model_shapes import resolve_shape, shape_from_config
+from orchestrator.memory import adapter_params, estimate
+from orchestrator.model_shapes import ModelShape, resolve_shape, shape_from_config
 from orchestrator.plan import plan_trials
 from orchestrator.sweep_config import SweepConfig
 from trials.config import TrialConfig
@@ -101,11 +101,59 @@ def test_zero_shards_optimizer_state_and_checkpointing_shrinks_activations():
 def test_calibrated_init_adds_gram_phase():
     trial = _trial("nf4", 4, init={"method": "quailora"})
     est = estimate(trial, llama7b())
-    # One block in bf16 + fp32 Grams of every linear input (an upper bound: q/k/v and gate/up share one at
-    # run time), 4096 for q, k, v, o, gate, up and 11008 for down + fp32 hidden states in and out for 32
-    # sequences of 128 tokens.
-    expected = LINEAR_PARAMS_PER_LAYER * 2 + 4 * (6 * 4096**2 + 11008**2) + 2 * 4 * 32 * 128 * 4096
+    # One block in bf16 + fp32 Grams of its distinct linear inputs (q/k/v read one tensor, gate/up another:
+    # 4096 for q/k/v, o, gate/up and 11008 for down) + fp32 hidden states in and out for 32 sequences of
+    # 128 tokens.
+    expected = LINEAR_PARAMS_PER_LAYER * 2 + 4 * (3 * 4096**2 + 11008**2) + 2 * 4 * 32 * 128 * 4096
     assert est.calibration == expected
+    # calibrate runs with the quantized base already loaded (trials/worker.py: quantize, then calibrate)
+    assert est.phases()["calibrate"] == NF4_BYTES + OTHER_BYTES + expected
+
+
+# Adapter parameters of the rank-16 trial: 32 layers x 1_249_280.
+ADAPTER_PARAMS = 32 * 1_249_280
+
+
+def test_initialization_damping_and_evaluation_terms():
+    est = estimate(_trial("nf4", 4, init={"method": "quailora"}), llama7b())
+    # The attached adapters and the computed updates (fp32 each), and the largest linear's problem: W, Q,
+    # E and one product (fp32, out x in) with its Gram. down_proj (in 11008) beats gate/up (in 4096).
+    down = 4 * 4 * 4096 * 11008 + 4 * 11008**2
+    assert est.initialization == 2 * 4 * ADAPTER_PARAMS + down
+    # damp(): the identity, its scaled copy and the sum, three more fp32 11008 x 11008 matrices
+    assert est.damping == 3 * 4 * 11008**2
+    # the probe's 2 blocks of bf16 logits and their fp32 copy beat perplexity's 2·4·b·s·V at batch 1
+    assert est.eval_logits == max(2 * 512 * 32000 * (2 + 4), 2 * 4 * 1 * 512 * 32000) == 196_608_000
+    assert est.peak_phase == "train" and est.peak == est.training
+    # gaussian draws A and B = 0: no Gram, no damping, the same problem without the Gram
+    plain = estimate(_trial("nf4", 4), llama7b())
+    assert plain.damping == 0 and plain.initialization == 2 * 4 * ADAPTER_PARAMS + 4 * 4 * 4096 * 11008
+
+
+def test_new_terms_decide_the_peak_when_they_dominate():
+    # Short sequences: training holds little, the init's problem and its damping copies are the peak.
+    short = {"data": {"seq_len": 16}, "init": {"method": "closed_form"}}
+    est = estimate(_trial("nf4", 4, **short), llama7b())
+    assert est.peak_phase == "initialize"
+    assert est.peak == NF4_BYTES + OTHER_BYTES + est.initialization + est.damping
+    undamped = estimate(_trial("nf4", 4, **{**short, "init": {"method": "closed_form", "options": {"damping": 0}}}),
+                        llama7b())  # fmt: skip
+    assert undamped.damping == 0 and est.peak - undamped.peak == 3 * 4 * 11008**2
+
+    # A small model with a large vocabulary at batch 1 in bf16: the probe's logits are the peak.
+    tiny = ModelShape(model_type="llama", hidden=64, layers=2, vocab=32000, heads=4,
+                      linear_layers=tuple(((f"model.layers.{i}.mlp.down_proj", 64, 64),) for i in range(2)),
+                      other_params=64)  # fmt: skip
+    est = estimate(_trial("nf4", 4, data={"seq_len": 128}), tiny)
+    assert est.eval_logits == 2 * 128 * 32000 * 6 > est.activations
+    assert est.peak_phase == "evaluate" and est.peak == est.base + est.adapters + est.eval_logits
+
+
+def test_pooled_adapters_read_group_means():
+    """QA-LoRA's lora_A is r x in/group_size (trials.adapters.build_qalora pools by quant.group_size)."""
+    pooled = _trial("int", 4, quant={"group_size": 64}, init={"method": "qalora_zero"})
+    per_layer = 16 * (4 * (4096 // 64 + 4096) + 2 * (4096 // 64 + 11008) + (11008 // 64 + 4096))
+    assert adapter_params(pooled, llama7b()) == 32 * per_layer
 
 
 def test_groupwise_int_packs_codes_in_words():

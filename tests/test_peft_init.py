@@ -228,8 +228,8 @@ def test_layer_index_comes_from_the_model(tmp_path):
 @pytest.mark.parametrize(("method", "qalora_group"), [("quailora", None), ("qalora_closed_form", 16)])
 def test_groupwise_base_layers(checkpoint, method, qalora_group):
     from quailora.qalora.adapter import groupwise_lora_config
-    from quailora.qalora.layer import quantize_model_groupwise
     from quailora.qalora.pooling import expand
+    from quailora.quantizers.groupwise.layer import quantize_model_groupwise
 
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -260,7 +260,7 @@ def test_uncalibrated_plain_inits_on_groupwise_int_k(checkpoint, method):
     """configs/rank_bits_sweep.yaml runs svd and loftq on group-wise INT-k as well: plain LoRA on a
     GroupwiseLinear base, and LoftQ re-quantizes that base with the layer's own group-wise quantizer."""
     from quailora.qalora.adapter import groupwise_lora_config
-    from quailora.qalora.layer import quantize_model_groupwise
+    from quailora.quantizers.groupwise.layer import quantize_model_groupwise
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     quantize_model_groupwise(model, bits=3, group_size=16)

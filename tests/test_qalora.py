@@ -17,10 +17,11 @@ from quailora.qalora.adapter import (
     groupwise_lora_config,
     load_groupwise_adapter,
 )
-from quailora.qalora.layer import GroupwiseLinear, quantize_model_groupwise
-from quailora.qalora.merge import load_merged, merge_qalora, save_merged
+from quailora.qalora.merge import merge_qalora
 from quailora.qalora.pooling import expand, pool, pooling_factor
 from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer, unpack_codes
+from quailora.quantizers.groupwise.layer import GroupwiseLinear, quantize_model_groupwise
+from quailora.quantizers.groupwise.packed import load_packed, save_packed
 from tests.layer_problems import layer_problem
 from tests.micro_models import make_micro_config
 
@@ -219,8 +220,8 @@ def test_merge_into_zero_points_is_exact_and_stays_int_k(tmp_path, tie):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
-    save_merged(merged, tmp_path / "merged")
-    loaded = load_merged(tmp_path / "merged")
+    save_packed(merged, tmp_path / "merged")
+    loaded = load_packed(tmp_path / "merged")
     assert isinstance(loaded.model.layers[1].self_attn.o_proj, GroupwiseLinear)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, adapted, atol=1e-5, rtol=1e-5)

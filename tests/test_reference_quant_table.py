@@ -4,8 +4,8 @@ quantize every decoder linear layer and leave the head alone."""
 import torch
 from transformers import AutoModelForCausalLM
 
-from quailora.qalora.layer import GroupwiseLinear
 from quailora.quantizers import get_quantizer
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
 from reference.quant_table import GROUP_SIZE, PRECISIONS, markdown
 from tests.micro_models import make_micro_config
 

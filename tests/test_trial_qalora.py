@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator.cli import main
 from quailora.qalora.adapter import load_groupwise_adapter
-from quailora.qalora.layer import quantize_model_groupwise
+from quailora.quantizers.groupwise.layer import quantize_model_groupwise
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.run import ensure_ray, run_trial

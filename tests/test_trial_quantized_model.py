@@ -7,7 +7,7 @@ import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from transformers import AutoModelForCausalLM
 
-from quailora.qalora.layer import GroupwiseLinear
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.quantized_model import load_quantized_model, serialized_size_mb
 

@@ -8,7 +8,7 @@ DIR/probe.safetensors the trial's probe input ids and logits to check a load aga
 - The base is the trial's quantized model written by its quantizer's stock format (QuantBackend.save_stock,
   QuantizerSpec.export_format): bitsandbytes layers serialize themselves (NF4/FP4/LLM.int8, pre-quantized,
   so quantization_config is null and config.json carries it), group-wise INT-k layers become a
-  compressed-tensors checkpoint (quailora.qalora.compressed).
+  compressed-tensors checkpoint (quailora.quantizers.groupwise.compressed).
 - The adapter is the trial's peft adapter; a pooled (QA-LoRA) adapter becomes the equal plain LoRA adapter.
 - ``--merged``: QA-LoRA folds into the zero points and stays INT-k (compressed-tensors); other methods
   are written as one float checkpoint with Q + sBA in each quantized layer. No adapter.
@@ -40,8 +40,7 @@ from quailora.base_layers import base_layer_kind, base_layers
 from quailora.errors import QuailoraInputError
 from quailora.initializers import adapter_kind, changes_base, rebuilt_base
 from quailora.peft_init import checkpoint_name, load_base_residuals
-from quailora.qalora.adapter import load_groupwise_adapter
-from quailora.qalora.compressed import lora_from_qalora
+from quailora.qalora.adapter import load_groupwise_adapter, lora_from_qalora
 from quailora.qalora.merge import merge_qalora
 from quailora.quantizers import quantizer_spec
 from quailora.registry import Registry

@@ -6,6 +6,7 @@ Memory stays bounded because a layer's Grams are written as soon as the layer is
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,28 @@ def layer_file(layer: int) -> str:
     return f"grams.layer{layer:05d}.safetensors"
 
 
+def pack_gram(gram: torch.Tensor) -> torch.Tensor:
+    """H's upper triangle, row by row: H is symmetric, so this is all of it at about half the bytes (a Gram
+    of LLaMA-30B's MLP input: 1.28 GB instead of 2.57 GB). Stored in fp32: half precision changed the
+    calibrated objective by far more than 1e-3 (benchmarks/gram_precision.py, docs/results/scale.md)."""
+    n = gram.shape[0]
+    rows, cols = torch.triu_indices(n, n, device=gram.device)
+    return gram[rows, cols].contiguous()
+
+
+def unpack_gram(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric H from pack_gram's upper triangle (its lower triangle mirrored)."""
+    n = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
+    rows, cols = torch.triu_indices(n, n, device=packed.device)
+    gram = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    gram[rows, cols] = packed
+    gram[cols, rows] = packed
+    return gram
+
+
 def write_layer(out_dir: Path, layer: int, grams: dict[str, torch.Tensor]) -> str:
     name = layer_file(layer)
-    save_file({k: v.contiguous() for k, v in grams.items()}, out_dir / name, metadata={"layer": str(layer)})
+    save_file({k: pack_gram(v) for k, v in grams.items()}, out_dir / name, metadata={"layer": str(layer)})
     return name
 
 
@@ -46,6 +66,8 @@ class GramStore:
             raise QuailoraInputError(f"gram directory {str(self.out_dir)!r} has no {INDEX}")
         self.index: dict[str, Any] = json.loads(index.read_text())
         self._modules: dict[str, dict[str, Any]] = self.index["modules"]
+        self._last: tuple[tuple[int, str], torch.Tensor] | None = None
+        self.reads = 0  # Grams read from disk so far
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +93,18 @@ class GramStore:
         return self._entry(module_name)["gram"]
 
     def get(self, module_name: str) -> torch.Tensor:
-        """H = XᵀX / N (in x in, float32) of the module's input."""
+        """H = XᵀX / N (in x in, float32) of the module's input. Modules that share an input (q, k, v) are
+        solved one after the other: the last Gram read is kept, so each shared Gram is read once. Callers
+        must not change it in place."""
         entry = self._entry(module_name)
-        path = self.out_dir / self.index["layers"][str(entry["layer"])]
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(entry["gram"]).to(torch.float32, copy=True)
+        key = (entry["layer"], entry["gram"])
+        if self._last is None or self._last[0] != key:
+            path = self.out_dir / self.index["layers"][str(entry["layer"])]
+            with safe_open(path, framework="pt") as f:
+                stored = f.get_tensor(entry["gram"]).to(torch.float32)
+            self._last = (
+                key,
+                unpack_gram(stored) if stored.dim() == 1 else stored,
+            )  # 2-D: written before packing
+            self.reads += 1
+        return self._last[1]

@@ -1,5 +1,7 @@
-"""QA-LoRA: group-wise INT-k linear layers, the pooled adapter on top of them, and the merge into zero points.
+"""QA-LoRA: the pooling operator, the pooled adapter on group-wise INT-k layers, its merge into zero points.
 
-Import the submodules directly (``quailora.qalora.layer``, ``.adapter``, ``.merge``): ``pooling`` is
-needed by the initializers and must not pull in peft.
+The base layer, its loading and its on-disk formats are the int quantizer's
+(``quailora.quantizers.groupwise``); this package imports from there, never the reverse. Import the
+submodules directly (``quailora.qalora.adapter``, ``.merge``): ``pooling`` is needed by the initializers
+and must not pull in peft.
 """

@@ -5,6 +5,9 @@ peft 0.21 ships the QA-LoRA pooled adapter (``LoraConfig(use_qalora=True, qalora
 GroupwiseLinear lets ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` drive it,
 and gives plain LoRA on INT-2/3 bases (QLoRA, QuAILoRA) with ``use_qalora=False``. Pooling convention: see
 ``quailora.qalora.pooling`` (peft's mean x n/L).
+
+``lora_from_qalora``: the plain LoRA adapter equal to a QA-LoRA one (lora_A' = A·P), which stock peft
+puts on any linear layer; peft runs QA-LoRA itself only on GPTQ layers.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
@@ -20,7 +24,10 @@ from torch import nn
 
 from quailora.architectures.experts import peft_sees_split_experts
 from quailora.errors import QuailoraInputError
-from quailora.qalora.layer import GroupwiseLinear
+from quailora.qalora.pooling import expand
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class GroupwiseLoraLinear(nn.Module, LoraLayer):
@@ -127,3 +134,21 @@ def load_groupwise_adapter(model: nn.Module, adapter_dir: str | Path, **kwargs) 
     config = register_groupwise(LoraConfig.from_pretrained(str(adapter_dir)))
     with peft_sees_split_experts():
         return PeftModel.from_pretrained(model, str(adapter_dir), config=config, **kwargs)
+
+
+def lora_from_qalora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the plain LoRA adapter equal to the QA-LoRA adapter in ``adapter_dir``: B·A·(P x) = B·(A P)·x,
+    so lora_A' = A P (r x n, constant over each pooling group) and lora_B, scaling and targets unchanged."""
+    src, out = Path(adapter_dir), Path(out_dir)
+    config = LoraConfig.from_pretrained(str(src))
+    if not config.use_qalora:
+        raise QuailoraInputError(f"lora_from_qalora: {src} is not a QA-LoRA adapter (use_qalora is false)")
+    weights = safetensors.torch.load_file(str(src / ADAPTER_WEIGHTS))
+    for key, value in weights.items():
+        if key.endswith("lora_A.weight"):
+            weights[key] = expand(value, config.qalora_group_size).contiguous()
+    config.use_qalora = False
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    safetensors.torch.save_file(weights, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out

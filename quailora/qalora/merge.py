@@ -4,27 +4,21 @@ The update s·B·A·P is constant over each pooling group, hence over each quant
 for row i and quantization group g it adds the same δ = (s·B·A·P)[i, j ∈ g] to every weight. Since
 α(c − z) + δ = α(c − (z − δ/α)), the merge is z' = z − δ/α with codes and scales unchanged. Zeros are
 float32 (see quailora.quantizers.groupwise.codes), so z' is kept exactly instead of being rounded to an integer.
+The merged model is saved like any group-wise INT-k model (quailora.quantizers.groupwise.packed, or
+compressed-tensors through quailora.quantizers.groupwise.compressed).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import safetensors.torch
 import torch
-import transformers
 from peft import PeftModel
 from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
 from quailora.errors import QuailoraInputError
 from quailora.qalora.adapter import GroupwiseLoraLinear
-from quailora.qalora.layer import GroupwiseLinear
 from quailora.qalora.pooling import pooling_factor
-
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "quailora_groupwise.json"
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
 
 
 def zero_point_shift(layer: GroupwiseLoraLinear, adapter: str, name: str = "layer") -> torch.Tensor:
@@ -61,49 +55,3 @@ def merge_qalora(model: PeftModel) -> nn.Module:
     for layer, shift in shifts:
         layer.get_base_layer().zero_values().sub_(shift)
     return model.unload()
-
-
-def save_merged(model: transformers.PreTrainedModel, out_dir: str | Path) -> Path:
-    """Write config.json, the GroupwiseLinear manifest and one safetensors file (packed codes, scales, zeros)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {
-        name: {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bits": m.bits,
-            "group_size": m.group_size,
-            "bias": m.bias is not None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, GroupwiseLinear)
-    }
-    if not layers:
-        raise QuailoraInputError(
-            "save_merged: the model has no GroupwiseLinear layer (is it merged and unloaded?)"
-        )
-    model.config.save_pretrained(out)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (out / MANIFEST_FILE).write_text(
-        json.dumps({"architecture": type(model).__name__, "dtype": dtype, "layers": layers}, indent=1)
-    )
-    # save_model (not save_file) drops tied duplicates such as lm_head = embed_tokens.
-    safetensors.torch.save_model(model, str(out / WEIGHTS_FILE))
-    return out
-
-
-def load_merged(model_dir: str | Path) -> transformers.PreTrainedModel:
-    """Rebuild the architecture from config.json, put GroupwiseLinear shells in place, load the tensors."""
-    src = Path(model_dir)
-    for required in ("config.json", MANIFEST_FILE, WEIGHTS_FILE):
-        if not (src / required).is_file():
-            raise QuailoraInputError(f"load_merged: {src} has no {required} (not written by save_merged)")
-    manifest = json.loads((src / MANIFEST_FILE).read_text())
-    config = transformers.AutoConfig.from_pretrained(src)
-    model = getattr(transformers, manifest["architecture"])(config).to(getattr(torch, manifest["dtype"]))
-    for name, spec in manifest["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GroupwiseLinear(**spec))
-    safetensors.torch.load_model(model, str(src / WEIGHTS_FILE), strict=True)
-    return model.eval()

@@ -15,8 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from quailora.quantizers.base import Quantizer
-    from quailora.quantizers.spec import QuantSettings
+    from quailora.quantizers.base import Quantizer, QuantSettings
 
 
 @dataclass(frozen=True)

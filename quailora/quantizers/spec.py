@@ -11,22 +11,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
+from quailora.quantizers.backend import QuantBackend
+from quailora.quantizers.base import QuantSettings
 from quailora.registry import Registry
-
-if TYPE_CHECKING:
-    from quailora.quantizers.backend import QuantBackend
-
-
-class QuantSettings(Protocol):
-    """The quantization settings a trial gives (trials.config.QuantSpec has these fields)."""
-
-    method: str
-    bits: int
-    blocksize: int
-    double_quant: bool
-    group_size: int
 
 
 @dataclass(frozen=True)

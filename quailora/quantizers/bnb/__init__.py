@@ -6,7 +6,8 @@ one byte per block plus an fp32 per 256 blocks); LLM.int8 = 1 per weight + an fp
 
 from __future__ import annotations
 
-from quailora.quantizers.spec import QuantizerSpec, QuantSettings, register_quantizer
+from quailora.quantizers.base import QuantSettings
+from quailora.quantizers.spec import QuantizerSpec, register_quantizer
 
 
 def _4bit_bytes(n_in: int, n_out: int, settings: QuantSettings) -> int:

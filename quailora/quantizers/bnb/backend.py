@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from quailora.architectures import Layout, prepare
 from quailora.errors import QuailoraInputError
 from quailora.quantizers.backend import QuantBackend
+from quailora.quantizers.base import QuantSettings
 from quailora.quantizers.bnb.fake import Bnb4bitQuantizer, Int8Quantizer
 from quailora.quantizers.bnb.layers import LINEAR_4BIT, LINEAR_8BIT, quantize_bnb
-from quailora.quantizers.spec import QuantSettings
 
 # transformers 5 builds bnb 4-bit layers with bitsandbytes' default block size; it cannot be chosen.
 BNB_4BIT_BLOCKSIZE = 64

@@ -1,10 +1,15 @@
-"""Group-wise asymmetric INT-k round-to-nearest (the quantizer of QA-LoRA): codes in ``codes``, model
-operations in ``backend``. Bytes as stored: codes packed 32//k to an int32 word over the whole weight,
-plus an fp16 scale and an fp32 zero point per group. Its zero points let a pooled (QA-LoRA) adapter merge."""
+"""Group-wise asymmetric INT-k round-to-nearest (the quantizer of QA-LoRA): codes in ``codes``, the frozen
+base layer GroupwiseLinear in ``layer``, a checkpoint loaded straight into it in ``loading``, quailora's
+packed on-disk format (the quantize stage's cache) in ``packed``, the compressed-tensors export in
+``compressed``, the QuantBackend tying them together in ``backend``. None of them imports quailora.qalora
+(the QA-LoRA adapter builds on this package, not the reverse). Bytes as stored: codes packed 32//k to an
+int32 word over the whole weight, plus an fp16 scale and an fp32 zero point per group. Its zero points let
+a pooled (QA-LoRA) adapter merge."""
 
 from __future__ import annotations
 
-from quailora.quantizers.spec import QuantizerSpec, QuantSettings, register_quantizer
+from quailora.quantizers.base import QuantSettings
+from quailora.quantizers.spec import QuantizerSpec, register_quantizer
 
 SUPPORTED_BITS = (4, 2, 3, 8)  # the first is the default
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quailora.qalora.layer import GroupwiseLinear
-from quailora.qalora.loading import load_groupwise_model
-from quailora.qalora.merge import load_merged, save_merged
 from quailora.quantizers.backend import BaseLayerKind, QuantBackend
+from quailora.quantizers.base import QuantSettings
 from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer
-from quailora.quantizers.spec import QuantSettings
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
+from quailora.quantizers.groupwise.loading import load_groupwise_model
+from quailora.quantizers.groupwise.packed import load_packed, save_packed
 
 
 def _load(
@@ -33,7 +33,8 @@ def _requantize(layer: GroupwiseLinear, weight: torch.Tensor) -> None:
 
 
 def _save_stock(model: nn.Module, out: Path) -> None:
-    from quailora.qalora.compressed import save_compressed  # compressed-tensors: only export needs it
+    # compressed-tensors: only export needs it
+    from quailora.quantizers.groupwise.compressed import save_compressed
 
     save_compressed(model, out)
 
@@ -45,8 +46,8 @@ INT = QuantBackend(
     quantize_linear=lambda linear, settings: GroupwiseLinear.from_linear(
         linear, settings.bits, settings.group_size
     ),
-    save=save_merged,  # packed codes, scales and zeros of every GroupwiseLinear, plus its manifest
-    load_saved=lambda saved, dtype, device: load_merged(saved).to(device),
+    save=save_packed,  # packed codes, scales and zeros of every GroupwiseLinear, plus its manifest
+    load_saved=lambda saved, dtype, device: load_packed(saved).to(device),
     save_stock=_save_stock,
     layers={
         GroupwiseLinear: BaseLayerKind(

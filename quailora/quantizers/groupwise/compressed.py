@@ -1,4 +1,4 @@
-"""Group-wise INT-k models and QA-LoRA adapters in formats stock libraries read.
+"""Group-wise INT-k models in the format stock libraries read (the int backend's stock export).
 
 ``save_compressed``: a model with GroupwiseLinear layers as a compressed-tensors ``pack-quantized``
 checkpoint, which stock ``AutoModelForCausalLM.from_pretrained`` loads when the ``compressed-tensors``
@@ -17,9 +17,6 @@ Both are written with ``"dequantize": true`` in the checkpoint's quantization_co
 loading option: transformers 5.24 with compressed-tensors 0.20 cannot load packed group zero points in
 compressed form (it allocates them unpacked, a size mismatch), and dequantizing at load reads them right.
 On a CPU the weights are dequantized at the first forward either way.
-
-``lora_from_qalora``: the plain LoRA adapter equal to a QA-LoRA one (lora_A' = A·P), which stock peft
-puts on any linear layer; peft runs QA-LoRA itself only on GPTQ layers.
 """
 
 from __future__ import annotations
@@ -27,21 +24,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.base import compress_module
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-from peft import LoraConfig
 from torch import nn
 
 from quailora.errors import QuailoraInputError
-from quailora.qalora.layer import GroupwiseLinear
-from quailora.qalora.pooling import expand
+from quailora.quantizers.groupwise.layer import GroupwiseLinear
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PACKED_BITS = range(1, 9)  # what pack-quantized holds: 1 to 8 bits per code, packed into int32
 
 
@@ -115,22 +108,4 @@ def save_compressed(model: nn.Module, out_dir: str | Path) -> Path:
     config = json.loads(config_path.read_text())
     config["quantization_config"]["dequantize"] = True  # see the module docstring
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
-
-
-def lora_from_qalora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the plain LoRA adapter equal to the QA-LoRA adapter in ``adapter_dir``: B·A·(P x) = B·(A P)·x,
-    so lora_A' = A P (r x n, constant over each pooling group) and lora_B, scaling and targets unchanged."""
-    src, out = Path(adapter_dir), Path(out_dir)
-    config = LoraConfig.from_pretrained(str(src))
-    if not config.use_qalora:
-        raise QuailoraInputError(f"lora_from_qalora: {src} is not a QA-LoRA adapter (use_qalora is false)")
-    weights = safetensors.torch.load_file(str(src / ADAPTER_WEIGHTS))
-    for key, value in weights.items():
-        if key.endswith("lora_A.weight"):
-            weights[key] = expand(value, config.qalora_group_size).contiguous()
-    config.use_qalora = False
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
-    safetensors.torch.save_file(weights, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out

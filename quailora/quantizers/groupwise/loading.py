@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from quailora.architectures import Layout, ModelWeights, load_model_config, rebuild_buffers
 from quailora.errors import QuailoraInputError
-from quailora.qalora.layer import GroupwiseLinear, check_groupwise_targets, groupwise_targets
 from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer
+from quailora.quantizers.groupwise.layer import GroupwiseLinear, check_groupwise_targets, groupwise_targets
 
 
 def _read(weights: ModelWeights, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -162,7 +162,7 @@ def quantize_model_groupwise(
 
     target_modules: module-name suffixes as in peft (e.g. ``["q_proj", "v_proj"]``); None means every
     linear layer but the head. Every target is checked before any layer is quantized. (A trial loads its
-    base with quailora.qalora.loading instead, which never holds the full-precision model.)
+    base with quailora.quantizers.groupwise.loading instead, which never holds the full-precision model.)
     """
     GroupwiseIntQuantizer(bits, group_size)  # validates bits and group_size
     targets = groupwise_targets(model, target_modules)

@@ -1,0 +1,229 @@
+"""`quailora plan`'s summary (orchestrator/footprint.py) against hand-computed bytes for a tiny model whose
+shape is written out here, and the table grouped by identical footprint (--trials: one row per trial)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from orchestrator import plan
+from orchestrator.expand import expand
+from orchestrator.footprint import (
+    CHECKPOINTS_KEPT,
+    artifact_bytes,
+    calibrate_entry_bytes,
+    checkpoint_bytes,
+    checkpoints_kept,
+    describe_footprint,
+    initialize_entry_bytes,
+    quantize_entry_bytes,
+    sweep_footprint,
+)
+from orchestrator.memory import quantized_linear_bytes
+from orchestrator.model_shapes import ModelShape
+from orchestrator.stage_graph import plan_stage_graph
+from orchestrator.sweep_config import SweepConfig
+from trials.config import TrialConfig
+
+# A llama of hidden 64, intermediate 128, 2 layers, vocab 1000, untied head, fp32 (CPU, precision auto).
+H, FF, L, V = 64, 128, 2, 1000
+LAYER = (("self_attn.q_proj", H, H), ("self_attn.k_proj", H, H), ("self_attn.v_proj", H, H),
+         ("self_attn.o_proj", H, H), ("mlp.gate_proj", H, FF), ("mlp.up_proj", H, FF), ("mlp.down_proj", FF, H))  # fmt: skip
+TINY = ModelShape(
+    model_type="llama",
+    hidden=H,
+    layers=L,
+    vocab=V,
+    heads=4,
+    linear_layers=tuple(tuple((f"model.layers.{i}.{n}", a, b) for n, a, b in LAYER) for i in range(L)),
+    other_params=2 * V * H + (2 * L + 1) * H,  # embedding + head + 5 RMSNorm vectors = 128_320
+)
+OTHER_BYTES = 128_320 * 4
+# r·Σ(in + out) over the 7 linears of a layer (4·128 + 2·192 + 192 = 1088), 2 layers.
+ADAPTER_PER_RANK = 2 * 1088
+# NF4, blocksize 64, double quant: n/2 + a byte per block of 64 (+ 4 per full 256 blocks: none here).
+NF4_BYTES = L * (4 * (2048 + 64) + 3 * (4096 + 128))  # 42_240
+# LLM.int8: n + an fp32 scale per output row. q,k,v,o: 4096+256; gate,up: 8192+512; down: 8192+256.
+INT8_BYTES = L * (4 * 4352 + 2 * 8704 + 8448)  # 86_528
+# Grams: q/k/v share one (64), o (64), gate/up share one (64), down (128); each stored as its upper
+# triangle in fp32, n(n+1)/2 values.
+GRAM_BYTES = L * 4 * (3 * H * (H + 1) // 2 + FF * (FF + 1) // 2)  # 115_968
+SEQ = 32
+PROBE_BYTES = 2 * SEQ * (8 + 4 * V)  # two blocks: int64 ids and fp32 logits
+
+
+def _trial(**fields) -> TrialConfig:
+    return TrialConfig(**{"model": {"path": "tiny"}, "data": {"seq_len": SEQ}, **fields})
+
+
+def test_entry_checkpoint_and_artifact_bytes_by_hand():
+    nf4, int8 = _trial(quant={"method": "nf4"}), _trial(quant={"method": "int8"})
+    assert quantized_linear_bytes(nf4, TINY) == NF4_BYTES and quantized_linear_bytes(int8, TINY) == INT8_BYTES
+    assert quantize_entry_bytes(nf4, TINY) == NF4_BYTES + OTHER_BYTES
+    # bf16 training loads the other weights in bf16, the adapters train and save in bf16
+    bf16 = _trial(quant={"method": "nf4"}, train={"precision": "bf16"}, lora={"rank": 8})
+    assert quantize_entry_bytes(bf16, TINY) == NF4_BYTES + 128_320 * 2
+
+    assert calibrate_entry_bytes(nf4, TINY) == 0  # gaussian: no Gram
+    assert calibrate_entry_bytes(_trial(init={"method": "quailora"}), TINY) == GRAM_BYTES
+
+    r8 = _trial(lora={"rank": 8})
+    assert initialize_entry_bytes(r8, TINY) == 4 * 8 * ADAPTER_PER_RANK  # A and B in fp32
+    # LoftQ keeps the thin factors of sBA too, r·(in + out) per linear in fp32
+    assert (
+        initialize_entry_bytes(_trial(lora={"rank": 8}, init={"method": "loftq"}), TINY)
+        == 2 * 4 * 8 * ADAPTER_PER_RANK
+    )
+
+    # fp32 params + fp32 master + two Adam moments; bf16 params + the same fp32 state
+    assert checkpoint_bytes(r8, TINY) == 8 * ADAPTER_PER_RANK * 16
+    assert checkpoint_bytes(bf16, TINY) == 8 * ADAPTER_PER_RANK * 14
+    assert artifact_bytes(r8, TINY) == 8 * ADAPTER_PER_RANK * 4 + PROBE_BYTES
+    assert artifact_bytes(bf16, TINY) == 8 * ADAPTER_PER_RANK * 2 + PROBE_BYTES
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "every", "kept"),
+    [(50, 25, 2), (50, 50, 1), (50, 0, 1), (100, 25, 2), (0, 25, 1), (26, 25, 2)],
+)
+def test_checkpoints_kept(max_steps, every, kept):
+    """One at every checkpoint_every-th step before the last, one at the end; Ray Train keeps two."""
+    assert checkpoints_kept(_trial(train={"max_steps": max_steps, "checkpoint_every": every})) == kept
+
+
+def test_checkpoints_kept_is_what_the_trial_runner_asks_ray_for():
+    source = (Path(__file__).resolve().parents[1] / "trials" / "run.py").read_text()
+    assert re.findall(r"num_to_keep=(\d+)", source) == [str(CHECKPOINTS_KEPT)]
+
+
+def _sweep(**overrides) -> SweepConfig:
+    return SweepConfig.model_validate(
+        {
+            "name": "tiny",
+            "base": {"model": {"path": "tiny"}, "data": {"seq_len": SEQ}},
+            "space": {"quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]},
+                      "init.method": {"grid": ["gaussian", "quailora"]}, "lora.rank": {"grid": [4, 8]},
+                      "seed": {"grid": [0, 1]}},
+            "drop_if": ["quant.bits == 8 and init.method != 'gaussian'"],
+            **overrides,
+        }
+    )  # fmt: skip
+
+
+def test_sweep_summary_by_hand():
+    matrix = expand(_sweep())
+    assert len(matrix.points) == 12  # (nf4 gaussian, nf4 quailora, int8 gaussian) x 2 ranks x 2 seeds
+    fp = sweep_footprint(matrix, lambda path: TINY)
+    assert sorted(fp.entries["quantize"].sizes) == [NF4_BYTES + OTHER_BYTES, INT8_BYTES + OTHER_BYTES]
+    assert fp.entries["calibrate"].sizes == [GRAM_BYTES]  # one model, one calibration set
+    # every init is its own: gaussian and quailora's randomized SVD draw with the seed
+    assert sorted(fp.entries["initialize"].sizes) == sorted(
+        [4 * 4 * ADAPTER_PER_RANK] * 6 + [4 * 8 * ADAPTER_PER_RANK] * 6
+    )
+    assert fp.cache_total == 1_155_328 + 115_968 + 626_688
+    assert {s: len(e.sizes) for s, e in fp.entries.items()} == {
+        s: n for s, (n, _) in plan_stage_graph(matrix).counts().items()
+    }
+    assert not any(e.bounded for e in fp.entries.values())
+    # two checkpoints of N·16 bytes per trial, rank 4 and 8 six times each
+    assert fp.checkpoints.total == 6 * 2 * 16 * ADAPTER_PER_RANK * (4 + 8) == 5_013_504
+    assert fp.artifacts.total == 6 * 4 * ADAPTER_PER_RANK * (4 + 8) + 12 * PROBE_BYTES == 3_704_832
+    text = describe_footprint(fp, "/cache")
+    assert "summary: 12 trials" in text
+    assert "quantize 2 x 542.5 KiB to 585.8 KiB = 1.1 MiB; calibrate 1 x 113.2 KiB = 113.2 KiB" in text
+    assert "initialize 12 x 34.0 KiB to 68.0 KiB = 612.0 KiB; 1.8 MiB in all" in text
+    assert "272.0 KiB to 544.0 KiB per trial, 4.8 MiB in all" in text  # checkpoints
+    assert "≤" not in text
+
+
+def test_repeats_private_caches_sampled_fields_and_optuna():
+    # num_samples repeats each grid point: shared entries once, checkpoints and artifacts per trial
+    base = sweep_footprint(expand(_sweep()), lambda path: TINY)
+    twice = sweep_footprint(expand(_sweep(search={"num_samples": 2})), lambda path: TINY)
+    assert twice.cache_total == base.cache_total and twice.trials == 24
+    assert twice.checkpoints.total == 2 * base.checkpoints.total
+
+    # share_stages: false computes every stage in every trial, privately
+    private = sweep_footprint(expand(_sweep(share_stages=False)), lambda path: TINY)
+    assert [len(private.entries[s].sizes) for s in ("quantize", "calibrate", "initialize")] == [12, 4, 12]
+    assert private.entries[
+        "calibrate"
+    ].total == 4 * GRAM_BYTES and "private stage cache" in describe_footprint(private, None)
+
+    # a sampled rank makes each trial's init its own: at most one per trial, at the worst corner (rank 8)
+    sampled = SweepConfig.model_validate(
+        {"name": "s", "base": {"model": {"path": "tiny"}, "data": {"seq_len": SEQ}, "init": {"method": "quailora"}},
+         "space": {"seed": {"grid": [0]}, "lora.rank": {"randint": [4, 9]}}, "search": {"algorithm": "random", "num_samples": 3}}
+    )  # fmt: skip
+    fp = sweep_footprint(expand(sampled), lambda path: TINY)
+    assert (
+        fp.entries["initialize"].sizes == [4 * 8 * ADAPTER_PER_RANK] * 3 and fp.entries["initialize"].bounded
+    )
+    assert len(fp.entries["quantize"].sizes) == 1 and not fp.entries["quantize"].bounded
+    assert fp.checkpoints.total == 3 * 2 * 16 * 8 * ADAPTER_PER_RANK and fp.checkpoints.bounded
+    assert "initialize ≤ 3 x" in describe_footprint(fp, "/cache")
+
+    # Optuna runs num_samples trials over the grid: at most that many entries, the largest ones
+    optuna = SweepConfig.model_validate(
+        {"name": "o", "base": {"model": {"path": "tiny"}, "data": {"seq_len": SEQ}},
+         "space": {"lora.rank": {"grid": [4, 8, 16]}}, "search": {"algorithm": "optuna", "num_samples": 2}}
+    )  # fmt: skip
+    fp = sweep_footprint(expand(optuna), lambda path: TINY)
+    assert fp.entries["initialize"].sizes == [4 * 16 * ADAPTER_PER_RANK, 4 * 8 * ADAPTER_PER_RANK]
+    assert len(fp.entries["quantize"].sizes) == 1 and fp.entries["calibrate"].sizes == []
+    assert fp.checkpoints.counts == [(2, 2 * 16 * 16 * ADAPTER_PER_RANK)] and fp.checkpoints.bounded
+
+
+def test_table_groups_identical_footprints_and_trials_shows_every_row(monkeypatch):
+    monkeypatch.setattr(plan, "_shape", lambda path: TINY)
+    matrix = expand(_sweep())
+    planned = plan.plan_trials(matrix)
+    groups = plan.grouped_rows(planned)
+    # the seed changes no footprint: 6 groups of the 2 seeds each
+    assert [g["grid points"] for g in groups] == [2] * 6
+    assert [g["e.g."] for g in groups][:2] == [
+        "quant=nf4-4_method=gaussian_rank=4_seed=0",
+        "quant=nf4-4_method=gaussian_rank=8_seed=0",
+    ]
+    assert len({(g["quant weights MiB"], g["adapters+optim MiB"], g["calibration MiB"]) for g in groups}) == 6
+    grouped, every = plan.describe(matrix, planned), plan.describe(matrix, planned, every_trial=True)
+    assert "6 distinct footprint(s) over 12 grid point(s)" in grouped
+    rows = [line for line in grouped.splitlines() if line.startswith("|") and "_seed=" in line]
+    assert len(rows) == 6 and all(line.startswith("|             2 | ") for line in rows)
+    assert len([line for line in every.splitlines() if line.startswith("| quant=")]) == 12
+    assert grouped.index("summary: 12 trials") < grouped.index("| ")  # the summary comes first
+
+
+def test_calibrate_entry_is_what_the_gram_store_writes(tmp_path):
+    """The formula against the writer itself: one layer's Grams through quailora.calibration.store."""
+    import torch
+    from safetensors import safe_open
+
+    from quailora.calibration.store import write_layer
+
+    widths = TINY.gram_inputs(0)
+    assert widths == [H, H, H, FF]  # q/k/v, o, gate/up, down
+    name = write_layer(tmp_path, 0, {f"g{k}": torch.eye(n) for k, n in enumerate(widths)})
+    with safe_open(tmp_path / name, "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())  # noqa: SIM118
+    assert stored * L == calibrate_entry_bytes(_trial(init={"method": "quailora"}), TINY) == GRAM_BYTES
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "bloom", "gpt_neox"])
+def test_gram_inputs_share_as_the_calibration_does(family):
+    """ModelShape.gram_inputs counts one Gram per input tensor exactly where collect_grams stores one
+    (tests/test_calibration.py SHARING, checked there against the written store)."""
+    from orchestrator.model_shapes import input_key, shape_from_config
+    from tests.micro_models import make_micro_config
+    from tests.test_calibration import LAYERS, SHARING
+
+    shape = shape_from_config(make_micro_config(family))
+    names = [name for name, _, _ in shape.linear_layers[0]]
+    prefix = f"{LAYERS[family]}.0."
+    for module, leader in SHARING[family].items():
+        assert input_key(prefix + module) == input_key(prefix + leader)
+    assert (
+        len(shape.gram_inputs(0)) == len({input_key(n) for n in names}) == len(names) - len(SHARING[family])
+    )
