@@ -25,7 +25,7 @@ from orchestrator.memory import (
 from orchestrator.model_shapes import ModelShape
 from quailora.initializers import needs_gram
 from trials.config import TrialConfig
-from trials.contract import STAGES
+from trials.contract import PROBE_TOP_K, STAGES
 from trials.stage_plan import recipe_digest, stage_recipes
 
 CHECKPOINTS_KEPT = 2  # trials/run.py: CheckpointConfig(num_to_keep=2) (a test checks they agree)
@@ -89,9 +89,10 @@ def checkpoint_bytes(trial: TrialConfig, shape: ModelShape) -> int:
 
 def artifact_bytes(trial: TrialConfig, shape: ModelShape) -> int:
     """trials.worker._save_adapter_and_probe: the adapter (peft safetensors: the trainable parameters at their
-    dtype) and the probe (two validation blocks' int64 ids and fp32 logits, 2·s·(8 + 4·V)); a method that
-    moves Q also logs its base residuals in fp32 (trials.worker.RankZeroTracker.changed_base)."""
-    probe = PROBE_ROWS * trial.data.seq_len * (8 + 4 * shape.vocab)
+    dtype) and the probe (trials/probe.py: two validation blocks' int64 ids, each position's top-K fp32 logits
+    with int32 token ids and an fp32 log-sum-exp, 2·s·(8 + 8·K + 4)); a method that moves Q also logs its
+    base residuals in fp32 (trials.worker.RankZeroTracker.changed_base)."""
+    probe = PROBE_ROWS * trial.data.seq_len * (8 + 8 * min(PROBE_TOP_K, shape.vocab) + 4)
     n = adapter_params(trial, shape)
     return n * trainable_bytes(trial) + probe + 4 * base_residual_params(trial, shape)
 
@@ -215,7 +216,7 @@ def describe_footprint(fp: SweepFootprint, cache_path: str | None) -> str:
     ]
     for name, figure, what in (
         ("checkpoints", fp.checkpoints, f"at most {CHECKPOINTS_KEPT} kept per trial, trainable parameters + fp32 master + Adam moments"),
-        ("artifacts", fp.artifacts, "adapter + probe logits, in MLflow"),
+        ("artifacts", fp.artifacts, "adapter + probe top logits, in MLflow"),
     ):  # fmt: skip
         if figure.sizes:
             lines.append(

@@ -38,6 +38,7 @@ from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_t
 from trials.adapters import build_adapter
 from trials.contract import BASE_ARTIFACT
 from trials.export import LOAD_FILE, README_FILE
+from trials.probe import make_probe
 from trials.quantized_model import load_quantized_model
 from trials.tracking import default_tracking_uri, flat_params
 from trials.validation import validate_trial
@@ -88,7 +89,7 @@ def log_trial_run(root: Path, uri: str, log_base: bool = True, **overrides) -> s
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(f"{tmp}/adapter", safe_serialization=True)
         Path(tmp, "probe").mkdir()
-        save_file({"input_ids": probe_ids, "logits": logits}, f"{tmp}/probe/logits.safetensors")
+        save_file(make_probe(probe_ids, logits), f"{tmp}/probe/logits.safetensors")
         Path(tmp, "deepspeed_config.json").write_text(json.dumps({"bf16_enabled": False}))
         client.log_artifacts(run_id, f"{tmp}/adapter", "adapter")
         client.log_artifacts(run_id, f"{tmp}/probe", "probe")
@@ -151,7 +152,7 @@ def test_export_and_merged_export_reproduce_the_trials_logits(store, tmp_path, c
     spec = json.loads((tmp_path / "export" / LOAD_FILE).read_text())
     assert spec == {"base": "base", "quantization_config": None, "adapter": "adapter"}
     loaded = load_readme_snippet(tmp_path / "export")
-    assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= bound
+    assert rel_max_error(loaded["top"], loaded["probe"]["top_logits"]) <= bound
     base_config = json.loads((tmp_path / "export" / "base" / "config.json").read_text())
     expected_method = "compressed-tensors" if overrides["quant"]["method"] == "int" else "bitsandbytes"
     assert base_config["quantization_config"]["quant_method"] == expected_method
@@ -162,7 +163,7 @@ def test_export_and_merged_export_reproduce_the_trials_logits(store, tmp_path, c
     assert json.loads((tmp_path / "merged" / LOAD_FILE).read_text())["adapter"] is None
     merged = load_readme_snippet(tmp_path / "merged")
     merged_bound = INT8_MERGED_BOUND if case.startswith("llm_int8") else EXACT_BOUND
-    assert rel_max_error(merged["logits"], merged["probe"]["logits"]) <= merged_bound
+    assert rel_max_error(merged["top"], merged["probe"]["top_logits"]) <= merged_bound
     if expected_method == "bitsandbytes":
         assert_float_merge_is_q_plus_sba(tmp_path / "export", merged["model"])
     merged_config = json.loads((tmp_path / "merged" / "model" / "config.json").read_text())
@@ -196,7 +197,7 @@ def test_loftq_export_rebuilds_the_changed_base_bit_for_bit(store, tmp_path, cap
     run_id = log_trial_run(root, uri, init={"method": "loftq"})
     assert main(["export", run_id, str(tmp_path / "export"), "--tracking-uri", uri]) == 0
     loaded = load_readme_snippet(tmp_path / "export")
-    assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= STOCK_BOUND
+    assert rel_max_error(loaded["top"], loaded["probe"]["top_logits"]) <= STOCK_BOUND
     trial = dict(LOGGED_MODELS[run_id].named_modules())
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "base")  # before any forward
     checked = 0

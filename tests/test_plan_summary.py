@@ -51,7 +51,7 @@ INT8_BYTES = L * (4 * 4352 + 2 * 8704 + 8448)  # 86_528
 # triangle in fp32, n(n+1)/2 values.
 GRAM_BYTES = L * 4 * (3 * H * (H + 1) // 2 + FF * (FF + 1) // 2)  # 115_968
 SEQ = 32
-PROBE_BYTES = 2 * SEQ * (8 + 4 * V)  # two blocks: int64 ids and fp32 logits
+PROBE_BYTES = 2 * SEQ * (8 + 32 * 8 + 4)  # two blocks: int64 ids, top-32 fp32 logits + int32 ids, logsumexp
 
 
 def _trial(**fields) -> TrialConfig:
@@ -129,7 +129,7 @@ def test_sweep_summary_by_hand():
     assert not any(e.bounded for e in fp.entries.values())
     # two checkpoints of N·16 bytes per trial, rank 4 and 8 six times each
     assert fp.checkpoints.total == 6 * 2 * 16 * ADAPTER_PER_RANK * (4 + 8) == 5_013_504
-    assert fp.artifacts.total == 6 * 4 * ADAPTER_PER_RANK * (4 + 8) + 12 * PROBE_BYTES == 3_704_832
+    assert fp.artifacts.total == 6 * 4 * ADAPTER_PER_RANK * (4 + 8) + 12 * PROBE_BYTES == 832_512
     text = describe_footprint(fp, "/cache")
     assert "summary: 12 trials" in text
     assert "quantize 2 x 542.5 KiB to 585.8 KiB = 1.1 MiB; calibrate 1 x 113.2 KiB = 113.2 KiB" in text

@@ -24,6 +24,7 @@ from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
 from trials.contract import TRIAL_KEY_TAG, stage_param, stage_tag
+from trials.probe import TOP_K, at_probe
 from trials.run import ensure_ray, run_trial
 from trials.tracking import flat_params, trial_key
 
@@ -92,7 +93,7 @@ def test_two_worker_trial_reports_every_metric(trial):
                      for kind in ("seconds", "saved_seconds")}  # fmt: skip
     assert set(metrics) == {"val_ppl_init", "val_ppl_final", "test_ppl_final", "train_seconds", "tokens_per_second",
                             "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
-                            "stage_transfer_bytes", "stage_wait_seconds", *stage_metrics}  # fmt: skip
+                            "stage_transfer_bytes", "stage_wait_seconds", "artifact_bytes", *stage_metrics}  # fmt: skip
     assert metrics["stage_transfer_bytes"] == 0  # both workers on one node read the cache entries in place
     assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
     assert 1 < metrics["val_ppl_final"] < 2 * 320 and 1 < metrics["val_ppl_init"] < 2 * 320
@@ -167,6 +168,16 @@ def test_mlflow_run_records_params_metrics_tags_and_artifacts(trial):
     assert run.data.metrics["val_ppl_final"] == pytest.approx(trial["metrics"]["val_ppl_final"])
     adapter = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter
+
+    def files(path: str = ""):
+        for f in client.list_artifacts(run.info.run_id, path):
+            yield from files(f.path) if f.is_dir else [f]
+
+    logged = {f.path: f.file_size for f in files()}
+    assert run.data.metrics["artifact_bytes"] == sum(logged.values())  # issue 27: the bytes it logged
+    # The probe: top-32 logits and their tokens (fp32, int32) + logsumexp per position, not the full logits.
+    blocks, seq = 2, config.data.seq_len
+    assert logged["probe/logits.safetensors"] < blocks * seq * (TOP_K * 8 + 4 + 8) + 1024
     ds = json.loads(
         Path(
             client.download_artifacts(run.info.run_id, "deepspeed_config.json", str(trial["root"]))
@@ -198,8 +209,10 @@ def test_logged_adapter_reloads_through_plain_peft_with_the_same_logits(trial):
         without_adapter = model.get_base_model()
         with model.disable_adapter():
             base_logits = without_adapter(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
-    assert (base_logits - probe["logits"]).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(at_probe(logits, probe), probe["top_logits"], atol=1e-4, rtol=1e-4)
+    assert (
+        at_probe(base_logits, probe) - probe["top_logits"]
+    ).abs().max() > 1e-3  # the adapter changes the output
 
 
 def test_same_trial_again_reuses_its_finished_run(trial):
@@ -219,7 +232,7 @@ def test_export_loads_with_stock_transformers_and_peft_and_gives_the_trials_logi
         assert main(["export", run_id, str(out), "--tracking-uri", trial["uri"], *flags]) == 0
         loaded = load_readme_snippet(out)
         # bnb's stock CPU path computes NF4 layers through bf16 (the trial used the exact fp32 one)
-        assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= bound
+        assert rel_max_error(loaded["top"], loaded["probe"]["top_logits"]) <= bound
 
 
 def test_another_learning_rate_on_one_worker_reuses_every_stage(trial):

@@ -22,6 +22,7 @@ from quailora.qalora.adapter import load_groupwise_adapter
 from quailora.quantizers.groupwise.layer import quantize_model_groupwise
 from tests.test_export import load_readme_snippet, rel_max_error
 from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from trials.probe import at_probe
 from trials.run import ensure_ray, run_trial
 from trials.tracking import default_tracking_uri
 
@@ -92,8 +93,8 @@ def test_qalora_adapter_reloads_on_a_fresh_groupwise_base_with_the_same_logits(t
         logits = model(input_ids=probe["input_ids"]).logits
         with model.disable_adapter():
             base_logits = model(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
-    assert (base_logits - probe["logits"]).abs().max() > 1e-3
+    torch.testing.assert_close(at_probe(logits, probe), probe["top_logits"], atol=1e-4, rtol=1e-4)
+    assert (at_probe(base_logits, probe) - probe["top_logits"]).abs().max() > 1e-3
 
 
 def test_export_reproduces_logits_and_stock_lm_eval_gives_the_logged_accuracy(trial, tmp_path):
@@ -103,7 +104,7 @@ def test_export_reproduces_logits_and_stock_lm_eval_gives_the_logged_accuracy(tr
     for out, flags in ((tmp_path / "export", []), (tmp_path / "merged", ["--merged"])):
         assert main(["export", run_id, str(out), "--tracking-uri", uri, *flags]) == 0
         loaded = load_readme_snippet(out)
-        assert rel_max_error(loaded["logits"], loaded["probe"]["logits"]) <= 1e-5
+        assert rel_max_error(loaded["top"], loaded["probe"]["top_logits"]) <= 1e-5
 
     command = re.search(r"```bash\n(.*?)```", (tmp_path / "export" / "README.md").read_text(), re.S).group(1)
     assert "peft=" in command and "--limit 8" in command and "--include_path" in command

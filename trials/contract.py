@@ -39,6 +39,8 @@ STAGE_TRANSFER_BYTES = "stage_transfer_bytes"
 # Seconds the trial waited for its stages: for the sweep's stage job that computes them ahead of it, and on
 # a cache entry another trial was computing (trials/cache.py obtain).
 STAGE_WAIT_SECONDS = "stage_wait_seconds"
+# Bytes of everything the trial logged as MLflow artifacts (adapter, probe, LoftQ's base factors, configs).
+ARTIFACT_BYTES = "artifact_bytes"
 
 RESULT_METRICS = (
     VAL_PPL_INIT,
@@ -47,6 +49,7 @@ RESULT_METRICS = (
     *(name for stage in STAGES for name in (stage_seconds(stage), stage_saved_seconds(stage))),
     STAGE_TRANSFER_BYTES,
     STAGE_WAIT_SECONDS,
+    ARTIFACT_BYTES,
     "train_seconds",
     "tokens_per_second",
     "init_peak_memory_mb",
@@ -98,6 +101,7 @@ def stage_param(stage: str) -> str:
 # Artifacts of a trial's run.
 ADAPTER_ARTIFACT = "adapter"  # the peft adapter directory (safetensors)
 PROBE_ARTIFACT = "probe"  # input ids and logits of the final model, to check a reloaded adapter against
-PROBE_LOGITS = "logits.safetensors"  # the file in PROBE_ARTIFACT: {"input_ids", "logits"}
+PROBE_LOGITS = "logits.safetensors"  # the file in PROBE_ARTIFACT: trials/probe.py's make_probe
+PROBE_TOP_K = 32  # the probe keeps each position's PROBE_TOP_K largest logits (trials/probe.py says why)
 DEEPSPEED_ARTIFACT = "deepspeed_config.json"  # the engine's resolved DeepSpeed config
 BASE_ARTIFACT = "base_residuals"  # methods that change the base: Q = quant(W − L·R) per changed layer

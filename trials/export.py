@@ -3,7 +3,7 @@
 DIR/load.json says what to load, paths relative to DIR:
 ``{"base": dir, "quantization_config": BitsAndBytesConfig kwargs | null, "adapter": dir | null}``.
 DIR/README.md has the loading snippet (and the stock lm-eval command when the trial ran lm-eval tasks),
-DIR/probe.safetensors the trial's probe input ids and logits to check a load against.
+DIR/probe.safetensors the trial's probe (trials/probe.py: input ids, top logits and their tokens) to check a load against.
 
 - The base is the trial's quantized model written by its quantizer's stock format (QuantBackend.save_stock,
   QuantizerSpec.export_format): bitsandbytes layers serialize themselves (NF4/FP4/LLM.int8, pre-quantized,
@@ -261,10 +261,11 @@ if spec["adapter"]:
 model.eval()
 tokenizer = AutoTokenizer.from_pretrained(export / spec["base"])
 
-probe = load_file(export / "probe.safetensors")  # the trial's input ids and the logits it computed
+probe = load_file(export / "probe.safetensors")  # the trial's input ids, its top logits and their tokens
 with torch.no_grad():
     logits = model(input_ids=probe["input_ids"]).logits.float()
-print("relative max error", float((logits - probe["logits"]).abs().max() / probe["logits"].abs().max()))
+top = logits.gather(-1, probe["top_indices"].long())  # this load's logits at the trial's top tokens
+print("relative max error", float((top - probe["top_logits"]).abs().max() / probe["top_logits"].abs().max()))
 """
 
 
@@ -299,7 +300,8 @@ def readme(run: TrialRun, spec: dict, out: Path) -> str:
         "",
         f"init.method={config.init.method}, quant.method={config.quant.method} ({config.quant.bits}-bit), "
         f"LoRA rank {config.lora.rank}, model {config.model.path}. Loads with stock transformers and "
-        f"peft{extra}; `probe.safetensors` holds the trial's own logits on two validation blocks:",
+        f"peft{extra}; `probe.safetensors` holds the trial's own top logits (and their tokens) on two "
+        "validation blocks:",
         "",
         "```python",
         LOAD_SNIPPET.replace("EXPORT_DIR", repr(str(out.resolve()))).rstrip(),

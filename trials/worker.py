@@ -30,10 +30,11 @@ from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from quailora.text import perplexity, tokenize_blocks
 from trials import stages
 from trials.adapters import build_adapter
-from trials.cache import StageCache, StageOutcome
+from trials.cache import StageCache, StageOutcome, tree_size
 from trials.config import TrialConfig
 from trials.contract import (
     ADAPTER_ARTIFACT,
+    ARTIFACT_BYTES,
     BASE_ARTIFACT,
     DEEPSPEED_ARTIFACT,
     EVAL_PATH_TAG,
@@ -54,6 +55,7 @@ from trials.contract import (
 from trials.deepspeed_config import compute_dtype, resolve_precision
 from trials.evaluation import lm_eval_accuracies
 from trials.finetune import fine_tune, report_checkpoint
+from trials.probe import make_probe
 from trials.quantized_model import serialized_size_mb
 from trials.sources import load_texts, token_blocks
 from trials.tracking import log_metrics, mark_failed
@@ -67,6 +69,7 @@ class RankZeroTracker:
     def __init__(self, tracking_uri: str, run_id: str, enabled: bool) -> None:
         self.client = MlflowClient(tracking_uri) if enabled else None
         self.run_id = run_id
+        self.artifact_bytes = 0  # what this trial logged as artifacts
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.client:
@@ -75,6 +78,7 @@ class RankZeroTracker:
     def artifacts(self, local_dir: str, path: str) -> None:
         if self.client:
             self.client.log_artifacts(self.run_id, local_dir, path)
+            self.artifact_bytes += tree_size(Path(local_dir))
 
     def tag(self, name: str, value: str) -> None:
         if self.client:
@@ -82,7 +86,9 @@ class RankZeroTracker:
 
     def json_artifact(self, name: str, value: dict) -> None:
         if self.client:
-            self.client.log_text(self.run_id, json.dumps(value, indent=2, default=str), name)
+            text = json.dumps(value, indent=2, default=str)
+            self.client.log_text(self.run_id, text, name)
+            self.artifact_bytes += len(text.encode())
 
     def stages(self, outcomes: list[StageOutcome]) -> None:
         """Each stage's status as a tag (a restart may reuse what the first attempt computed) and key as a param."""
@@ -165,18 +171,18 @@ def _phase_peaks(phase: str, device: torch.device) -> dict[str, float]:
 def _save_adapter_and_probe(
     engine, config: TrialConfig, probe_ids: torch.Tensor, tracker: RankZeroTracker
 ) -> None:
-    """Log the adapter as a peft directory (safetensors) and the final logits on a few validation blocks."""
+    """Log the adapter as a peft directory (safetensors) and the probe of the final model (trials/probe.py)."""
     model = engine.module
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe_ids).logits.float().cpu()  # every rank: ZeRO-3 forwards are collective
+    with torch.no_grad():  # every rank: ZeRO-3 forwards are collective
+        probe = make_probe(probe_ids, model(input_ids=probe_ids).logits)
     with tempfile.TemporaryDirectory() as tmp:
         with deepspeed.zero.GatheredParameters(trainable, enabled=config.train.zero_stage == 3):
             if dist.get_rank() == 0:
                 model.save_pretrained(f"{tmp}/adapter", safe_serialization=True)
                 Path(f"{tmp}/probe").mkdir()
-                save_file({"input_ids": probe_ids.cpu(), "logits": logits}, f"{tmp}/probe/{PROBE_LOGITS}")
+                save_file(probe, f"{tmp}/probe/{PROBE_LOGITS}")
         tracker.artifacts(f"{tmp}/adapter", ADAPTER_ARTIFACT)
         tracker.artifacts(f"{tmp}/probe", PROBE_ARTIFACT)
 
@@ -295,6 +301,7 @@ def train_trial(loop_config: dict) -> None:
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
     )
     summary.update(_phase_peaks("train", device))
+    summary[ARTIFACT_BYTES] = float(tracker.artifact_bytes)  # rank 0's: it logs them
     tracker.metrics({k: v for k, v in summary.items() if k not in logged_at_start}, config.train.max_steps)
     # Ray Train's Result carries the metrics of the last checkpoint, so the final report comes with one
     # (a restart after this point re-evaluates instead of re-training).
