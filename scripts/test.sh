@@ -8,4 +8,4 @@ bash scripts/setup.sh
 # DeepSpeed compiles its CPU ops into TORCH_EXTENSIONS_DIR; one per checkout, so a build another checkout
 # left half-done (its lock file) cannot block this one.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
-HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/pytest -q "$@"
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/pytest -q --durations=25 "$@"  # the slowest tests in every CI log
