@@ -205,6 +205,7 @@ def _two_node_worker(rank, world_size, port, checkpoint, texts, root, out):
     from trials import stages
     from trials.adapters import build_adapter
     from trials.cache import StageCache
+    from trials.stage_transfer import EntryTransfer
     from trials.validation import validate_trial
     from trials.worker import load_data
 
@@ -217,14 +218,17 @@ def _two_node_worker(rank, world_size, port, checkpoint, texts, root, out):
                                     resources={"num_workers": world_size})  # fmt: skip
         targets = validate_trial(config).target_names
         cache = StageCache(f"{root}/cache" if rank == 0 else f"{root}/absent")
-        ctx = stages.StageContext(config, checkpoint, torch.device("cpu"), torch.float32, cache, node=rank,
-                                  run_id="run")  # fmt: skip
+        ctx = stages.StageContext(config, checkpoint, torch.device("cpu"), torch.float32, cache,
+                                  EntryTransfer(rank, torch.device("cpu"), "run"))  # fmt: skip
         base, quantized, q = stages.quantize(ctx)
         grams, calibrated, c = stages.calibrate(ctx, load_data(config, checkpoint).calibration)
         model = build_adapter(base, config, targets)
         exact_cpu_4bit(model)
         _, i, _ = stages.initialize(ctx, model, grams, targets, quantized, calibrated)
         received = ctx.transfer.root.is_dir()
+        sent = ctx.transfer.sent_bytes
+        ctx.transfer.entry(c.path)  # the Grams asked for again (a stage job's next init key): not sent twice
+        resent = ctx.transfer.sent_bytes - sent
         ctx.transfer.release()
         modules = dict(model.named_modules())
         state = {
@@ -234,7 +238,8 @@ def _two_node_worker(rank, world_size, port, checkpoint, texts, root, out):
             f"{n}.B": modules[n].lora_B["default"].weight.detach().clone() for n in lora_layer_names(model)
         }
         metadata = {"statuses": " ".join(o.status for o in (q, c, i)), "sent": str(ctx.transfer.sent_bytes),
-                    "received": str(received), "left": str(ctx.transfer.root.exists())}  # fmt: skip
+                    "received": str(received), "left": str(ctx.transfer.root.exists()),
+                    "resent": str(resent)}  # fmt: skip
         save_file(state, f"{out}/rank{rank}.safetensors", metadata=metadata)
     finally:
         dist.destroy_process_group()
@@ -263,6 +268,7 @@ def test_ranks_on_another_node_get_stage_entries_over_the_process_group(tmp_path
     (first0, m0), (first1, m1) = runs[0]
     assert m0["statuses"] == m1["statuses"] == "computed computed computed"
     assert int(m0["sent"]) == sizes["calibrate"]  # every rank holds its quantized base and solved adapters
+    assert m0["resent"] == "0"
     assert (m1["received"], m1["left"]) == ("True", "False") and m0["received"] == "False"
     (again0, n0), (again1, n1) = runs[1]
     assert n0["statuses"] == n1["statuses"] == "reused reused reused"

@@ -64,6 +64,7 @@ class EntryTransfer:
     run_id: str  # names the node-local directory, so two trials on one node never share it
     sent_bytes: int = 0  # by the leader, over the whole trial
     _nodes: list[int] = field(default_factory=list)
+    _received: set[Path] = field(default_factory=set)  # entries this node already has (same on every rank)
 
     @property
     def root(self) -> Path:
@@ -91,6 +92,9 @@ class EntryTransfer:
         if not receivers:
             return path
         local = self.root / path.parent.name / path.name
+        if path in self._received:  # every rank asks for the same entries in the same order: all skip
+            return path if self._nodes[dist.get_rank()] == self._nodes[0] else local
+        self._received.add(path)
         if dist.get_rank() == 0:
             for rank in receivers:
                 self.sent_bytes += _send_tree(path, rank, self.device)
@@ -106,3 +110,4 @@ class EntryTransfer:
             dist.barrier()
             if self._receives():
                 shutil.rmtree(self.root, ignore_errors=True)
+        self._received.clear()

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from quailora.peft_init import (
     lora_layer_names,
     save_updates,
 )
+from quailora.quantizers.bnb.layers import exact_cpu_4bit
+from trials.adapters import build_adapter
 from trials.cache import StageCache, StageKey, StageOutcome, obtain
 from trials.config import TrialConfig
 from trials.quantized_model import (
@@ -66,23 +68,22 @@ class TrialGroup:
 @dataclass
 class StageContext:
     """What every stage reads: the trial, where its checkpoint is, the worker's device and dtype, the cache,
-    and this worker's node (Ray Train's node rank) with the trial's MLflow run id, which place received entries."""
+    and how entries reach this worker from rank 0 (one EntryTransfer may serve several contexts)."""
 
     config: TrialConfig
     checkpoint: Path
     device: torch.device
     dtype: torch.dtype
     cache: StageCache
-    node: int = 0
-    run_id: str = "local"
+    transfer: EntryTransfer | None = None  # default: every rank on one node
+
+    def __post_init__(self) -> None:
+        if self.transfer is None:
+            self.transfer = EntryTransfer(0, self.device, "local")
 
     @property
     def group(self) -> TrialGroup:
         return TrialGroup(self.device)
-
-    @cached_property
-    def transfer(self) -> EntryTransfer:
-        return EntryTransfer(self.node, self.device, self.run_id)
 
 
 def _whole(outcome: StageOutcome, began: float) -> StageOutcome:
@@ -183,3 +184,22 @@ def initialize(
     updates = solved.get("updates") or load_updates(ctx.transfer.entry(outcome.path))
     apply_adapters(model, updates, weights=weights)
     return key, _whole(outcome, began), updates
+
+
+def prepare_model(
+    ctx: StageContext,
+    calib_ids: torch.Tensor | None,
+    target_names: list[str],
+    before_adapter: Callable[[nn.Module], None] = lambda base: None,
+) -> tuple[nn.Module, list[StageOutcome], dict[str, LayerUpdate]]:
+    """The three stages in order, on every worker: the adapted, initialized model, each stage's outcome and
+    the init's updates. ``before_adapter`` sees the quantized base before LoRA wraps it (a trial measures it
+    and turns gradient checkpointing on there)."""
+    base, quantized, quantize_outcome = quantize(ctx)
+    grams, calibrated, calibrate_outcome = calibrate(ctx, calib_ids)
+    before_adapter(base)
+    model = build_adapter(base, ctx.config, target_names)
+    if ctx.device.type == "cpu":
+        exact_cpu_4bit(model)  # evaluation then computes with Q in the model's dtype, as on CUDA
+    _, initialize_outcome, updates = initialize(ctx, model, grams, target_names, quantized, calibrated)
+    return model, [quantize_outcome, calibrate_outcome, initialize_outcome], updates

@@ -26,10 +26,8 @@ from quailora.base_layers import eval_path
 from quailora.initializers import needs_gram
 from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 from quailora.peft_init import save_base_residuals
-from quailora.quantizers.bnb.layers import exact_cpu_4bit
 from quailora.text import perplexity, tokenize_blocks
 from trials import stages
-from trials.adapters import build_adapter
 from trials.cache import StageCache, StageOutcome, tree_size
 from trials.config import TrialConfig
 from trials.contract import (
@@ -58,6 +56,7 @@ from trials.finetune import fine_tune, report_checkpoint
 from trials.probe import make_probe
 from trials.quantized_model import serialized_size_mb
 from trials.sources import load_texts, token_blocks
+from trials.stage_transfer import EntryTransfer
 from trials.tracking import log_metrics, mark_failed
 
 STOP_METRIC = "stopped_nonfinite_loss"
@@ -223,38 +222,32 @@ def train_trial(loop_config: dict) -> None:
     tracker = RankZeroTracker(
         loop_config["tracking_uri"], loop_config["run_id"], enabled=dist.get_rank() == 0
     )
+    transfer = EntryTransfer(ray.train.get_context().get_node_rank(), device, loop_config["run_id"])
     ctx = stages.StageContext(
-        config,
-        checkpoint,
-        device,
-        dtype,
-        StageCache(loop_config["cache_path"]),
-        node=ray.train.get_context().get_node_rank(),
-        run_id=loop_config["run_id"],
+        config, checkpoint, device, dtype, StageCache(loop_config["cache_path"]), transfer
     )
     reset_peak_memory(device)
 
     data = load_data(config, checkpoint)
     torch.manual_seed(config.seed)
-    base, quantized, quantize_outcome = stages.quantize(ctx)
-    grams, calibrated, calibrate_outcome = stages.calibrate(ctx, data.calibration)
-    model_size_mb = serialized_size_mb(base)
-    if config.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    model = build_adapter(base, config, loop_config["target_names"])
-    if device.type == "cpu":
-        exact_cpu_4bit(model)  # evaluation then computes with Q in the model's dtype, as on CUDA
-    _, initialize_outcome, updates = stages.initialize(
-        ctx, model, grams, loop_config["target_names"], quantized, calibrated
+    measured: dict[str, float] = {}
+
+    def before_adapter(base) -> None:
+        measured["model_size_mb"] = serialized_size_mb(base)
+        if config.train.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+
+    model, outcomes, updates = stages.prepare_model(
+        ctx, data.calibration, loop_config["target_names"], before_adapter
     )
-    ctx.transfer.release()
+    transfer.release()
     precomputed = set(loop_config.get("precomputed", ()))  # what the sweep's stage jobs computed for it
     outcomes = [
         dataclasses.replace(o, status="precomputed")
         if o.status == "reused" and o.digest in precomputed
         else o
-        for o in (quantize_outcome, calibrate_outcome, initialize_outcome)
+        for o in outcomes
     ]
     tracker.stages(outcomes)
     tracker.changed_base(updates)
@@ -266,8 +259,8 @@ def train_trial(loop_config: dict) -> None:
     summary: dict[str, float] = {
         **stage_metrics(outcomes),
         STAGE_WAIT_SECONDS: loop_config.get("waited_seconds", 0.0) + sum(o.waited_seconds for o in outcomes),
-        STAGE_TRANSFER_BYTES: ctx.transfer.sent_bytes,
-        MODEL_SIZE_MB: model_size_mb,
+        STAGE_TRANSFER_BYTES: transfer.sent_bytes,
+        MODEL_SIZE_MB: measured["model_size_mb"],
     }
     summary[VAL_PPL_INIT] = evaluate(model)
     summary.update(_phase_peaks("init", device))
