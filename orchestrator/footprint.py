@@ -24,11 +24,11 @@ from orchestrator.memory import (
 )
 from orchestrator.model_shapes import ModelShape
 from quailora.initializers import needs_gram
+from trials.checkpoint_policy import CHECKPOINTS_KEPT, checkpoint_policy
 from trials.config import TrialConfig
 from trials.contract import PROBE_TOP_K, STAGES
 from trials.stage_plan import recipe_digest, stage_recipes
 
-CHECKPOINTS_KEPT = 2  # trials/run.py: CheckpointConfig(num_to_keep=2) (a test checks they agree)
 ShapeOf = Callable[[str], ModelShape]
 
 
@@ -72,19 +72,31 @@ def trainable_bytes(trial: TrialConfig) -> int:
     return activation_bytes(trial)
 
 
-def checkpoints_kept(trial: TrialConfig) -> int:
-    """trials.finetune: a checkpoint at each train.checkpoint_every-th step before the last, and one at the
-    end (report_checkpoint); Ray Train keeps the latest CHECKPOINTS_KEPT."""
-    train = trial.train
-    during = max(0, (train.max_steps - 1) // train.checkpoint_every) if train.checkpoint_every else 0
-    return min(CHECKPOINTS_KEPT, during + 1)
-
-
 def checkpoint_bytes(trial: TrialConfig, shape: ModelShape) -> int:
-    """One checkpoint: DeepSpeed's save_checkpoint(exclude_frozen_parameters=True) writes the N trainable
-    parameters at their dtype (the model states) and, over all ranks, ZeRO's fp32 master copy and Adam's
-    two fp32 moments: N·(p + 4 + 8). The frozen quantized base is not in it."""
+    """One mid-run checkpoint (trials.checkpointing.save_training_state): the N trainable parameters at their
+    dtype and, over all ranks, ZeRO's fp32 master copy and Adam's two fp32 moments: N·(p + 4 + 8). The frozen
+    quantized base is not in it."""
     return adapter_params(trial, shape) * (trainable_bytes(trial) + 4 + 8)
+
+
+def final_checkpoint_bytes(trial: TrialConfig, shape: ModelShape) -> int:
+    """The checkpoint at the end (trials.checkpointing.save_final_state): the trained adapter alone, N·p; the
+    one a trial leaves in storage."""
+    return adapter_params(trial, shape) * trainable_bytes(trial)
+
+
+def checkpoints_mid_run(trial: TrialConfig, shape: ModelShape) -> bool:
+    """Whether the trial may checkpoint before its last step (a time-based interval: assumed so)."""
+    policy = checkpoint_policy(trial.train, shape.num_parameters())
+    return policy.minutes is not None or 0 < policy.steps < trial.train.max_steps
+
+
+def checkpoint_peak_bytes(trial: TrialConfig, shape: ModelShape) -> int:
+    """The most a trial's checkpoints occupy in storage at once: Ray Train keeps CHECKPOINTS_KEPT and deletes
+    the older one only after the next is persisted, so two mid-run checkpoints for a moment."""
+    if checkpoints_mid_run(trial, shape):
+        return (CHECKPOINTS_KEPT + 1) * checkpoint_bytes(trial, shape)
+    return final_checkpoint_bytes(trial, shape)
 
 
 def artifact_bytes(trial: TrialConfig, shape: ModelShape) -> int:
@@ -130,7 +142,8 @@ class PerTrial:
 class SweepFootprint:
     trials: int
     entries: dict[str, Entries]
-    checkpoints: PerTrial  # bytes of a trial's kept checkpoints together
+    checkpoints: PerTrial  # bytes of the checkpoint a trial leaves (the final one)
+    checkpoint_peak: PerTrial  # the most a running trial's checkpoints occupy at once
     artifacts: PerTrial
 
     @property
@@ -145,7 +158,7 @@ def sweep_footprint(matrix: TrialMatrix, shape_of: ShapeOf) -> SweepFootprint:
     repeats = 1 if optuna else sweep.search.num_samples
     shared: dict[str, dict[str, int]] = {stage: {} for stage in STAGES}  # digest -> bytes
     own: dict[str, list[int]] = {stage: [] for stage in STAGES}  # per grid point: bytes of each trial's own
-    checkpoints, artifacts = PerTrial(), PerTrial()
+    checkpoints, checkpoint_peak, artifacts = PerTrial(), PerTrial(), PerTrial()
     for point in matrix.points:
         corners = [(t, shape_of(t.model.path)) for t in matrix.corner_trials(point)]
         for stage, size_of in ENTRY_BYTES.items():
@@ -156,7 +169,7 @@ def sweep_footprint(matrix: TrialMatrix, shape_of: ShapeOf) -> SweepFootprint:
                 shared[stage][made[0][0]] = made[0][1]
             else:
                 own[stage].append(max(size for _, size in made))
-        for figure, size_of in ((checkpoints, lambda t, s: checkpoints_kept(t) * checkpoint_bytes(t, s)),
+        for figure, size_of in ((checkpoints, final_checkpoint_bytes), (checkpoint_peak, checkpoint_peak_bytes),
                                 (artifacts, artifact_bytes)):  # fmt: skip
             sizes = {size_of(t, s) for t, s in corners}
             figure.counts.append((repeats, max(sizes)))
@@ -172,10 +185,10 @@ def sweep_footprint(matrix: TrialMatrix, shape_of: ShapeOf) -> SweepFootprint:
         candidates = sorted(fixed + mine * matrix.num_trials, reverse=True)
         entries[stage] = Entries(candidates[: matrix.num_trials], bounded=True)
     if optuna:
-        for figure in (checkpoints, artifacts):
+        for figure in (checkpoints, checkpoint_peak, artifacts):
             figure.counts = [(matrix.num_trials, max(figure.sizes, default=0))]
             figure.bounded = True
-    return SweepFootprint(matrix.num_trials, entries, checkpoints, artifacts)
+    return SweepFootprint(matrix.num_trials, entries, checkpoints, checkpoint_peak, artifacts)
 
 
 def human(n: float) -> str:
@@ -214,13 +227,13 @@ def describe_footprint(fp: SweepFootprint, cache_path: str | None) -> str:
         f"  stage computations (disk per entry, in {where}): {'; '.join(kinds)}; "
         f"{bound(any_bound)}{human(fp.cache_total)} in all",
     ]
-    for name, figure, what in (
-        ("checkpoints", fp.checkpoints, f"at most {CHECKPOINTS_KEPT} kept per trial, trainable parameters + fp32 master + Adam moments"),
-        ("artifacts", fp.artifacts, "adapter + probe top logits, in MLflow"),
+    for name, figure, what, summed in (
+        ("checkpoints", fp.checkpoints, "the final one each trial leaves: its trained adapter", True),
+        ("checkpoints while training", fp.checkpoint_peak, "the most at once, mid-run ones holding trainable "
+         "parameters + fp32 master + Adam moments, two while one replaces the other", False),
+        ("artifacts", fp.artifacts, "adapter + probe top logits, in MLflow", True),
     ):  # fmt: skip
         if figure.sizes:
-            lines.append(
-                f"  {name} ({what}): {bound(figure.bounded)}{_span(figure.sizes)} per trial, "
-                f"{bound(figure.bounded)}{human(figure.total)} in all"
-            )
+            total = f", {bound(figure.bounded)}{human(figure.total)} in all" if summed else ""
+            lines.append(f"  {name} ({what}): {bound(figure.bounded)}{_span(figure.sizes)} per trial{total}")
     return "\n".join(lines)

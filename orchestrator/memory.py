@@ -6,8 +6,8 @@ sum of what is resident at once:
 - initialize: the quantized base + the attached adapters + the computed updates + one layer's problem,
   with the damping copies of its Gram;
 - train: the quantized base + adapters with grads and optimizer state + activations;
-- evaluate (perplexity during and after training, the probe): the quantized base + adapters with grads
-  and optimizer state (DeepSpeed keeps them) + the evaluation logits.
+- evaluate (perplexity during and after training, the probe, lm-eval): the quantized base + adapters with
+  grads and optimizer state (DeepSpeed keeps them) + the evaluation logits.
 
 Terms (bytes), all stated so a reader can check them by hand:
 - quantized linear weights: each quantizer's own count (QuantizerSpec.linear_bytes, stated in its
@@ -36,9 +36,14 @@ Terms (bytes), all stated so a reader can check them by hand:
 - damping (quailora.linalg.damp, methods with a ``damping`` option > 0): H + λ·mean(diag H)·I makes the
   identity, its scaled copy and the sum, three more fp32 in x in matrices (in/group_size for the pooled
   Gram of qalora_closed_form) beside the Gram: 3·4·in².
-- evaluation logits (quailora.text.perplexity at train.batch_size): the model's logits sliced and cast to
-  fp32, and cross_entropy's fp32 log-probabilities, 2·4·b·s·V; at least the probe's (trials.worker: two
-  validation blocks' logits at the compute dtype and their fp32 copy, 2·s·V·(c + 4), c = 4 meaning no copy).
+- evaluation logits (quailora.text.perplexity at train.batch_size): the forward's logits at the compute dtype,
+  c·b·s·V, and one chunk of positions scored in fp32 (quailora.text.loss_chunk_positions: n = LOSS_CHUNK_BYTES
+  / 8V positions, at most s - 1, at least 1): their fp32 copy (none when c = 4) and cross_entropy's fp32
+  log-probabilities, (4 + 4)·n·V (4·n·V when c = 4); at least the probe's (trials.worker: two validation blocks' logits at the
+  compute dtype and their fp32 copy, 2·s·V·(c + 4), c = 4 meaning no copy). lm-eval (trials.evaluation) is no
+  term of its own: a batch of train.batch_size requests padded to its longest, L tokens (at most the model's
+  positions), holds logits and log-softmax at the compute dtype, 2·c·b·L·V, within the train phase's fp32
+  logits and their gradient 2·4·b·s·V while L <= 4·s/c; tasks with longer requests are not covered.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ from trials.config import TrialConfig
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
 PROBE_ROWS = 2  # trials.worker: the probe's logits are of the first two validation blocks
+# quailora.text.LOSS_CHUNK_BYTES, repeated because plan imports no torch (tests/test_eval_sizing.py: they agree)
+LOSS_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,8 @@ def _layer_problem(
 
 def eval_logits_bytes(trial: TrialConfig, shape: ModelShape) -> int:
     s, b, V, c = trial.data.seq_len, trial.train.batch_size, shape.vocab, weight_bytes(trial)
-    perplexity = 2 * 4 * b * s * V
+    chunk = min(max(s - 1, 1), max(1, LOSS_CHUNK_BYTES // (8 * V)))  # quailora.text.loss_chunk_positions
+    perplexity = c * b * s * V + (4 + (4 if c != 4 else 0)) * chunk * V
     probe = PROBE_ROWS * s * V * (c + 4 if c != 4 else 4)
     return max(perplexity, probe)
 

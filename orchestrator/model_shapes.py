@@ -36,6 +36,10 @@ class ModelShape:
         """(name, in_features, out_features) of every linear layer in every decoder layer."""
         return [linear for layer in self.linear_layers for linear in layer]
 
+    def num_parameters(self) -> int:
+        """Every parameter: the linear layers' weights and the others (biases are in neither: a rounding)."""
+        return sum(n_in * n_out for _, n_in, n_out in self.linears()) + self.other_params
+
     def layer_params(self) -> int:
         """Linear parameters of the largest decoder layer (calibration holds one layer at a time)."""
         return max(sum(n_in * n_out for _, n_in, n_out in layer) for layer in self.linear_layers)

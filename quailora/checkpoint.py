@@ -1,12 +1,22 @@
-"""Lazy, one-tensor-at-a-time reads from a (sharded) safetensors checkpoint.
+"""Lazy reads from a (sharded) safetensors checkpoint, straight onto the device that will use them.
 
-Calibration materializes one decoder layer at a time, so nothing here may load a whole shard.
+Calibration materializes one decoder layer at a time, so nothing here may load a whole shard. A tensor is
+read in its stored dtype from the memory-mapped file onto its target device and converted to the compute
+dtype there: a bf16 checkpoint read for a GPU never exists as a float32 copy in host memory. Reads run on
+a small thread pool (``read_threads``): the copies out of the mapped file (where the page faults, i.e. the
+disk reads, happen) and the conversions are torch ops that release the GIL, and a large tensor is split
+into row chunks so that even one weight is read by several threads. (This is what
+``safe_open(path, framework="pt", device=...)`` does, a view of the mapping moved to the device as stored,
+done per chunk: safe_open would move a whole tensor from one thread.)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,9 +27,72 @@ from quailora.errors import QuailoraInputError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
+READ_THREADS_ENV = "QUAILORA_READ_THREADS"
+MAX_READ_THREADS = 8
+CHUNK_BYTES = 64 * 2**20  # a tensor larger than this is read in row chunks of about this size, in parallel
+INLINE_BYTES = 2**20  # a tensor smaller than this (a norm, a bias) is copied by the calling thread: handing
+# it to the pool and back costs more than the copy
+
+
+def read_threads() -> int:
+    """Threads reading checkpoint tensors: ``$QUAILORA_READ_THREADS`` if set, else the CPUs this process may
+    run on (its affinity mask, which a container or Slurm restricts), at most MAX_READ_THREADS."""
+    value = os.environ.get(READ_THREADS_ENV, "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise QuailoraInputError(f"{READ_THREADS_ENV}={value!r}: expected a positive integer")
+        return threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_READ_THREADS, cpus))
+
+
+def _device(device: torch.device | str | int) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _chunks(tensor: torch.Tensor) -> list[slice | None]:
+    """Row ranges of about CHUNK_BYTES each along dim 0 (None: the whole tensor in one piece)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.dim() == 0 or nbytes <= CHUNK_BYTES or tensor.shape[0] < 2:
+        return [None]
+    pieces = min(tensor.shape[0], -(-nbytes // CHUNK_BYTES))
+    step = -(-tensor.shape[0] // pieces)
+    return [slice(start, min(start + step, tensor.shape[0])) for start in range(0, tensor.shape[0], step)]
+
+
+def _copy_chunk(out: torch.Tensor, stored: torch.Tensor) -> None:
+    """``out[...] = stored`` where ``stored`` is (part of) a view of the mapped file and ``out`` lies on the
+    target device in the target dtype: the stored bytes cross to the device as they are, and the conversion
+    runs there (a CPU target converts while copying out of the mapping, one pass)."""
+    if out.device != stored.device and out.dtype != stored.dtype:
+        stored = stored.to(out.device)  # stored dtype across; converted below, on the device
+    if stored.is_floating_point() and stored.element_size() > 4 and out.dtype != stored.dtype:
+        stored = stored.to(torch.float32)  # wider than float32: rounded through float32, as reads always were
+    out.copy_(stored)
+
+
+class _Read:
+    """One tensor being read: its destination and the futures of its chunks."""
+
+    def __init__(self, name: str, out: torch.Tensor, futures: list[Future], nbytes: int) -> None:
+        self.name, self.out, self.futures, self.nbytes = name, out, futures, nbytes
+
+    def result(self) -> torch.Tensor:
+        for future in self.futures:
+            future.result()
+        return self.out
+
 
 class SafetensorsWeights:
-    """Tensor name -> shard file map of a checkpoint directory; tensors are read on demand as float32."""
+    """Tensor name -> shard file map of a checkpoint directory; tensors are read on demand, by default as
+    float32 on the CPU, or in their stored dtype (``dtype=None``) or any other, on any device."""
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -80,17 +153,89 @@ class SafetensorsWeights:
         with safe_open(path, framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor as a float32 copy: safetensors hands out views of the memory-mapped file."""
-        key, path = self._file(name)
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32, copy=True)
+    def get(
+        self,
+        name: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        threads: int | None = None,
+    ) -> torch.Tensor:
+        """One tensor, an owned copy (never a view of the mapped file) on ``device``: read in its stored dtype,
+        converted on the device to ``dtype`` (None: the stored dtype; integer and bool tensors keep theirs).
+        A large tensor is read in row chunks by ``threads`` threads (default ``read_threads()``)."""
+        return dict(self.read([name], device=device, dtype=dtype, threads=threads))[name]
 
-    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors under ``prefix`` (a module path), keyed relative to it, as ``load_state_dict`` wants.
+    def read(
+        self,
+        names: Iterable[str],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        threads: int | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each of ``names``, in order, each as ``get`` returns it, read ahead on a pool of
+        ``threads`` threads (default ``read_threads()``).
 
-        Read one by one through ``get``, so the file's mapped pages are released after each tensor and
-        the peak stays at one copy of the module plus one tensor.
+        Every name is resolved before any read. At most ``threads`` tensors, and about ``threads`` chunks'
+        worth of bytes (CHUNK_BYTES each) beyond one tensor, are in flight at once: reading a module holds one
+        copy of it plus that bound, and a caller consuming tensors one by one holds only the bound. A tensor's
+        file is mapped only while it is being read.
+        """
+        device, threads = _device(device), threads or read_threads()
+        if threads < 1:
+            raise QuailoraInputError(f"threads={threads}: expected a positive integer")
+        todo = deque((name, *self._file(name)) for name in names)
+        pending: deque[_Read] = deque()
+        pool: ThreadPoolExecutor | None = None
+
+        def run(out: torch.Tensor, stored: torch.Tensor) -> Future:
+            nonlocal pool
+            if threads == 1 or stored.numel() * stored.element_size() < INLINE_BYTES:
+                future: Future = Future()
+                _copy_chunk(out, stored)
+                future.set_result(None)
+                return future
+            if pool is None:
+                pool = ThreadPoolExecutor(threads, thread_name_prefix="quailora-read")
+            return pool.submit(_copy_chunk, out, stored)
+
+        try:
+            while todo or pending:
+                while todo and (
+                    not pending
+                    or (len(pending) < threads and sum(r.nbytes for r in pending) < threads * CHUNK_BYTES)
+                ):
+                    name, key, path = todo.popleft()
+                    with safe_open(path, framework="pt") as f:
+                        stored = f.get_tensor(key)  # a view of the mapping: its bytes are read by the copies
+                    floating = stored.is_floating_point() and dtype is not None
+                    out = torch.empty(stored.shape, dtype=dtype if floating else stored.dtype, device=device)
+                    futures = [
+                        run(out, stored) if rows is None else run(out[rows], stored[rows])
+                        for rows in _chunks(stored)
+                    ]
+                    pending.append(_Read(name, out, futures, stored.numel() * stored.element_size()))
+                    del stored
+                read = pending.popleft()
+                yield read.name, read.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def state_dict(
+        self,
+        prefix: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        threads: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (a module path), keyed relative to it, as ``load_state_dict`` wants, each
+        as ``get`` returns it.
+
+        Read through ``read``: in parallel, with a bounded number of tensors in flight, each tensor's mapped
+        pages released once it is copied, so the peak stays at one copy of the module plus that bound.
         """
         module = prefix.rstrip(".")
         for prefix in (
@@ -102,7 +247,10 @@ class SafetensorsWeights:
                 break
         else:
             raise QuailoraInputError(f"no tensor under {module!r} in checkpoint {str(self.checkpoint_dir)!r}")
-        return {name[len(prefix) :]: self.get(name) for name in names}
+        return {
+            name[len(prefix) :]: tensor
+            for name, tensor in self.read(names, device=device, dtype=dtype, threads=threads)
+        }
 
 
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"

@@ -53,3 +53,21 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
             "device_used_mb": (total - free) / 2**20,
         }
     return {"peak_memory_mb": _status_mb("VmHWM")}
+
+
+class PhasePeaks:
+    """The peaks of the spans of one phase (a trial's stages), each from a reset at its start, and of the phase
+    as a whole, the max over its spans: one peak counter serves both, since reading a span's peak resets it."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.whole: dict[str, float] = {}
+        reset_peak_memory(self.device)
+
+    def end_span(self) -> dict[str, float]:
+        """The span's peaks (``peak_memory_mb`` ...); the next span starts now."""
+        peaks = peak_memory_mb(self.device)
+        for name, value in peaks.items():
+            self.whole[name] = max(self.whole.get(name, 0.0), value)
+        reset_peak_memory(self.device)
+        return peaks

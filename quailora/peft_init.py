@@ -28,13 +28,25 @@ from quailora.quantizers.base import Quantizer
 
 
 class WeightSource(Protocol):
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, *, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The full-precision weight as float32 on ``device`` (read there in its stored dtype, converted there)."""
+        ...
+
     def __contains__(self, name: object) -> bool: ...
 
 
 class GramSource(Protocol):
     def get(self, module_name: str) -> torch.Tensor: ...
     def names(self) -> list[str]: ...
+    def tokens(self, module_name: str) -> int | None: ...
+
+
+def too_few_tokens(grams: GramSource, module_name: str, in_features: int) -> bool:
+    """Whether the module's Gram came from fewer calibration tokens than its input width (or none): such an
+    H = XᵀX/N has rank at most N < in, so the calibrated objective ignores the directions no token spanned.
+    At 128 experts and more most experts see few tokens; they get the uncalibrated solve (H = I) instead."""
+    tokens = grams.tokens(module_name)
+    return tokens is not None and tokens < in_features
 
 
 @dataclass
@@ -46,12 +58,15 @@ class LayerUpdate:
     lora_B: torch.Tensor
     base_residual: tuple[torch.Tensor, torch.Tensor] | None = None
     history: list[float] = field(default_factory=list)
+    uncalibrated: bool = False  # a calibrated method solved with H = I: too few tokens (too_few_tokens)
 
     def cpu(self) -> LayerUpdate:
         """A copy on the CPU: what may be pickled to other processes (a CUDA tensor would unpickle onto
         the sender's device, creating a context on a peer's GPU) or written to the cache."""
         residual = tuple(t.cpu() for t in self.base_residual) if self.base_residual else None
-        return LayerUpdate(self.lora_A.cpu(), self.lora_B.cpu(), residual, list(self.history))
+        return LayerUpdate(
+            self.lora_A.cpu(), self.lora_B.cpu(), residual, list(self.history), self.uncalibrated
+        )
 
 
 def checkpoint_name(peft_name: str) -> str:
@@ -138,7 +153,8 @@ def compute_adapters(
         key = f"{checkpoint_name(name)}.weight"
         if key not in weights:
             raise QuailoraInputError(f"layer {name}: full-precision weight {key!r} is not in the checkpoint")
-        if calibrated and checkpoint_name(name) not in gram_names:
+        key = checkpoint_name(name)
+        if calibrated and key not in gram_names and grams.tokens(key) != 0:  # 0: an expert no token reached
             raise QuailoraInputError(
                 f"layer {name}: method {method!r} needs a Gram for {checkpoint_name(name)!r}; none was collected"
             )
@@ -154,20 +170,26 @@ def compute_adapters(
         base = module.get_base_layer()
         kind = base_layer_kind(base, name)
         quantized = kind.dequantize(base)
-        weight = weights.get(f"{checkpoint_name(name)}.weight").to(quantized.device)
+        weight = weights.get(f"{checkpoint_name(name)}.weight", device=quantized.device)
         layer_options = _layer_options(module, options, adapter_name, seeded, pooled, seed, name)
+        fallback = calibrated and too_few_tokens(grams, checkpoint_name(name), weight.shape[1])
+        gram = None
+        if calibrated:
+            gram = torch.eye(weight.shape[1]) if fallback else grams.get(checkpoint_name(name))
         result = initialize(
             weight,
             quantized,
             module.r[adapter_name],
             method,
-            gram=grams.get(checkpoint_name(name)) if calibrated else None,
+            gram=gram,
             scaling=module.scaling[adapter_name],
             name=name,
             quantizer=quantizer or kind.quantizer(base),
             **layer_options,
         )
-        updates[name] = LayerUpdate(result.lora_A, result.lora_B, result.base_residual, result.history)
+        updates[name] = LayerUpdate(
+            result.lora_A, result.lora_B, result.base_residual, result.history, fallback
+        )
     return updates
 
 
@@ -217,8 +239,8 @@ def apply_adapters(
                 param.copy_(value.to(device=param.device, dtype=param.dtype))
             if update.base_residual is not None:
                 base = module.get_base_layer()
-                weight = weights.get(f"{checkpoint_name(name)}.weight").to(
-                    module.lora_A[adapter_name].weight.device
+                weight = weights.get(
+                    f"{checkpoint_name(name)}.weight", device=module.lora_A[adapter_name].weight.device
                 )
                 base_layer_kind(base, name).requantize(base, rebuilt_base(weight, update.base_residual))
 
@@ -240,6 +262,7 @@ def initialize_peft_model(
 
 ADAPTERS_FILE = "adapters.safetensors"
 HISTORY_FILE = "history.json"
+UNCALIBRATED_FILE = "uncalibrated.json"
 _FIELDS = ("lora_A", "lora_B", "base_left", "base_right")
 
 
@@ -254,6 +277,7 @@ def save_updates(updates: dict[str, LayerUpdate], out_dir: str | Path) -> None:
                 tensors[f"{name}::{field_name}"] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, out / ADAPTERS_FILE)
     (out / HISTORY_FILE).write_text(json.dumps({name: u.history for name, u in updates.items()}))
+    (out / UNCALIBRATED_FILE).write_text(json.dumps(sorted(n for n, u in updates.items() if u.uncalibrated)))
 
 
 def load_updates(in_dir: str | Path) -> dict[str, LayerUpdate]:
@@ -261,6 +285,8 @@ def load_updates(in_dir: str | Path) -> dict[str, LayerUpdate]:
     src = Path(in_dir)
     tensors = load_file(src / ADAPTERS_FILE)
     histories = json.loads((src / HISTORY_FILE).read_text())
+    uncalibrated_file = src / UNCALIBRATED_FILE  # absent in entries written before the fallback existed
+    uncalibrated = set(json.loads(uncalibrated_file.read_text())) if uncalibrated_file.is_file() else set()
     updates = {}
     for name, history in histories.items():
         left, right = tensors.get(f"{name}::base_left"), tensors.get(f"{name}::base_right")
@@ -269,6 +295,7 @@ def load_updates(in_dir: str | Path) -> dict[str, LayerUpdate]:
             tensors[f"{name}::lora_B"],
             (left, right) if left is not None else None,
             history,
+            name in uncalibrated,
         )
     return updates
 

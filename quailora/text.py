@@ -47,6 +47,16 @@ def tokenize_blocks(tokenizer, texts, seq_len: int, max_blocks: int | None = Non
     return blocks(token_stream(tokenizer, texts, max_tokens), seq_len, max_blocks)
 
 
+# fp32 logits scored at once by `perplexity`: each position's fp32 logits and cross_entropy's fp32
+# log-probabilities, 8·V bytes (orchestrator/memory.py's `eval logits` term counts the same chunk).
+LOSS_CHUNK_BYTES = 64 * 2**20
+
+
+def loss_chunk_positions(vocab_size: int) -> int:
+    """Positions `perplexity` scores at once: as many as LOSS_CHUNK_BYTES hold at 8·V bytes each, at least one."""
+    return max(1, LOSS_CHUNK_BYTES // (8 * vocab_size))
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -61,6 +71,11 @@ def perplexity(
     Under torch.distributed each process scores a strided share of the rows and the sums are all-reduced.
     Every process runs the same number of forwards (short shares are padded with weight-0 rows) because
     ZeRO-3 gathers parameters collectively inside each forward.
+
+    Memory: a forward's logits stay as the forward returns them (``batch_size`` x seq_len x V in the model's
+    dtype); they are cast to fp32 and scored loss_chunk_positions(V) positions of one row at a time, so what
+    scoring adds (the fp32 copy and the log-probabilities) stays within LOSS_CHUNK_BYTES (or one position's)
+    whatever the batch and sequence length.
     """
     labels = input_ids if labels is None else labels
     device = device or next(model.parameters()).device
@@ -78,11 +93,32 @@ def perplexity(
         ids = input_ids[rows].to(device)
         targets = labels[rows].to(device)[:, 1:]
         weight = torch.tensor(weights[start : start + batch_size], device=device, dtype=torch.float64)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX)
+        logits = model(input_ids=ids).logits
+        nll = _next_token_nll(logits, targets)
+        del logits
         totals[0] += (nll.sum(dim=1).double() * weight).sum()
         totals[1] += ((targets != IGNORE_INDEX).sum(dim=1).double() * weight).sum()
     if distributed:
         dist.all_reduce(totals)
     model.train(was_training)
     return math.exp(totals[0].item() / totals[1].item())
+
+
+def _next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(rows, seq_len - 1) fp32 NLL of ``targets`` (the labels shifted by one) under ``logits`` (rows, seq_len,
+    V, any dtype), 0 where IGNORE_INDEX; a contiguous run of positions of one row at a time (a view of the
+    logits, so the fp32 cast and the log-probabilities are of that run only). Each position's value does not
+    depend on the runs: cross_entropy over a (positions, V) input computes every position on its own."""
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+    positions = targets.shape[1]
+    step = loss_chunk_positions(logits.shape[-1])
+    for row in range(len(targets)):
+        for begin in range(0, positions, step):
+            end = min(begin + step, positions)
+            nll[row, begin:end] = F.cross_entropy(
+                logits[row, begin:end].float(),
+                targets[row, begin:end],
+                reduction="none",
+                ignore_index=IGNORE_INDEX,
+            )
+    return nll

@@ -115,6 +115,36 @@ ARCHITECTURES: dict[str, ConfigBuilder] = {
         moe_intermediate_size=32,
         shared_expert_intermediate_size=64,
     ),  # fmt: skip
+    "qwen3_moe": _auto(
+        "qwen3_moe", **_GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+    ),
+    "deepseek_v3": _auto(
+        "deepseek_v3",
+        **_GQA,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE
+        q_lora_rank=32,
+        kv_lora_rank=32,  # QA-LoRA pools kv_b_proj's input in groups of 8: 4 >= rank 4
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+    ),  # fmt: skip
+    "olmoe": _auto("olmoe", **_GQA, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": _auto(
+        "gpt_oss",
+        **_GQA,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),  # fmt: skip
     "qwen2": _auto("qwen2", **_GQA),
     "qwen3": _auto("qwen3", **_GQA, head_dim=16),
     "gemma": _auto("gemma", **_GQA, head_dim=16),

@@ -149,6 +149,75 @@ def test_adapter_fits_the_stock_transformers_model(name, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
 
 
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_split_experts_compute_the_fused_module(name, tmp_path):
+    """Split from the fused module's own layout (gpt-oss: transposed, interleaved gate/up, biases, clamped
+    SwiGLU), the experts give the stock model's logits; each expert's tensors read from the checkpoint (per
+    expert under transformers' legacy names, or sliced from gpt-oss's fused tensors) are the split weights."""
+    checkpoint = make_micro_checkpoint(name, tmp_path / "ckpt")
+    stock = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    split = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    layout = Layout.of(split)
+    assert layout.experts() and not any(
+        isinstance(p, nn.Parameter) and p.ndim == 3 for p in split.parameters()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            split(input_ids=IDS).logits, stock(input_ids=IDS).logits, rtol=1e-5, atol=1e-5
+        )
+    weights = ModelWeights(checkpoint, layout)
+    state = split.state_dict()
+    for key, tensor in weights.read(list(state)):
+        assert torch.equal(tensor, state[key]), key
+    # Routers are the linears a MoE block holds beside its experts: qwen2_moe's shared_expert_gate only
+    # (transformers 5's router modules are no nn.Linear).
+    expected = (
+        {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} if name == "qwen2_moe" else set()
+    )
+    assert layout.routers == expected
+
+
+def test_experts_with_too_few_tokens_fall_back_to_the_uncalibrated_solve(tmp_path):
+    """An expert routed fewer calibration tokens than its input width (or none) is solved with H = I, the
+    uncalibrated objective, and flagged; the others use their Gram. The trial tags the fallbacks."""
+    from quailora.peft_init import too_few_tokens
+    from trials.stages import uncalibrated_note
+
+    checkpoint = make_micro_checkpoint("qwen3_moe", tmp_path / "ckpt")
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(1))  # 96 tokens
+    store = collect_grams(checkpoint, ids, tmp_path / "grams")  # 2 of 4 experts each: 48 on average
+    layout = Layout.from_config(str(checkpoint))
+    experts = [n for n in layout.linears() if ".experts." in n]
+    counts = {n: store.tokens(n) for n in experts}
+    assert sum(counts.values()) == 2 * 96 * 3 * 2  # top-2 of 96 tokens, 3 projections, 2 layers
+    assert all(counts[n] == 0 for n in experts if n not in store.names())
+    assert store.tokens("model.layers.0.self_attn.q_proj") == 96
+    config = TrialConfig(model={"path": str(checkpoint)}, lora={"rank": 4}, init={"method": "quailora"})
+    targets = validate_lora_targets(layout.model, "all-linear", 4, exclude=layout.is_router)
+    model = build_adapter(
+        load_quantized_model(checkpoint, config, torch.float32, torch.device("cpu")), config, targets
+    )
+    exact_cpu_4bit(model)
+    weights = ModelWeights(checkpoint, layout)
+    updates = compute_adapters(model, "quailora", weights, store, iterations=5)
+    shapes = layout.linears()
+    fell_back = {checkpoint_name(n) for n, u in updates.items() if u.uncalibrated}
+    assert fell_back == {n for n in targets if too_few_tokens(store, n, shapes[n][0])}
+    assert fell_back and fell_back < set(
+        experts
+    )  # experts routed >= 64 (gate/up) or 32 (down) tokens keep theirs
+    name = next(n for n in updates if checkpoint_name(n) in fell_back)
+    svd = compute_adapters(model, "svd", weights, names=[name])[name]
+    torch.testing.assert_close(
+        updates[name].lora_B @ updates[name].lora_A, svd.lora_B @ svd.lora_A, atol=1e-5, rtol=1e-4
+    )
+    note = uncalibrated_note(updates)
+    assert note.startswith(f"{len(fell_back)} of {len(updates)} layers solved with H = I")
+
+
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [

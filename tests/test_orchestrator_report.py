@@ -10,6 +10,9 @@ import pytest
 from orchestrator import comparison
 from orchestrator.comparison import match_keys, recovered_fraction
 from orchestrator.report import (
+    SECTIONS,
+    Section,
+    SweepRuns,
     build_report,
     learning_curves,
     learning_curves_figure,
@@ -616,3 +619,40 @@ def test_recovered_metrics_name_the_precision_when_a_sweep_has_more_than_one():
     assert list(recovered_metrics(only_nf4)) == [
         "recovered_perplexity_llama_1.2M_quailora_r8"  # one precision: the name as before
     ]
+
+
+def test_a_new_table_is_one_section_builder_and_the_report_renders_it(records):
+    """A builder added to the list of sections is rendered after the others with its title and note, in
+    markdown and HTML, and its numbers are report.<its name>; a section whose table is empty is left out."""
+
+    def runs_per_method(sweep: SweepRuns) -> Section:
+        table = sweep.runs.groupby("method", as_index=False).agg(
+            runs=("seed", "size"), best=("val_ppl_final", "min")
+        )
+        return Section("runs_per_method", "Runs per method", table, note="Finished runs only.")
+
+    def nothing(sweep: SweepRuns) -> Section:
+        return Section("nothing", "Nothing to show", pd.DataFrame())
+
+    report = build_report(records, sections=(*SECTIONS, runs_per_method, nothing))
+    assert report.runs_per_method.set_index("method").runs.to_dict() == {
+        "gaussian": 12, "quailora": 4, "qalora_closed_form": 4
+    }  # fmt: skip
+    text = report.markdown()
+    assert text == build_report(records).markdown() + (
+        "\n\n### Runs per method\n\nFinished runs only.\n\n"
+        "| method             |   runs |   best |\n"
+        "|:-------------------|-------:|-------:|\n"
+        "| gaussian           |     12 | 10.000 |\n"
+        "| qalora_closed_form |      4 | 25.000 |\n"
+        "| quailora           |      4 | 12.500 |"
+    )
+    page = report.html("t")
+    assert "<h2>Runs per method</h2><p>Finished runs only.</p><table" in page and "<td>12.500</td>" in page
+    assert "Nothing to show" not in text + page
+    assert report.nothing.empty
+    with pytest.raises(AttributeError):
+        report.no_such_section  # noqa: B018
+    # every listed builder names its own section (the per model and bit width tables share one name)
+    names = [s.name for s in build_report(records).sections if s.name != "tables"]
+    assert len(names) == len(set(names)) == len(SECTIONS) - 1

@@ -3,20 +3,19 @@ shape is written out here, and the table grouped by identical footprint (--trial
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import dataclasses
 
 import pytest
 
 from orchestrator import plan
 from orchestrator.expand import expand
 from orchestrator.footprint import (
-    CHECKPOINTS_KEPT,
     artifact_bytes,
     calibrate_entry_bytes,
     checkpoint_bytes,
-    checkpoints_kept,
+    checkpoint_peak_bytes,
     describe_footprint,
+    final_checkpoint_bytes,
     initialize_entry_bytes,
     quantize_entry_bytes,
     sweep_footprint,
@@ -80,22 +79,30 @@ def test_entry_checkpoint_and_artifact_bytes_by_hand():
     # fp32 params + fp32 master + two Adam moments; bf16 params + the same fp32 state
     assert checkpoint_bytes(r8, TINY) == 8 * ADAPTER_PER_RANK * 16
     assert checkpoint_bytes(bf16, TINY) == 8 * ADAPTER_PER_RANK * 14
+    assert final_checkpoint_bytes(r8, TINY) == 8 * ADAPTER_PER_RANK * 4  # the adapter alone
+    assert final_checkpoint_bytes(bf16, TINY) == 8 * ADAPTER_PER_RANK * 2
     assert artifact_bytes(r8, TINY) == 8 * ADAPTER_PER_RANK * 4 + PROBE_BYTES
     assert artifact_bytes(bf16, TINY) == 8 * ADAPTER_PER_RANK * 2 + PROBE_BYTES
 
 
+MID, FINAL = 8 * ADAPTER_PER_RANK * 16, 8 * ADAPTER_PER_RANK * 4  # rank 8 (the default), fp32
+
+
 @pytest.mark.parametrize(
-    ("max_steps", "every", "kept"),
-    [(50, 25, 2), (50, 50, 1), (50, 0, 1), (100, 25, 2), (0, 25, 1), (26, 25, 2)],
-)
-def test_checkpoints_kept(max_steps, every, kept):
-    """One at every checkpoint_every-th step before the last, one at the end; Ray Train keeps two."""
-    assert checkpoints_kept(_trial(train={"max_steps": max_steps, "checkpoint_every": every})) == kept
+    ("train", "peak"),
+    [({"max_steps": 50, "checkpoint_every": 25}, 2 * MID), ({"max_steps": 50, "checkpoint_every": 50}, FINAL),
+     ({"max_steps": 50, "checkpoint_every": 0}, FINAL), ({"max_steps": 0}, FINAL),
+     ({"max_steps": 50}, 2 * MID),  # by size: a small model checkpoints every 25 steps
+     ({"max_steps": 20}, FINAL), ({"max_steps": 20, "checkpoint_minutes": 5}, 2 * MID)],
+)  # fmt: skip
+def test_checkpoint_peak(train, peak):
+    """Two mid-run checkpoints while one replaces the other, or the final one alone."""
+    assert checkpoint_peak_bytes(_trial(train=train), TINY) == peak
 
 
-def test_checkpoints_kept_is_what_the_trial_runner_asks_ray_for():
-    source = (Path(__file__).resolve().parents[1] / "trials" / "run.py").read_text()
-    assert re.findall(r"num_to_keep=(\d+)", source) == [str(CHECKPOINTS_KEPT)]
+def test_large_models_checkpoint_by_wall_time():
+    large = dataclasses.replace(TINY, other_params=10**9)
+    assert checkpoint_peak_bytes(_trial(train={"max_steps": 20}), large) == 2 * MID
 
 
 def _sweep(**overrides) -> SweepConfig:
@@ -127,14 +134,23 @@ def test_sweep_summary_by_hand():
         s: n for s, (n, _) in plan_stage_graph(matrix).counts().items()
     }
     assert not any(e.bounded for e in fp.entries.values())
-    # two checkpoints of N·16 bytes per trial, rank 4 and 8 six times each
-    assert fp.checkpoints.total == 6 * 2 * 16 * ADAPTER_PER_RANK * (4 + 8) == 5_013_504
+    # the final checkpoint each trial leaves: N fp32 parameters, rank 4 and 8 six times each
+    assert fp.checkpoints.total == 6 * 4 * ADAPTER_PER_RANK * (4 + 8) == 626_688
+    # while training: two mid-run checkpoints of N·16 bytes (every 25 of the 50 steps, by size)
+    assert (
+        sorted(fp.checkpoint_peak.sizes)
+        == [2 * 16 * 4 * ADAPTER_PER_RANK] * 6 + [2 * 16 * 8 * ADAPTER_PER_RANK] * 6
+    )
     assert fp.artifacts.total == 6 * 4 * ADAPTER_PER_RANK * (4 + 8) + 12 * PROBE_BYTES == 832_512
     text = describe_footprint(fp, "/cache")
     assert "summary: 12 trials" in text
     assert "quantize 2 x 542.5 KiB to 585.8 KiB = 1.1 MiB; calibrate 1 x 113.2 KiB = 113.2 KiB" in text
     assert "initialize 12 x 34.0 KiB to 68.0 KiB = 612.0 KiB; 1.8 MiB in all" in text
-    assert "272.0 KiB to 544.0 KiB per trial, 4.8 MiB in all" in text  # checkpoints
+    assert (
+        "the final one each trial leaves: its trained adapter): 34.0 KiB to 68.0 KiB per trial, 612.0 KiB in all"
+        in text
+    )
+    assert "two while one replaces the other): 272.0 KiB to 544.0 KiB per trial\n" in text
     assert "≤" not in text
 
 
@@ -162,7 +178,7 @@ def test_repeats_private_caches_sampled_fields_and_optuna():
         fp.entries["initialize"].sizes == [4 * 8 * ADAPTER_PER_RANK] * 3 and fp.entries["initialize"].bounded
     )
     assert len(fp.entries["quantize"].sizes) == 1 and not fp.entries["quantize"].bounded
-    assert fp.checkpoints.total == 3 * 2 * 16 * 8 * ADAPTER_PER_RANK and fp.checkpoints.bounded
+    assert fp.checkpoints.total == 3 * 4 * 8 * ADAPTER_PER_RANK and fp.checkpoints.bounded
     assert "initialize ≤ 3 x" in describe_footprint(fp, "/cache")
 
     # Optuna runs num_samples trials over the grid: at most that many entries, the largest ones
@@ -173,7 +189,8 @@ def test_repeats_private_caches_sampled_fields_and_optuna():
     fp = sweep_footprint(expand(optuna), lambda path: TINY)
     assert fp.entries["initialize"].sizes == [4 * 16 * ADAPTER_PER_RANK, 4 * 8 * ADAPTER_PER_RANK]
     assert len(fp.entries["quantize"].sizes) == 1 and fp.entries["calibrate"].sizes == []
-    assert fp.checkpoints.counts == [(2, 2 * 16 * 16 * ADAPTER_PER_RANK)] and fp.checkpoints.bounded
+    assert fp.checkpoints.counts == [(2, 4 * 16 * ADAPTER_PER_RANK)] and fp.checkpoints.bounded
+    assert fp.checkpoint_peak.counts == [(2, 2 * 16 * 16 * ADAPTER_PER_RANK)]
 
 
 def test_table_groups_identical_footprints_and_trials_shows_every_row(monkeypatch):

@@ -90,7 +90,7 @@ def trial(tmp_path_factory, mlflow_server):
 def test_two_worker_trial_reports_every_metric(trial):
     metrics, config = trial["metrics"], trial["config"]
     stage_metrics = {f"{stage}_{kind}" for stage in ("quantize", "calibrate", "initialize")
-                     for kind in ("seconds", "saved_seconds")}  # fmt: skip
+                     for kind in ("seconds", "saved_seconds", "peak_memory_mb")}  # fmt: skip
     assert set(metrics) == {"val_ppl_init", "val_ppl_final", "test_ppl_final", "train_seconds", "tokens_per_second",
                             "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
                             "stage_transfer_bytes", "stage_wait_seconds", "artifact_bytes", *stage_metrics}  # fmt: skip

@@ -39,7 +39,10 @@ def trial(tmp_path_factory):
         quant={"method": "int", "bits": 4, "group_size": 16},
         init={"method": "qalora_closed_form"},
         train={"zero_stage": 3},
-        eval={"lm_eval_tasks": ["reference:cloze"], "lm_eval_limit": 8},  # ZeRO-3: every rank runs it
+        eval={
+            "lm_eval_tasks": ["reference:cloze"],
+            "lm_eval_limit": 8,
+        },  # ZeRO-3: the ranks split its requests
     )
     uri = default_tracking_uri(root)
     ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)

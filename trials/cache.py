@@ -75,6 +75,7 @@ class StageOutcome:
     seconds: float = 0.0
     saved_seconds: float = 0.0
     waited_seconds: float = 0.0
+    peak_memory_mb: float = 0.0  # the stage's own peak on the device (RSS on CPU); 0: not measured
 
 
 @dataclass(frozen=True)

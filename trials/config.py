@@ -118,16 +118,39 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0)  # 0: only at the end
-    checkpoint_every: int = Field(25, ge=0)  # 0: never
+    # Mid-run checkpoints every this many steps (0: never) and/or minutes of wall time; neither set: chosen by
+    # model size (trials/checkpointing.py: 25 steps below 1B parameters, else 30 minutes).
+    checkpoint_every: int | None = Field(None, ge=0)
+    checkpoint_minutes: float | None = Field(None, gt=0)
     max_failures: int = Field(
         1, ge=0
     )  # Ray Train restarts after a worker failure; each resumes from the last checkpoint
 
 
+# eval.lm_eval_limit left unset: lm-eval scores every document of each task for a model below
+# LM_EVAL_LARGE_MODEL_PARAMETERS parameters (the checkpoint's count, as validation counts it), and the first
+# LM_EVAL_LARGE_MODEL_LIMIT documents of each task from there: an accuracy's standard error stays under 1.6
+# points (0.5/sqrt(1000)) and two methods scored on the same documents compare more finely still, while a
+# sweep of large-model trials is not dominated by full tasks of 10k+ documents (HellaSwag, MMLU). The same
+# threshold as the checkpoint interval's (trials/checkpoint_policy.py). docs/trials.md, "Evaluation".
+LM_EVAL_LARGE_MODEL_PARAMETERS = 1_000_000_000
+LM_EVAL_LARGE_MODEL_LIMIT = 1000
+
+
 class EvalSpec(_Strict):
     perplexity: bool = True
     lm_eval_tasks: list[str] = Field(default_factory=list)
-    lm_eval_limit: int | None = None
+    # Documents scored per lm-eval task (the first ones, as lm-eval's --limit); None: chosen by model size,
+    # see lm_eval_limit_for. A value above a task's size scores all of it, also on a large model.
+    lm_eval_limit: int | None = Field(None, ge=1)
+
+    def lm_eval_limit_for(self, num_parameters: int) -> int | None:
+        """The limit lm-eval runs with on a model of ``num_parameters``: ``lm_eval_limit`` when set, whatever
+        the size; else None (every document) below LM_EVAL_LARGE_MODEL_PARAMETERS, LM_EVAL_LARGE_MODEL_LIMIT
+        from there."""
+        if self.lm_eval_limit is not None:
+            return self.lm_eval_limit
+        return LM_EVAL_LARGE_MODEL_LIMIT if num_parameters >= LM_EVAL_LARGE_MODEL_PARAMETERS else None
 
 
 class ResourcesSpec(_Strict):

@@ -34,6 +34,11 @@ def stage_saved_seconds(stage: str) -> str:
     return f"{stage}_saved_seconds"
 
 
+def stage_peak_memory(stage: str) -> str:
+    """The stage's own peak memory (MiB, max over the workers): which stage sets the trial's init peak."""
+    return f"{stage}_peak_memory_mb"
+
+
 # Bytes of stage entries the trial's rank 0 sent to its ranks on other nodes (trials/stage_transfer.py).
 STAGE_TRANSFER_BYTES = "stage_transfer_bytes"
 # Seconds the trial waited for its stages: for the sweep's stage job that computes them ahead of it, and on
@@ -46,7 +51,7 @@ RESULT_METRICS = (
     VAL_PPL_INIT,
     VAL_PPL_FINAL,
     TEST_PPL_FINAL,
-    *(name for stage in STAGES for name in (stage_seconds(stage), stage_saved_seconds(stage))),
+    *(f(stage) for stage in STAGES for f in (stage_seconds, stage_saved_seconds, stage_peak_memory)),
     STAGE_TRANSFER_BYTES,
     STAGE_WAIT_SECONDS,
     ARTIFACT_BYTES,
@@ -79,6 +84,9 @@ STOPPED_EARLY_TAG = "quailora.stopped_early"  # "true": the sweep's scheduler (A
 TRIAL_ID_TAG = "tune_trial_id"
 TRIAL_NAME_TAG = "trial_name"
 EVAL_PATH_TAG = "quailora.eval_path"  # how the quantized base computed: quailora.base_layers.eval_path
+# Layers a calibrated init solved uncalibrated (H = I): MoE experts too few calibration tokens were routed to
+# (quailora.peft_init.too_few_tokens); trials.stages.uncalibrated_note writes the value. Absent: none.
+UNCALIBRATED_TAG = "quailora.uncalibrated_layers"
 # What the report groups and matches runs on.
 FAMILY_TAG, SIZE_TAG, BITS_TAG, QUANTIZER_TAG = "family", "size", "bits", "quantizer"
 METHOD_TAG, RANK_TAG, SEED_TAG = "method", "rank", "seed"

@@ -33,7 +33,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from quailora.architectures import ModelWeights
 from quailora.base_layers import base_layer_kind, base_layers
@@ -47,6 +47,7 @@ from quailora.registry import Registry
 from reference.cache import resolve_model
 from trials.config import TrialConfig
 from trials.contract import ADAPTER_ARTIFACT, BASE_ARTIFACT, DEEPSPEED_ARTIFACT, PROBE_ARTIFACT, PROBE_LOGITS
+from trials.evaluation import config_parameters
 from trials.quantized_model import load_quantized_model
 from trials.tracking import config_from_params
 
@@ -285,8 +286,11 @@ def lm_eval_command(run: TrialRun, spec: dict, out: Path) -> str | None:
     if any(name.startswith("reference:") for name in names):
         parts.append(f"--include_path {task_dir()}")
     parts.append(f"--tasks {','.join(resolve_task(name) for name in names)}")
-    if run.config.eval.lm_eval_limit is not None:
-        parts.append(f"--limit {run.config.eval.lm_eval_limit}")
+    limit = run.config.eval.lm_eval_limit_for(
+        config_parameters(AutoConfig.from_pretrained(out / spec["base"]))
+    )
+    if limit is not None:  # the trial's own limit, also when chosen by model size
+        parts.append(f"--limit {limit}")
     parts.append(f"--batch_size {run.config.train.batch_size}")
     return " \\\n    ".join(parts)
 

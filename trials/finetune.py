@@ -4,10 +4,9 @@ that carry the training progress so a resumed trial reports cumulative figures."
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import deepspeed
 import ray.train
@@ -15,21 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trials.checkpoint_policy import CheckpointPolicy
+from trials.checkpointing import CheckpointClock, TrainProgress, report_checkpoint, restore
 from trials.config import TrialConfig
 from trials.contract import STEP, TRAIN_LOSS, VAL_PPL
 from trials.deepspeed_config import deepspeed_config, warmup_scheduler
 from trials.deepspeed_ops import build_deepspeed_ops
-
-CHECKPOINT_TAG = "trial"
-
-
-@dataclass
-class TrainProgress:
-    """How far training got, saved in every checkpoint so a resumed trial reports cumulative figures."""
-
-    step: int = 0
-    train_seconds: float = 0.0
-    tokens: int = 0
 
 
 @dataclass
@@ -93,35 +83,13 @@ def resolved_deepspeed_config(engine, warmup_steps: int) -> dict:
     }
 
 
-def report_checkpoint(engine, progress: TrainProgress, metrics: dict[str, float]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        # Only the adapter and optimizer: the frozen quantized base is rebuilt from the model checkpoint.
-        engine.save_checkpoint(
-            tmp, tag=CHECKPOINT_TAG, client_state=asdict(progress), exclude_frozen_parameters=True
-        )
-        ray.train.report(
-            {**metrics, STEP: progress.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-        )
-
-
-def _resume_progress(engine) -> TrainProgress:
-    """The progress saved with the last checkpoint (a field older checkpoints lack keeps its default)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return TrainProgress()
-    with checkpoint.as_directory() as path:
-        _, client_state = engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_module_strict=False)
-    return TrainProgress(
-        **{f.name: client_state[f.name] for f in fields(TrainProgress) if f.name in client_state}
-    )
-
-
 def fine_tune(
     model: nn.Module,
     config: TrialConfig,
     train_blocks: torch.Tensor,  # [n, 2, seq_len]: input ids and labels
     device: torch.device,
     precision: str,  # resolved: bf16, fp16 or fp32 (trials.deepspeed_config.resolve_precision)
+    policy: CheckpointPolicy,  # trials.checkpointing.checkpoint_policy, resolved by the driver
     log: Callable[[dict[str, float], int], None],
     evaluate: Callable[[nn.Module], float],
     log_config: Callable[[dict], None],
@@ -140,7 +108,8 @@ def fine_tune(
         dist_init_required=False,  # Ray Train already created the process group
     )
     log_config(resolved_deepspeed_config(engine, train.warmup_steps))
-    progress = _resume_progress(engine)
+    progress = restore(engine, device, zero3=train.zero_stage == 3)
+    clock = CheckpointClock(policy, device)
     result = FineTuned(engine, progress, resumed_from_step=progress.step)
     for step in range(progress.step + 1, train.max_steps + 1):
         synchronize(device)
@@ -169,8 +138,9 @@ def fine_tune(
             if step == train.max_steps:
                 result.last_val_ppl = values[VAL_PPL]
         log(values, step)
-        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
-            report_checkpoint(engine, progress, values)
+        if step < train.max_steps and clock.due(step):
+            report_checkpoint(engine, progress, values, device)
+            clock.saved()
         elif VAL_PPL in values and step < train.max_steps:
             # Eval points reach Ray Tune, whose ASHA stops trials on val_ppl. Not the last step: the final
             # report follows at once, and ASHA would stop a trial whose step reached max_t before it.

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from trials.checkpoint_policy import CHECKPOINTS_KEPT, checkpoint_policy
 from trials.config import TrialConfig
 from trials.contract import FAILURE_TAG, STOPPED_EARLY_TAG, is_result_metric
 from trials.entry import stage_loop, train_loop
@@ -176,6 +177,7 @@ def run_trial(
                 "cache_path": str(cache_path or private_cache_path(storage_path, run_name)),
                 "precomputed": list(precomputed),
                 "waited_seconds": waited_seconds,
+                "checkpoint_policy": checkpoint_policy(config.train, plan.num_parameters).to_json(),
             },
             scaling_config=scaling_config(config),
             torch_config=NodeAddressTorchConfig(),
@@ -184,7 +186,7 @@ def run_trial(
                 storage_path=storage_path,
                 callbacks=[handle.callback, *callbacks],  # the handoff first: before Tune sees any report
                 failure_config=failure_config(config),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             ),
         )
         try:

@@ -27,8 +27,10 @@ import torch.distributed as dist
 from torch import nn
 
 from quailora.architectures import Layout, ModelWeights, load_model_config
+from quailora.architectures.derive import PEFT_PREFIX
 from quailora.calibration import GramStore, ProcessGroupSum, collect_grams, partition_layers, sequence_share
 from quailora.initializers import needs_gram
+from quailora.peak_memory import PhasePeaks
 from quailora.peft_init import (
     LayerUpdate,
     apply_adapters,
@@ -76,6 +78,7 @@ class StageContext:
     dtype: torch.dtype
     cache: StageCache
     transfer: EntryTransfer | None = None  # default: every rank on one node
+    peaks: PhasePeaks | None = None  # given: each stage's own peak memory is measured into its outcome
 
     def __post_init__(self) -> None:
         if self.transfer is None:
@@ -186,6 +189,19 @@ def initialize(
     return key, _whole(outcome, began), updates
 
 
+def uncalibrated_note(updates: dict[str, LayerUpdate], shown: int = 8) -> str | None:
+    """The UNCALIBRATED_TAG value: how many layers fell back to the uncalibrated solve, and the first few."""
+    names = sorted(name.removeprefix(PEFT_PREFIX) for name, u in updates.items() if u.uncalibrated)
+    if not names:
+        return None
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return (
+        f"{len(names)} of {len(updates)} layers solved with H = I (fewer calibration tokens than inputs): "
+        + ", ".join(names[:shown])
+        + more
+    )
+
+
 def prepare_model(
     ctx: StageContext,
     calib_ids: torch.Tensor | None,
@@ -196,10 +212,19 @@ def prepare_model(
     the init's updates. ``before_adapter`` sees the quantized base before LoRA wraps it (a trial measures it
     and turns gradient checkpointing on there)."""
     base, quantized, quantize_outcome = quantize(ctx)
+    quantize_outcome = _with_peak(ctx, quantize_outcome)
     grams, calibrated, calibrate_outcome = calibrate(ctx, calib_ids)
+    calibrate_outcome = _with_peak(ctx, calibrate_outcome)
     before_adapter(base)
     model = build_adapter(base, ctx.config, target_names)
     if ctx.device.type == "cpu":
         exact_cpu_4bit(model)  # evaluation then computes with Q in the model's dtype, as on CUDA
     _, initialize_outcome, updates = initialize(ctx, model, grams, target_names, quantized, calibrated)
+    initialize_outcome = _with_peak(ctx, initialize_outcome)
     return model, [quantize_outcome, calibrate_outcome, initialize_outcome], updates
+
+
+def _with_peak(ctx: StageContext, outcome: StageOutcome) -> StageOutcome:
+    if ctx.peaks is None:
+        return outcome
+    return dataclasses.replace(outcome, peak_memory_mb=ctx.peaks.end_span()["peak_memory_mb"])

@@ -24,11 +24,13 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import eval_path
 from quailora.initializers import needs_gram
-from quailora.peak_memory import peak_memory_mb, reset_peak_memory
+from quailora.peak_memory import PhasePeaks, peak_memory_mb, reset_peak_memory
 from quailora.peft_init import save_base_residuals
 from quailora.text import perplexity, tokenize_blocks
 from trials import stages
 from trials.cache import StageCache, StageOutcome, tree_size
+from trials.checkpoint_policy import CheckpointPolicy
+from trials.checkpointing import report_final
 from trials.config import TrialConfig
 from trials.contract import (
     ADAPTER_ARTIFACT,
@@ -43,16 +45,18 @@ from trials.contract import (
     STAGE_WAIT_SECONDS,
     STOPPED_AT_STEP,
     TEST_PPL_FINAL,
+    UNCALIBRATED_TAG,
     VAL_PPL_FINAL,
     VAL_PPL_INIT,
     stage_param,
+    stage_peak_memory,
     stage_saved_seconds,
     stage_seconds,
     stage_tag,
 )
 from trials.deepspeed_config import compute_dtype, resolve_precision
 from trials.evaluation import lm_eval_accuracies
-from trials.finetune import fine_tune, report_checkpoint
+from trials.finetune import fine_tune
 from trials.probe import make_probe
 from trials.quantized_model import serialized_size_mb
 from trials.sources import load_texts, token_blocks
@@ -162,9 +166,9 @@ def _all_max(values: dict[str, float], device: torch.device) -> dict[str, float]
     return dict(zip(values, t.tolist(), strict=True))
 
 
-def _phase_peaks(phase: str, device: torch.device) -> dict[str, float]:
+def _phase_peaks(phase: str, peaks: dict[str, float], device: torch.device) -> dict[str, float]:
     """``<phase>_peak_memory_mb`` etc.: each the max over the workers."""
-    return {f"{phase}_{name}": value for name, value in _all_max(peak_memory_mb(device), device).items()}
+    return {f"{phase}_{name}": value for name, value in _all_max(peaks, device).items()}
 
 
 def _save_adapter_and_probe(
@@ -190,23 +194,17 @@ def evaluate_final(
     model, config: TrialConfig, data: TrialData, evaluate, last_val_ppl: float | None = None
 ) -> dict[str, float]:
     """Perplexity after fine-tuning (validation; test where data.test is set) and the lm-eval accuracies, on
-    every rank (ZeRO-3 forwards are collective). `last_val_ppl`: the validation perplexity the last training
-    step already measured on these weights (FineTuned.last_val_ppl), not computed again."""
+    every rank (ZeRO-3 forwards are collective), each scoring its share of the rows and requests.
+    `last_val_ppl`: the validation perplexity the last training step already measured on these weights
+    (FineTuned.last_val_ppl), not computed again."""
     results = {}
     if config.eval.perplexity:
         results[VAL_PPL_FINAL] = evaluate(model) if last_val_ppl is None else last_val_ppl
     if data.test is not None:
         results[TEST_PPL_FINAL] = evaluate(model, data.test)
     if config.eval.lm_eval_tasks:
-        accuracies = [
-            lm_eval_accuracies(
-                model,
-                data.tokenizer,
-                config.eval.lm_eval_tasks,
-                config.eval.lm_eval_limit,
-                config.train.batch_size,
-            )  # fmt: skip
-        ]
+        # every rank scores its share of the requests (trials.evaluation.ProcessGroupLM)
+        accuracies = [lm_eval_accuracies(model, data.tokenizer, config.eval, config.train.batch_size)]
         dist.broadcast_object_list(accuracies, src=0)  # only rank 0 gets lm-eval's results
         results.update(accuracies[0])
     return results
@@ -223,10 +221,10 @@ def train_trial(loop_config: dict) -> None:
         loop_config["tracking_uri"], loop_config["run_id"], enabled=dist.get_rank() == 0
     )
     transfer = EntryTransfer(ray.train.get_context().get_node_rank(), device, loop_config["run_id"])
+    peaks = PhasePeaks(device)  # the init phase: loading data, the stages (each measured), the first eval
     ctx = stages.StageContext(
-        config, checkpoint, device, dtype, StageCache(loop_config["cache_path"]), transfer
+        config, checkpoint, device, dtype, StageCache(loop_config["cache_path"]), transfer, peaks
     )
-    reset_peak_memory(device)
 
     data = load_data(config, checkpoint)
     torch.manual_seed(config.seed)
@@ -252,6 +250,8 @@ def train_trial(loop_config: dict) -> None:
     tracker.stages(outcomes)
     tracker.changed_base(updates)
     tracker.tag(EVAL_PATH_TAG, eval_path(device, dtype))
+    if (uncalibrated := stages.uncalibrated_note(updates)) is not None:
+        tracker.tag(UNCALIBRATED_TAG, uncalibrated)
 
     def evaluate(module, blocks=(data.validation, data.validation_labels)) -> float:
         return perplexity(module, blocks[0], config.train.batch_size, device, blocks[1])
@@ -263,7 +263,9 @@ def train_trial(loop_config: dict) -> None:
         MODEL_SIZE_MB: measured["model_size_mb"],
     }
     summary[VAL_PPL_INIT] = evaluate(model)
-    summary.update(_phase_peaks("init", device))
+    summary.update(_all_max({stage_peak_memory(o.stage): o.peak_memory_mb for o in outcomes}, device))
+    peaks.end_span()
+    summary.update(_phase_peaks("init", peaks.whole, device))
     tracker.metrics(dict(summary), 0)
     logged_at_start = set(summary)
     reset_peak_memory(device)  # from here on: fine-tuning and the final evaluation
@@ -274,6 +276,7 @@ def train_trial(loop_config: dict) -> None:
         data.train,
         device,
         precision,
+        CheckpointPolicy(**loop_config["checkpoint_policy"]),
         log=tracker.metrics,
         evaluate=evaluate,
         log_config=lambda resolved: tracker.json_artifact(DEEPSPEED_ARTIFACT, resolved),
@@ -293,9 +296,9 @@ def train_trial(loop_config: dict) -> None:
     _save_adapter_and_probe(
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
     )
-    summary.update(_phase_peaks("train", device))
+    summary.update(_phase_peaks("train", peak_memory_mb(device), device))
     summary[ARTIFACT_BYTES] = float(tracker.artifact_bytes)  # rank 0's: it logs them
     tracker.metrics({k: v for k, v in summary.items() if k not in logged_at_start}, config.train.max_steps)
     # Ray Train's Result carries the metrics of the last checkpoint, so the final report comes with one
     # (a restart after this point re-evaluates instead of re-training).
-    report_checkpoint(engine, progress, summary)
+    report_final(engine, progress, summary, zero3=config.train.zero_stage == 3)

@@ -2,8 +2,10 @@
 
 The decoder layers are the ModuleList of ``num_hidden_layers`` blocks; the linear layers are nn.Linear
 (bitsandbytes and Falcon's subclasses included) and GPT-2's Conv1D; non-persistent buffers (rotary tables,
-Gemma's embedding scale) are rebuilt by the model's own ``_init_weights``. What cannot be derived lives in
-one ``Architecture`` per file of this package.
+Gemma's embedding scale) are rebuilt by the model's own ``_init_weights``; fused MoE experts are split
+(``experts.py``), and the routers are the linears a MoE block holds beside its experts. The checkpoint's
+names for the model's tensors come from transformers' own conversion mapping (the one ``from_pretrained``
+loads with), resolved against the checkpoint's keys (``weights.py``).
 """
 
 from __future__ import annotations
@@ -14,18 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.conversion_mapping import extract_weight_conversions_for_model
+from transformers.core_model_loading import WeightRenaming, apply_renamings
 from transformers.pytorch_utils import Conv1D
 
-from quailora.architectures.experts import LinearExperts, is_fused_experts
-from quailora.architectures.spec import ARCHITECTURES, Architecture
+from quailora.architectures.experts import LinearExperts, checkpoint_names, is_fused_experts
 from quailora.errors import QuailoraInputError
 
 PEFT_PREFIX = "base_model.model."
-
-
-def architecture(model_type: str) -> Architecture:
-    """The registered facts of ``model_type``; an unregistered type gets none (everything derived)."""
-    return ARCHITECTURES.get(model_type) if model_type in ARCHITECTURES else Architecture()
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -82,11 +80,10 @@ def find_layers(model: nn.Module) -> str:
     )
 
 
-def prepare(model: nn.Module, arch: Architecture | None = None) -> set[str]:
+def prepare(model: nn.Module) -> set[str]:
     """Make every projection an nn.Linear of weight (out, in), in place, on any device (meta included):
     Conv1D becomes nn.Linear (its weight transposed) and fused experts become LinearExperts.
     Returns the names of the converted Conv1D modules (their checkpoint weights are (in, out))."""
-    arch = arch or architecture(model.config.model_type)
     transposed = set()
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
@@ -98,14 +95,29 @@ def prepare(model: nn.Module, arch: Architecture | None = None) -> set[str]:
             setattr(parent, child, linear)
             transposed.add(name)
         elif is_fused_experts(module) and not isinstance(module, LinearExperts):
-            if arch.experts is None:
-                raise QuailoraInputError(
-                    f"model_type {model.config.model_type!r}: {name} is a fused experts module "
-                    f"({type(module).__name__}); add its per-expert checkpoint names (ExpertNames) in "
-                    f"quailora/architectures/{model.config.model_type}.py"
-                )
-            setattr(parent, child, LinearExperts(module, arch.experts, name))
+            where = f"model_type {model.config.model_type!r}: {name}"
+            setattr(parent, child, LinearExperts(module, checkpoint_names(model, name), where))
     return transposed
+
+
+def find_routers(model: nn.Module) -> frozenset[str]:
+    """The linears a MoE block holds directly beside its experts (qwen2_moe's ``shared_expert_gate``; the
+    ``gate`` of transformers 4 MoE models): they route or weigh tokens, the experts' and shared experts'
+    projections lie inside their own modules. transformers 5's own router modules are no nn.Linear."""
+    return frozenset(
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if any(isinstance(m, LinearExperts) for m in module.children())
+        for child, m in module.named_children()
+        if is_linear(m)
+    )
+
+
+def checkpoint_renamings(model: nn.Module) -> list[WeightRenaming]:
+    """transformers' renamings of checkpoint keys for this model (Mixtral's ``block_sparse_moe``, GPT-NeoX's
+    ``embed_out``), reversed: model key -> the key checkpoints store it under."""
+    conversions = extract_weight_conversions_for_model(model) or []
+    return [c.reverse_transform() for c in conversions if isinstance(c, WeightRenaming)]
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:
@@ -132,16 +144,16 @@ class Layout:
     """A model's decoder layers and linear layers, derived from its (prepared) modules."""
 
     model: nn.Module
-    arch: Architecture
     layers_path: str
     transposed: set[str] = field(default_factory=set)
+    routers: frozenset[str] = frozenset()
+    renamings: list[WeightRenaming] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, *, prepared: set[str] | None = None) -> Layout:
         """The layout of ``model``; prepares it (in place) unless ``prepared`` gives prepare's result."""
-        arch = architecture(model.config.model_type)
-        transposed = prepare(model, arch) if prepared is None else prepared
-        return cls(model, arch, find_layers(model), transposed)
+        transposed = prepare(model) if prepared is None else prepared
+        return cls(model, find_layers(model), transposed, find_routers(model), checkpoint_renamings(model))
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | str) -> Layout:
@@ -177,7 +189,10 @@ class Layout:
         return int(index)
 
     def is_router(self, name: str) -> bool:
-        return any(name.endswith("." + suffix) for suffix in self.arch.routers)
+        """Never adapted (``all-linear`` leaves it out): a low-rank update of a router moves the discrete
+        top-k choice of experts, not a projection's output; it is quantized like the other linears, as
+        transformers' bitsandbytes loading does (docs/architectures.md)."""
+        return name.removeprefix(PEFT_PREFIX) in self.routers
 
     def linears(self, index: int | None = None) -> dict[str, tuple[int, int]]:
         """Full name -> (in, out) of every linear layer inside decoder layer ``index`` (all layers if None)."""
@@ -189,10 +204,13 @@ class Layout:
         }
 
     def checkpoint_key(self, key: str) -> str:
-        """The checkpoint's key for the model's state-dict ``key`` (before any base-model prefix strip)."""
-        for module_part, stored_part in self.arch.checkpoint_renames:
-            key = key.replace(module_part, stored_part)
-        return key
+        """The legacy checkpoint key transformers renames to the model's state-dict ``key`` (``key`` itself
+        if none; before any base-model prefix strip)."""
+        return apply_renamings(key, self.renamings) if self.renamings else key
+
+    def experts(self) -> dict[str, LinearExperts]:
+        """Name -> split experts module."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, LinearExperts)}
 
     def stored_transposed(self, key: str) -> bool:
         """Whether the checkpoint holds ``key`` (a converted Conv1D weight) as (in, out)."""

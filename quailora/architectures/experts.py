@@ -2,20 +2,30 @@
 
 transformers 5 stores experts fused, which bitsandbytes does not quantize and peft's LoRA does not see as
 linear layers. Unfused, each expert's projections are quantized, calibrated (a Gram over the tokens routed
-to that expert) and adapted like any other linear layer; the computation is the eager loop of
-transformers' own experts modules, so outputs are unchanged.
+to that expert) and adapted like any other linear layer. Everything is read from the fused module itself:
+its parameters' shapes, and the layout flags transformers' ``use_experts_implementation`` sets on it
+(transposed, gate/up concatenated or interleaved, biases, gated); the gating is the module's own
+``_apply_gate`` (gpt-oss's clamped SwiGLU included), so outputs are those of the fused module.
+The per-expert names are the checkpoint's, from transformers' conversion mapping where it has one.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.conversion_mapping import extract_weight_conversions_for_model
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
-from quailora.architectures.spec import ExpertNames
 from quailora.errors import QuailoraInputError
+
+# The projections' names where the checkpoint stores the experts fused (or transformers has no per-expert
+# mapping): those of transformers' qwen2_moe-family mapping, which peft's MoE target mapping also knows.
+DEFAULT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -23,50 +33,153 @@ def is_fused_experts(module: nn.Module) -> bool:
     return any(p.ndim == 3 for p in params.values())
 
 
+def _leaf(pattern: str) -> str:
+    """``w1`` of ``.experts.*.w1.weight`` (escaped or not)."""
+    return pattern.replace("\\", "").rsplit("*.", 1)[1].removesuffix(".weight")
+
+
+def checkpoint_names(model: nn.Module, module_name: str) -> dict[str, str]:
+    """The per-expert names (gate, up, down -> name) of the fused experts at ``module_name``: from the
+    converter transformers loads them with (per-expert tensors merged on dim 0, gate then up concatenated),
+    DEFAULT_NAMES where it has none (the checkpoint then stores them fused, read in slices)."""
+    names = dict(DEFAULT_NAMES)
+    for conversion in extract_weight_conversions_for_model(model) or []:
+        if not isinstance(conversion, WeightConverter):
+            continue
+        target = conversion._original_target_patterns[0].replace("\\", "")
+        sources, ops = conversion._original_source_patterns, conversion.operations
+        merged = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+        if not merged or not all("*" in s for s in sources):
+            continue
+        if f"{module_name}.gate_up_proj".endswith(target) and len(sources) == 2 and len(ops) == 2:
+            if isinstance(ops[1], Concatenate) and ops[1].dim == 1:
+                names["gate"], names["up"] = _leaf(sources[0]), _leaf(sources[1])
+        elif f"{module_name}.down_proj".endswith(target) and len(sources) == 1 and len(ops) == 1:
+            names["down"] = _leaf(sources[0])
+    return names
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """Where one expert projection lies in a fused parameter: ``param[expert]``, transposed if the module
+    stores (in, out), then the rows of the projection (gate/up concatenated or interleaved)."""
+
+    param: str
+    expert: int
+    transposed: bool
+    rows: slice
+
+    def __call__(self, fused: torch.Tensor) -> torch.Tensor:
+        part = fused[self.expert]
+        if self.transposed and part.ndim == 2:
+            part = part.T
+        return part[self.rows].contiguous()
+
+    def shape(self, fused_shape: tuple[int, ...]) -> tuple[int, ...]:
+        part = fused_shape[1:]
+        if self.transposed and len(part) == 2:
+            part = part[::-1]
+        return (len(range(part[0])[self.rows]), *part[1:])
+
+
 class LinearExperts(nn.ModuleList):
     """``experts.<e>.<gate|up|down>`` nn.Linear modules, named as in the checkpoint, computing like the fused module."""
 
-    def __init__(self, fused: nn.Module, names: ExpertNames, where: str) -> None:
+    def __init__(self, fused: nn.Module, names: dict[str, str], where: str) -> None:
         params = dict(fused.named_parameters(recurse=False))
-        if set(params) != {"gate_up_proj", "down_proj"} or not hasattr(fused, "act_fn"):
+        gated = getattr(fused, "has_gate", "gate_up_proj" in params)
+        first = "gate_up_proj" if gated else "up_proj"
+        bias = getattr(fused, "has_bias", False)
+        expected = {first, "down_proj"} | ({f"{first}_bias", "down_proj_bias"} if bias else set())
+        if (
+            set(params) != expected
+            or getattr(fused, "has_post_expert_norm", False)
+            or any(True for _ in fused.buffers(recurse=False))
+            or not (hasattr(fused, "act_fn") or hasattr(fused, "_apply_gate"))
+        ):
             raise QuailoraInputError(
                 f"{where}: experts module {type(fused).__name__} has parameters {sorted(params)}; only fused "
-                "gate_up_proj/down_proj experts without biases can be split into linear layers"
+                "gate_up_proj (or up_proj) and down_proj experts, with or without biases, can be split into "
+                "linear layers"
             )
-        gate_up, down = params["gate_up_proj"], params["down_proj"]
-        num_experts, double_inter, hidden = gate_up.shape
-        inter = double_inter // 2
-        experts = []
+        super().__init__()
+        self.transposed = bool(getattr(fused, "is_transposed", False))
+        self.concatenated = bool(getattr(fused, "is_concatenated", True))
+        down = params["down_proj"]  # (experts, hidden, inter), or (experts, inter, hidden) transposed
+        num_experts, hidden, inter = (
+            down.shape[0],
+            down.shape[1 + self.transposed],
+            down.shape[2 - self.transposed],
+        )
+        width = params[first].shape[1 + self.transposed]  # 2 x inter if gated
+        if self.concatenated:
+            split = {"gate": slice(0, inter), "up": slice(inter, width)}
+        else:
+            split = {"gate": slice(0, width, 2), "up": slice(1, width, 2)}
+        # projection -> (fused parameter, its rows in that parameter, in_features)
+        self.layout = {"down": ("down_proj", slice(None), inter)}
+        if gated:
+            self.layout |= {role: (first, split[role], hidden) for role in ("gate", "up")}
+        else:
+            self.layout["up"] = (first, slice(None), hidden)
+        self.names = {role: names[role] for role in self.layout}
         for e in range(num_experts):
             expert = nn.Module()
-            shapes = {names.gate: (hidden, inter), names.up: (hidden, inter), names.down: (inter, hidden)}
-            for name, (n_in, n_out) in shapes.items():
-                setattr(
-                    expert,
-                    name,
-                    nn.Linear(n_in, n_out, bias=False, device=gate_up.device, dtype=gate_up.dtype),
+            for role, (param, rows, n_in) in self.layout.items():
+                source, weight = self.slice(param, e, rows), params[param]
+                linear = nn.Linear(
+                    n_in,
+                    source.shape(tuple(weight.shape))[0],
+                    bias=bias,
+                    device=weight.device,
+                    dtype=weight.dtype,
                 )
-            if not gate_up.is_meta:
-                with torch.no_grad():
-                    getattr(expert, names.gate).weight.copy_(gate_up[e, :inter])
-                    getattr(expert, names.up).weight.copy_(gate_up[e, inter:])
-                    getattr(expert, names.down).weight.copy_(down[e])
-            experts.append(expert)
-        super().__init__(experts)
-        self.names = names
+                if not weight.is_meta:
+                    with torch.no_grad():
+                        linear.weight.copy_(source(weight))
+                        if bias:
+                            linear.bias.copy_(source(params[f"{param}_bias"]))
+                setattr(expert, self.names[role], linear)
+            self.append(expert)
         self.num_experts = num_experts
-        self.act_fn = fused.act_fn
+        self.gated = gated
+        for name in params:  # the shell keeps the gating (act_fn, _apply_gate), not the full weights
+            delattr(fused, name)
+        object.__setattr__(self, "_fused", fused)  # not a child: no parameters, nothing to move
+        routing = list(inspect.signature(type(fused).forward).parameters)[2:4]
+        self._routing = routing  # the names the fused forward gives the expert indices and weights
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def slice(self, param: str, expert: int, rows: slice) -> FusedSlice:
+        return FusedSlice(param, expert, self.transposed, rows)
+
+    def source(self, expert: int, name: str, leaf: str) -> FusedSlice | None:
+        """Where ``experts.<expert>.<name>.<leaf>`` lies in the fused parameters, None if no such tensor."""
+        role = next((r for r, n in self.names.items() if n == name), None)
+        if role is None or leaf not in ("weight", "bias"):
+            return None
+        param, rows, _ = self.layout[role]
+        return self.slice(param if leaf == "weight" else f"{param}_bias", expert, rows)
+
+    def _project(self, expert: nn.Module, state: torch.Tensor) -> torch.Tensor:
+        up = getattr(expert, self.names["up"])(state)
+        if not self.gated:
+            inner = self._fused.act_fn(up)
+        else:
+            gate = getattr(expert, self.names["gate"])(state)
+            if not hasattr(self._fused, "_apply_gate"):  # an experts class transformers did not decorate
+                return getattr(expert, self.names["down"])(self._fused.act_fn(gate) * up)
+            # The module's own gating on the fused layout it expects (gate, up concatenated or interleaved).
+            both = torch.cat([gate, up], -1) if self.concatenated else torch.stack([gate, up], -1).flatten(-2)
+            inner = self._fused._apply_gate(both)
+        return getattr(expert, self.names["down"])(inner)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = dict(zip(self._routing, args, strict=False)) | kwargs
+        top_k_index, top_k_weights = (routing[name] for name in self._routing)
         final = torch.zeros_like(hidden_states)
         if hidden_states.is_meta:  # shapes only (memory planning): every expert sees every token
             for expert in self:
-                gate, up, down = (
-                    getattr(expert, n) for n in (self.names.gate, self.names.up, self.names.down)
-                )
-                final = final + down(self.act_fn(gate(hidden_states)) * up(hidden_states))
+                final = final + self._project(expert, hidden_states)
             return final
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(
@@ -76,13 +189,9 @@ class LinearExperts(nn.ModuleList):
         for index in hit[:, 0].tolist():
             if index == self.num_experts:
                 continue
-            expert = self[index]
             top_k_pos, token_idx = torch.where(expert_mask[index])
-            state = hidden_states[token_idx]
-            inner = self.act_fn(getattr(expert, self.names.gate)(state)) * getattr(expert, self.names.up)(
-                state
-            )
-            out = getattr(expert, self.names.down)(inner) * top_k_weights[token_idx, top_k_pos, None]
+            out = self._project(self[index], hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
 

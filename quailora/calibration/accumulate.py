@@ -41,10 +41,10 @@ class GramAccumulator:
         self.rows: dict[str, int] = {}
         self.group_of: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
+        linears = [(f"{prefix}.{name}", m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        self.names = [name for name, _ in linears]  # every hooked module, reached or not
         self._handles = [
-            module.register_forward_pre_hook(self._hook(f"{prefix}.{name}"), with_kwargs=True)
-            for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear)
+            module.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, module in linears
         ]
 
     def _hook(self, name: str):

@@ -155,7 +155,14 @@ def run_layers(
             reducer.reduce(grams)
         if writes:
             layer_files[str(index)] = write_layer(out_dir, index, grams.grams())  # the layer is freed by now
-        modules.update({name: {"layer": index, "gram": key} for name, key in grams.group_of.items()})
+        # A linear no token reached (a MoE expert nothing was routed to) is recorded with no Gram.
+        modules.update({name: {"layer": index, "gram": None, "tokens": 0} for name in grams.names})
+        modules.update(
+            {
+                name: {"layer": index, "gram": key, "tokens": grams.rows[key]}
+                for name, key in grams.group_of.items()
+            }
+        )
         del grams
     num_tokens = sum(call.hidden.shape[0] * call.hidden.shape[1] for call in calls)
     if reducer is not None:

@@ -176,10 +176,9 @@ class LayerwiseModel:
         # Only the tensors the module expects: extra checkpoint tensors (legacy per-layer
         # rotary_emb.inv_freq) are not read.
         keys = [key for key in module.state_dict() if recurse or "." not in key]
-        state = {}
-        for key in keys:
-            t = self.weights.get(f"{path}.{key}")
-            state[key] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+        # Read in the stored dtype straight onto the device, converted there, on the reader's thread pool.
+        tensors = self.weights.read([f"{path}.{key}" for key in keys], device=self.device, dtype=self.dtype)
+        state = {key: tensor for key, (_, tensor) in zip(keys, tensors, strict=True)}
         # assign=True adopts the read tensors instead of copying them into allocated ones: one copy at peak.
         module.load_state_dict(state, strict=False, assign=True)
 

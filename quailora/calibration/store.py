@@ -78,7 +78,11 @@ class GramStore:
 
     def names(self, layer: int | None = None) -> list[str]:
         """Module names with a Gram, optionally only those of one decoder layer."""
-        return sorted(n for n, m in self._modules.items() if layer is None or m["layer"] == layer)
+        return sorted(
+            n
+            for n, m in self._modules.items()
+            if m["gram"] is not None and (layer is None or m["layer"] == layer)
+        )
 
     def _entry(self, module_name: str) -> dict[str, Any]:
         try:
@@ -87,6 +91,11 @@ class GramStore:
             raise QuailoraInputError(
                 f"module {module_name!r} has no Gram in {str(self.out_dir)!r} (e.g. {self.names()[:3]})"
             ) from None
+
+    def tokens(self, module_name: str) -> int | None:
+        """How many calibration tokens reached the module (a MoE expert: those routed to it; 0: none, and it
+        has no Gram); None where the store predates per-module counts."""
+        return self._entry(module_name).get("tokens")
 
     def shared_key(self, module_name: str) -> str:
         """The module whose input this one shares (itself if none); equal keys mean one stored Gram."""

@@ -3,8 +3,10 @@
 Loading the whole model in full precision first (``from_pretrained`` then quantize) holds every weight at
 once: ~65 GB of host RAM per worker for a 30B model in bf16. Here the model is built on the meta device,
 each linear layer's weight is read from the safetensors checkpoint, moved to ``device``, quantized there
-and dropped; the other tensors (embeddings, norms, head) are then read in place. Peak: the quantized model
-plus one full-precision weight.
+and dropped; the other tensors (embeddings, norms, head) are then read in place. Weights are read in their
+stored dtype straight onto ``device`` and converted there, a few ahead on a thread pool
+(quailora.checkpoint.read_threads). Peak: the quantized model plus the weights in flight (at most
+``read_threads()`` of them, and about that many 64 MiB chunks beyond one weight).
 """
 
 from __future__ import annotations
@@ -21,11 +23,6 @@ from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer
 from quailora.quantizers.groupwise.layer import GroupwiseLinear, check_groupwise_targets, groupwise_targets
 
 
-def _read(weights: ModelWeights, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    tensor = weights.get(key)
-    return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
-
-
 def load_groupwise_model(
     checkpoint_dir: str | Path, bits: int, group_size: int, *, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
@@ -38,18 +35,27 @@ def load_groupwise_model(
     weights = ModelWeights(checkpoint_dir, Layout.of(model))
     targets = groupwise_targets(model)
     check_groupwise_targets(targets, group_size)
+    # Read ahead on the reader's thread pool (the next weights are read while this one is quantized), each
+    # in its stored dtype straight onto the device and converted there.
+    keys = [
+        key
+        for name, module in targets
+        for key in (f"{name}.weight", f"{name}.bias")[: 1 + (module.bias is not None)]
+    ]
+    reads = weights.read(keys, device=device, dtype=dtype)
     for name, module in targets:
-        weight = _read(weights, f"{name}.weight", dtype, device)
-        bias = None if module.bias is None else _read(weights, f"{name}.bias", dtype, device)
+        weight = next(reads)[1]
+        bias = None if module.bias is None else next(reads)[1]
         layer = GroupwiseLinear.from_quantized(quantizer.quantize(weight, name=name), bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         del weight
+    reads.close()
     pending = [key for key, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
     # Rotary tables and other non-persistent buffers are in no checkpoint: computed on the CPU, as
     # from_pretrained does, then moved.
     rebuild_buffers(model, model, "cpu")
-    state = {key: _read(weights, key, dtype, device) for key in pending if key in weights}
+    state = dict(weights.read([key for key in pending if key in weights], device=device, dtype=dtype))
     model.load_state_dict(state, strict=False, assign=True)  # adopts the read tensors: no second copy
     model.tie_weights()  # a tied head is not in the checkpoint: it shares the embedding's tensor
     missing = [key for key, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]

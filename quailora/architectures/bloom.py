@@ -1,5 +1,0 @@
-"""bloom: everything is derived from the model (quailora.architectures.derive)."""
-
-from quailora.architectures.spec import ARCHITECTURES, Architecture
-
-ARCHITECTURES.register("bloom")(Architecture())

@@ -1,5 +1,0 @@
-"""gemma2: everything is derived from the model (quailora.architectures.derive)."""
-
-from quailora.architectures.spec import ARCHITECTURES, Architecture
-
-ARCHITECTURES.register("gemma2")(Architecture())

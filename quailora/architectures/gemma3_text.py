@@ -1,5 +1,0 @@
-"""gemma3_text: everything is derived from the model (quailora.architectures.derive)."""
-
-from quailora.architectures.spec import ARCHITECTURES, Architecture
-
-ARCHITECTURES.register("gemma3_text")(Architecture())

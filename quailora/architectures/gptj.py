@@ -1,5 +1,0 @@
-"""gptj: everything is derived from the model (quailora.architectures.derive)."""
-
-from quailora.architectures.spec import ARCHITECTURES, Architecture
-
-ARCHITECTURES.register("gptj")(Architecture())

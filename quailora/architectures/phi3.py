@@ -1,5 +1,0 @@
-"""phi3: everything is derived from the model (quailora.architectures.derive)."""
-
-from quailora.architectures.spec import ARCHITECTURES, Architecture
-
-ARCHITECTURES.register("phi3")(Architecture())
