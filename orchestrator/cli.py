@@ -132,6 +132,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("architectures")
+def _architectures(args: argparse.Namespace) -> int:
+    from quailora.supported_architectures import SUPPORTED, UNTESTED
+
+    width = max(map(len, SUPPORTED))
+    for name, entry in SUPPORTED.items():
+        print(f"{name:<{width}}  {entry.model_type:<{width}}  {entry.variant}")
+    print(
+        f"\n{len(SUPPORTED)} tested (docs/architectures.md). Any other causal LM transformers builds runs "
+        f"{UNTESTED}: its layout is derived from its modules; one that cannot be derived is refused before compute."
+    )
+    return 0
+
+
 @command("schema")
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.sweep_config import SweepConfig
@@ -189,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fold the adapter in: INT-k for QA-LoRA, float weights otherwise",
     )
+    sub.add_parser("architectures", help="the architectures quailora is tested on, and what runs untested")
     p = sub.add_parser("schema", help="export the sweep config JSON Schema")
     p.add_argument("--output", "-o")
     _register_optional(sub)

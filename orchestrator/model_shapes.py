@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ class ModelShape:
     heads: int
     linear_layers: tuple[tuple[tuple[str, int, int], ...], ...]  # per decoder layer: (name, in, out)
     other_params: int  # embeddings, the head unless tied, norms, routers: kept at model.dtype
+    experts_per_token: int = (
+        0  # a MoE's routed experts per token (its config's num_experts_per_tok); 0: dense
+    )
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of every linear layer in every decoder layer."""
@@ -39,6 +43,20 @@ class ModelShape:
     def num_parameters(self) -> int:
         """Every parameter: the linear layers' weights and the others (biases are in neither: a rounding)."""
         return sum(n_in * n_out for _, n_in, n_out in self.linears()) + self.other_params
+
+    def experts(self) -> int:
+        """Routed experts in the widest MoE layer, counted from the linear layers' names (0: a dense model)."""
+        return max(
+            (len({expert_index(n) for n, _, _ in layer} - {None}) for layer in self.linear_layers), default=0
+        )
+
+    def active_parameters(self) -> int:
+        """Parameters a token passes through: all but the routed experts it is not sent to."""
+        experts = self.experts()
+        if not experts:
+            return self.num_parameters()
+        routed = sum(n_in * n_out for name, n_in, n_out in self.linears() if expert_index(name) is not None)
+        return self.num_parameters() - routed * (experts - self.experts_per_token) // experts
 
     def layer_params(self) -> int:
         """Linear parameters of the largest decoder layer (calibration holds one layer at a time)."""
@@ -80,6 +98,13 @@ class ModelShape:
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
+def expert_index(name: str) -> int | None:
+    """The routed expert a linear layer belongs to (``...experts.<e>.<proj>``), None for any other linear
+    (shared experts are named ``shared_expert(s)`` and serve every token)."""
+    match = re.search(r"\.experts\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
 def input_key(name: str) -> str:
     """``name`` itself, or for a module of a SHARED_INPUTS set its parent plus the set: equal keys, one Gram."""
     parent, _, leaf = name.rpartition(".")
@@ -108,11 +133,12 @@ def shape_from_config(config: PretrainedConfig) -> ModelShape:
         heads=config.num_attention_heads,
         linear_layers=linear_layers,
         other_params=total - linear,  # linear biases stay unquantized too
+        experts_per_token=getattr(config, "num_experts_per_tok", None) or 0,
     )
 
 
 PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs.json")
-SHAPES_VERSION = 1  # part of every stored shape's key: bump it when shape_from_config changes
+SHAPES_VERSION = 2  # part of every stored shape's key: bump it when shape_from_config changes
 
 
 def published_config(model_path: str) -> dict | None:

@@ -9,11 +9,13 @@ from functools import cache
 from tabulate import tabulate
 
 from orchestrator.expand import TrialMatrix
+from orchestrator.experts_plan import describe_experts
 from orchestrator.footprint import describe_footprint, sweep_footprint
 from orchestrator.memory import GIB, MemoryEstimate, estimate
 from orchestrator.model_shapes import ModelShape, resolve_shape
 from orchestrator.stage_graph import describe_stage_graph, plan_stage_graph
 from quailora.errors import QuailoraInputError
+from quailora.supported_architectures import UNTESTED, support
 from trials.config import TrialConfig, check_resources
 
 MIB = 1024**2
@@ -109,6 +111,12 @@ def describe(matrix: TrialMatrix, planned: list[PlannedTrial], every_trial: bool
             + ", ".join(f"{p}={d.model_dump()}" for p, d in matrix.sampled.items())
         )
     lines.append(describe_footprint(sweep_footprint(matrix, _shape), sweep.resolved_cache_path()))
+    lines.extend(describe_experts(matrix, _shape))
+    lines.extend(
+        f"model {path}: type {_shape(path).model_type!r} is {UNTESTED} (`quailora architectures` lists the tested ones)"
+        for path in sorted({p.trial_config().model.path for p in matrix.points})
+        if support(_shape(path).model_type) == UNTESTED
+    )
     if sweep.share_stages and sweep.stage_jobs:
         lines.append(describe_stage_graph(plan_stage_graph(matrix)))
     rows = plan_rows(planned) if every_trial else grouped_rows(planned)

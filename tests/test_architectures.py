@@ -6,6 +6,8 @@ through calibration, initialization, the peft adapter, a training step and a sto
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -128,7 +130,18 @@ QWEN2_MOE_FUSED = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("name", ["gpt2", "mixtral", pytest.param("qwen2_moe", marks=QWEN2_MOE_FUSED)])
+# Measured, not explained yet (issue 31 item 3 is open): on transformers' fused deepseek_v3 and gpt_oss models the
+# adapter of the split experts loads through peft 0.21 but every logit differs (up to 1.3 with B ~ N(0, 0.1)).
+NOT_ON_FUSED = pytest.mark.xfail(
+    strict=True, reason="split-expert adapter differs on the fused model (peft 0.21)"
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", "mixtral", pytest.param("qwen2_moe", marks=QWEN2_MOE_FUSED), "qwen3_moe", "olmoe",
+     pytest.param("deepseek_v3", marks=NOT_ON_FUSED), pytest.param("gpt_oss", marks=NOT_ON_FUSED)],
+)  # fmt: skip
 def test_adapter_fits_the_stock_transformers_model(name, tmp_path):
     """Trained on nn.Linear layers (GPT-2's Conv1D transposed, MoE experts split), the adapter loads on
     transformers' own model (Conv1D; fused 3-D experts) with stock peft and computes the same function."""
@@ -295,3 +308,34 @@ def test_legacy_llama_and_bin_only_checkpoints(tmp_path, monkeypatch):
     grams = collect_grams(converted, IDS, tmp_path / "b")
     for name in reference.names():
         torch.testing.assert_close(grams.get(name), reference.get(name))
+
+
+def test_one_list_of_tested_architectures_read_by_the_docs_the_cli_and_the_trial_tags(capsys):
+    """quailora.supported_architectures is the list: the conformance tests build its entries (ARCHITECTURES),
+    docs/architectures.md's matrix has its rows and variants, `quailora architectures` prints it, and a trial of
+    any other model type is tagged "derived, untested"."""
+    import re
+
+    from orchestrator.cli import main
+    from quailora.supported_architectures import SUPPORTED, TESTED, UNTESTED
+    from trials.config import TrialConfig
+    from trials.contract import ARCHITECTURE_TAG
+    from trials.tracking import trial_tags
+
+    assert {name: entry.build for name, entry in SUPPORTED.items()} == ARCHITECTURES
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    matrix = docs[docs.index("| architecture | variant in the test |") :].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| (\w+) \| (.*?) \| yes \|", matrix, re.M))
+    assert rows == {name: entry.variant for name, entry in SUPPORTED.items()}
+    for name in ("llama3", "gpt_oss"):  # the model type the builder makes is the one the entry names
+        assert SUPPORTED[name].build(2, 64, 128, 4, 128, 64).model_type == SUPPORTED[name].model_type
+
+    assert main(["architectures"]) == 0
+    printed = capsys.readouterr().out
+    assert all(
+        re.search(rf"^{name}\s+{entry.model_type}\s", printed, re.M) for name, entry in SUPPORTED.items()
+    )
+
+    trial = TrialConfig.model_validate({"model": {"path": "x"}})
+    assert trial_tags(trial, "gpt_oss", 10)[ARCHITECTURE_TAG] == TESTED
+    assert trial_tags(trial, "starcoder2", 10)[ARCHITECTURE_TAG] == UNTESTED

@@ -244,3 +244,37 @@ def test_gram_inputs_share_as_the_calibration_does(family):
     assert (
         len(shape.gram_inputs(0)) == len({input_key(n) for n in names}) == len(names) - len(SHARING[family])
     )
+
+
+def test_moe_parameters_grams_and_expected_fallbacks():
+    """Issue 31: total and active parameters of a MoE, its per-expert Grams, and the experts a calibration
+    size leaves below their Gram's width (quailora.peft_init.too_few_tokens), under uniform routing."""
+    from transformers import AutoConfig
+
+    from orchestrator.experts_plan import describe_experts, expected_fallbacks, expert_gram_widths
+    from orchestrator.model_shapes import shape_from_config
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_experts=16, num_experts_per_tok=4, vocab_size=1000, tie_word_embeddings=False)  # fmt: skip
+    shape = shape_from_config(config)
+    assert shape.experts() == 16 and shape.experts_per_token == 4
+    routed = 2 * 16 * 3 * 64 * 32  # per layer 16 experts x (gate, up: 64 -> 32; down: 32 -> 64)
+    assert shape.active_parameters() == shape.num_parameters() - routed * 12 // 16
+    assert expert_gram_widths(shape) == [64, 32]  # gate/up read the hidden state, down the expert's own
+
+    # P(Binomial(4, 1/2) < 2) = 5/16 for each of 2 experts; none below 0 tokens; all with no tokens
+    assert expected_fallbacks(4, 2, 1, 2) == pytest.approx(2 * 5 / 16)
+    assert expected_fallbacks(10**6, 128, 8, 2048) < 1e-6 and expected_fallbacks(0, 128, 8, 768) == 128
+
+    sweep = SweepConfig.model_validate({"name": "moe", "base": {"model": {"path": "tiny-moe"}, "init": {"method": "quailora"},
+                                        "calibration": {"num_sequences": 4, "seq_len": 32}},
+                                        "space": {"seed": {"grid": [0]}}})  # fmt: skip
+    text = "\n".join(describe_experts(expand(sweep), lambda path: shape))
+    # 128 tokens, 4 of 16 experts each: ~32 per expert; Grams 64 wide (gate/up) mostly fall back, 32 wide half
+    assert "active per token (4 of 16 routed experts in 2 of 2 layers)" in text
+    assert "2 Gram(s) per expert (inputs 64, 32 wide), 32 per MoE layer" in text
+    assert (
+        f"{expected_fallbacks(128, 16, 4, 64):.0f} of 16 below 64 tokens" in text and "~32 per expert" in text
+    )
+    assert describe_experts(expand(_sweep()), lambda path: TINY) == []  # a dense sweep: nothing

@@ -46,6 +46,11 @@ STAGE_TRANSFER_BYTES = "stage_transfer_bytes"
 STAGE_WAIT_SECONDS = "stage_wait_seconds"
 # Bytes of everything the trial logged as MLflow artifacts (adapter, probe, LoftQ's base factors, configs).
 ARTIFACT_BYTES = "artifact_bytes"
+# Optimizer-step seconds and tokens over them, cumulative across restarts (they travel in the checkpoint);
+# the step a restarted trial resumed from; the learning rate each step ran at.
+TRAIN_SECONDS, TOKENS_PER_SECOND = "train_seconds", "tokens_per_second"
+RESUMED_FROM_STEP = "resumed_from_step"
+LEARNING_RATE = "learning_rate"
 
 RESULT_METRICS = (
     VAL_PPL_INIT,
@@ -55,8 +60,8 @@ RESULT_METRICS = (
     STAGE_TRANSFER_BYTES,
     STAGE_WAIT_SECONDS,
     ARTIFACT_BYTES,
-    "train_seconds",
-    "tokens_per_second",
+    TRAIN_SECONDS,
+    TOKENS_PER_SECOND,
     "init_peak_memory_mb",
     "train_peak_memory_mb",
     MODEL_SIZE_MB,
@@ -83,6 +88,8 @@ FAILURE_TAG = "quailora.failure_reason"
 STOPPED_EARLY_TAG = "quailora.stopped_early"  # "true": the sweep's scheduler (ASHA) stopped the trial
 TRIAL_ID_TAG = "tune_trial_id"
 TRIAL_NAME_TAG = "trial_name"
+# "tested" or "derived, untested": whether the model type is one quailora.supported_architectures lists
+ARCHITECTURE_TAG = "quailora.architecture"
 EVAL_PATH_TAG = "quailora.eval_path"  # how the quantized base computed: quailora.base_layers.eval_path
 # Layers a calibrated init solved uncalibrated (H = I): MoE experts too few calibration tokens were routed to
 # (quailora.peft_init.too_few_tokens); trials.stages.uncalibrated_note writes the value. Absent: none.

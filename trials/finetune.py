@@ -17,7 +17,7 @@ from torch import nn
 from trials.checkpoint_policy import CheckpointPolicy
 from trials.checkpointing import CheckpointClock, TrainProgress, report_checkpoint, restore
 from trials.config import TrialConfig
-from trials.contract import STEP, TRAIN_LOSS, VAL_PPL
+from trials.contract import LEARNING_RATE, STEP, TRAIN_LOSS, VAL_PPL
 from trials.deepspeed_config import deepspeed_config, warmup_scheduler
 from trials.deepspeed_ops import build_deepspeed_ops
 
@@ -132,7 +132,7 @@ def fine_tune(
         if not math.isfinite(train_loss):
             result.stop_reason = f"non-finite loss: train_loss={train_loss} at step {step}"
             return result
-        values = {TRAIN_LOSS: train_loss, "learning_rate": learning_rate}
+        values = {TRAIN_LOSS: train_loss, LEARNING_RATE: learning_rate}
         if train.eval_every and step % train.eval_every == 0:
             values[VAL_PPL] = evaluate(engine.module)
             if step == train.max_steps:

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from quailora.supported_architectures import support
 from trials.config import TrialConfig
 from trials.contract import (
+    ARCHITECTURE_TAG,
     BITS_TAG,
     FAILURE_TAG,
     FAMILY_TAG,
@@ -110,6 +112,7 @@ def _size_label(num_parameters: int) -> str:
 def trial_tags(config: TrialConfig, family: str, num_parameters: int) -> dict[str, str]:
     return {
         FAMILY_TAG: family,
+        ARCHITECTURE_TAG: support(family),
         SIZE_TAG: _size_label(num_parameters),
         BITS_TAG: str(config.quant.bits),
         QUANTIZER_TAG: config.quant.method,

@@ -41,10 +41,13 @@ from trials.contract import (
     MODEL_SIZE_MB,
     PROBE_ARTIFACT,
     PROBE_LOGITS,
+    RESUMED_FROM_STEP,
     STAGE_TRANSFER_BYTES,
     STAGE_WAIT_SECONDS,
     STOPPED_AT_STEP,
     TEST_PPL_FINAL,
+    TOKENS_PER_SECOND,
+    TRAIN_SECONDS,
     UNCALIBRATED_TAG,
     VAL_PPL_FINAL,
     VAL_PPL_INIT,
@@ -282,7 +285,7 @@ def train_trial(loop_config: dict) -> None:
         log_config=lambda resolved: tracker.json_artifact(DEEPSPEED_ARTIFACT, resolved),
     )
     engine, progress = tuned.engine, tuned.progress
-    summary["resumed_from_step"] = tuned.resumed_from_step
+    summary[RESUMED_FROM_STEP] = tuned.resumed_from_step
     if tuned.stop_reason:
         summary.update({STOP_METRIC: 1.0, STOPPED_AT_STEP: progress.step})
         tracker.metrics({STOP_METRIC: 1.0}, progress.step)
@@ -290,8 +293,8 @@ def train_trial(loop_config: dict) -> None:
         ray.train.report(summary)  # no checkpoint: the weights are not finite any more
         return
 
-    summary["train_seconds"] = progress.train_seconds
-    summary["tokens_per_second"] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
+    summary[TRAIN_SECONDS] = progress.train_seconds
+    summary[TOKENS_PER_SECOND] = progress.tokens / progress.train_seconds if progress.train_seconds else 0.0
     summary.update(evaluate_final(engine.module, config, data, evaluate, tuned.last_val_ppl))
     _save_adapter_and_probe(
         engine, config, data.validation[: min(2, len(data.validation))].to(device), tracker
