@@ -35,6 +35,7 @@ SHIPPED_SWEEPS = {
     "reference_controls": {"gaussian", "svd", "quailora", "closed_form", "loftq", "qalora_closed_form"},
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
     "fair_comparison": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
+    "low_bit_sweep": {"gaussian", "svd", "quailora", "closed_form"},
 }
 SHIPPED_TRIALS = {"trial_micro", "fair_comparison_timing"}
 SHIPPED_EXAMPLES = {"asha_micro"}  # sweeps that show a feature rather than compare methods

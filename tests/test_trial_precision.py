@@ -31,6 +31,7 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
     from trials import stages
     from trials.adapters import build_adapter
     from trials.cache import StageCache
+    from trials.checkpoint_policy import checkpoint_policy
     from trials.contract import VAL_PPL_FINAL
     from trials.deepspeed_config import compute_dtype, resolve_precision
     from trials.finetune import fine_tune
@@ -67,7 +68,7 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
             return 7.0
 
         tuned = fine_tune(
-            model, config, data.train, device, precision,
+            model, config, data.train, device, precision, checkpoint_policy(config.train, 0),
             log=lambda values, step: record["losses"].append(values["train_loss"]),
             evaluate=evaluate,
             log_config=lambda resolved: record.update(resolved=resolved),
