@@ -45,6 +45,7 @@ from orchestrator.footprint import checkpoint_bytes, final_checkpoint_bytes, hum
 from orchestrator.memory import estimate  # noqa: E402
 from orchestrator.model_shapes import shape_from_config  # noqa: E402
 from reference.tokenizer import load_tokenizer  # noqa: E402
+from trials.cache import tree_size  # noqa: E402
 from trials.config import TrialConfig  # noqa: E402
 from trials.contract import STAGES, stage_peak_memory, stage_seconds  # noqa: E402
 
@@ -96,12 +97,8 @@ def import_overhead_mb() -> float:
     )
 
 
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def entry_sizes(cache: Path) -> dict[str, int]:
-    return {stage: sum(tree_bytes(e) for e in (cache / stage).glob("*") if not e.name.startswith("."))
+    return {stage: sum(tree_size(e) for e in (cache / stage).glob("*") if not e.name.startswith("."))
             for stage in STAGES if (cache / stage).is_dir()}  # fmt: skip
 
 
@@ -119,7 +116,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     checkpoint = build_checkpoint(args.work / "ckpt", args.hidden, args.mlp, args.heads, args.layers)
-    print(f"checkpoint: {human(tree_bytes(checkpoint))} in {time.perf_counter() - began:.0f} s", flush=True)
+    print(f"checkpoint: {human(tree_size(checkpoint))} in {time.perf_counter() - began:.0f} s", flush=True)
 
     config_path = args.work / "trial.yaml"
     config_path.write_text(yaml.safe_dump(trial_config(checkpoint)))
@@ -141,9 +138,9 @@ def main() -> None:
         n_in * n_out // 64 for _, n_in, n_out in shape.linears()
     )  # a byte per 64 (double quant)
     mid_now, final_now = checkpoint_bytes(trial, shape), final_checkpoint_bytes(trial, shape)
-    left = tree_bytes(next(root.rglob("checkpoint_*"))) if list(root.rglob("checkpoint_*")) else 0
+    left = tree_size(next(root.rglob("checkpoint_*"))) if list(root.rglob("checkpoint_*")) else 0
     overhead = import_overhead_mb()
-    ckpt_bytes = tree_bytes(checkpoint)
+    ckpt_bytes = tree_size(checkpoint)
 
     rows = [
         "| stage | seconds | peak RSS | read | written | entry before issue 27 |",
