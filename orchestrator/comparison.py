@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from orchestrator.paired import NO_GAP, Interval, ratio_ci, stratified_mean_ci
+from orchestrator.paired import NO_GAP, Interval, holm, ratio_ci, stratified_mean_ci
 from quailora.initializers import needs_gram
 from quailora.quantizers import QUANTIZER_SPECS, quantizer_spec
 from trials.contract import (
@@ -206,6 +206,19 @@ def _columns(name: str, interval: Interval) -> dict:
     return {name: interval.estimate, f"{name}_lo": interval.lo, f"{name}_hi": interval.hi}
 
 
+def _holm_within(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """vs4_holm / vs8_holm: each p-value Holm-adjusted within the arms that share its baseline runs, the
+    arms of one cell (`by` without the method) at one precision for vs4, at every precision for vs8."""
+    table = table.copy()
+    for name, family in (("vs4", [k for k in by if k != METHOD_TAG]),
+                         ("vs8", [k for k in by if k not in (METHOD_TAG, QUANTIZER_TAG)])):  # fmt: skip
+        p = table[f"{name}_p"]
+        table[f"{name}_holm"] = p.groupby([table[k] for k in family] or [0] * len(p), dropna=False).transform(
+            holm
+        )
+    return table
+
+
 def paired_comparison(
     df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[tuple[str, str, str]], over_cells: bool = False
 ) -> pd.DataFrame:
@@ -214,7 +227,9 @@ def paired_comparison(
     differences over seeds with 95 % paired-t intervals, and the recovered fraction with Fieller's interval
     (orchestrator/paired.py). An arm is its method and precision label (`quantizer`: 'nf4', 'int3-g64'), so
     each bit width and group size has its rows. `straddles_0` names the intervals that contain 0 ('vs 4-bit',
-    'vs 3-bit': the arm's own bits; the recovered fraction's contains 0 exactly when that one does).
+    'vs 3-bit': the arm's own bits; the recovered fraction's contains 0 exactly when that one does). Each
+    difference has its t test's p-value (`vs4_p`, `vs8_p`) and that p-value Holm-adjusted within the arms
+    sharing its baseline (`vs4_holm`, `vs8_holm`): the intervals are per arm, not simultaneous.
 
     over_cells: per arm and other key, the same differences averaged over the models and ranks the arm ran in
     (2 or more; `cells` counts them), with stratified intervals. No recovered fraction there: the gap to 8 bits
@@ -244,8 +259,9 @@ def paired_comparison(
             rows.append({"metric": label, "split": split, **dict(zip(by, group, strict=True)),
                          **({"cells": len(strata)} if over_cells else {}), "seeds": len(runs),
                          **_columns("vs4", vs4), **_columns("vs8", vs8), **ratio,
-                         "straddles_0": ", ".join(straddles)})  # fmt: skip
-        parts.append(pd.DataFrame(rows))
+                         "vs4_p": vs4.p, "vs8_p": vs8.p, "straddles_0": ", ".join(straddles)})  # fmt: skip
+        if rows:
+            parts.append(_holm_within(pd.DataFrame(rows), by))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

@@ -10,8 +10,12 @@ of means (Fieller 1954): it is bounded only when the denominator (the 4-to-8-bit
 same level, and is reported unbounded otherwise, where a delta-method interval would look finite.
 
 Over several models and ranks, the mean of the per-cell mean differences gets a stratified t interval
-(stratified_mean_ci): with 3 seeds a cell's own interval has 2 degrees of freedom (t = 4.30), the average over
-4 cells about 8 (t = 2.31) and half the standard error, so effects too small for any one cell resolve there.
+(stratified_mean_ci): with 3 seeds a cell's own interval has 2 degrees of freedom (t = 4.30); the average over
+4 cells has at most 8 (Welch-Satterthwaite: 8 only when the 4 cells' variances are equal, fewer the more they
+differ; the fair comparison's tables report 3.0-6.2) and half the standard error when they are equal.
+
+Each mean difference also carries the two-sided p-value of its t test (Interval.p), so that arms sharing one
+baseline can be adjusted together (holm): several arms against the same QLoRA runs are several tests.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Interval:
     lo: float
     hi: float
     n: int
+    p: float = math.nan  # two-sided p-value of the t test of estimate = 0; NaN where there is none
 
     @property
     def straddles_zero(self) -> bool:
@@ -70,10 +75,27 @@ def stratified_mean_ci(strata: Sequence[Sequence[float]], level: float = LEVEL) 
         return Interval(estimate, math.nan, math.nan, n)
     var = np.array([g.var(ddof=1) / len(g) for g in groups])
     if var.sum() == 0:  # the same difference in every seed (a deterministic init): no spread to widen by
-        return Interval(estimate, estimate, estimate, n)
+        return Interval(estimate, estimate, estimate, n, 1.0 if estimate == 0 else 0.0)
     dof = var.sum() ** 2 / sum(v**2 / (len(g) - 1) for v, g in zip(var, groups, strict=True))
-    half = _t(dof, level) * math.sqrt(var.sum()) / len(groups)
-    return Interval(estimate, estimate - half, estimate + half, n)
+    se = math.sqrt(var.sum()) / len(groups)
+    half = _t(dof, level) * se
+    p = float(2 * stats.t.sf(abs(estimate) / se, dof))
+    return Interval(estimate, estimate - half, estimate + half, n, p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN entries kept out of the family, and NaN).
+    Written here: scipy has only false_discovery_control (Benjamini-Hochberg), and Holm's familywise bound is
+    the one that fits a few arms against one shared baseline."""
+    values = np.asarray(pvalues, dtype=float)
+    valid = np.flatnonzero(~np.isnan(values))
+    adjusted = np.full(len(values), math.nan)
+    order = valid[np.argsort(values[valid], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
 
 
 # A mean denominator this close to 0 is rounding of equal values (8-bit and 4-bit QLoRA with the same

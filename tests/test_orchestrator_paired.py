@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.paired import ratio_ci, stratified_mean_ci, t_quantile
+from orchestrator.paired import holm, ratio_ci, stratified_mean_ci, t_quantile
 
 # Student t quantiles from a printed table (two-sided 95 %).
 T95 = {2: 12.7062, 3: 4.3027, 4: 3.1824}
@@ -101,3 +101,21 @@ def test_stratified_interval_needs_two_pairs_in_every_cell_and_is_a_point_withou
     flat = stratified_mean_ci([[0.5, 0.5], [1.5, 1.5, 1.5]])  # a deterministic init: the same every seed
     assert (flat.estimate, flat.lo, flat.hi) == (1.0, 1.0, 1.0) and not flat.straddles_zero
     assert math.isnan(stratified_mean_ci([]).estimate)
+
+
+def test_the_p_value_is_the_one_sample_t_test_of_the_paired_differences():
+    d = [-1.0, -1.2, -0.8, -1.0]
+    assert stratified_mean_ci([d]).p == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue, rel=1e-9)
+    # the interval excludes 0 exactly when p < 0.05
+    assert stratified_mean_ci([[1.0, 2.0, 3.0]]).p > 0.05 and stratified_mean_ci([d]).p < 0.05
+    assert math.isnan(stratified_mean_ci([[2.5]]).p)  # one pair: no test
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.02, math.nan, 0.5])  # NaN is no test: a family of 2
+    assert (
+        adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.5)
+    )
+    assert holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1

@@ -6,9 +6,11 @@ import math
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 from orchestrator import comparison
 from orchestrator.comparison import match_keys, recovered_fraction
+from orchestrator.paired import holm
 from orchestrator.report import (
     SECTIONS,
     Section,
@@ -586,6 +588,13 @@ def test_an_int3_arm_is_paired_by_seed_with_int3_qlora_against_the_8_bit_referen
         (0.2, 4.75793 / 30, 7.24207 / 30), abs=1e-5
     )
     assert arm.straddles_0 == ""
+    assert arm.vs4_p == pytest.approx(stats.ttest_1samp([-6.0, -5.5, -6.5], 0.0).pvalue)
+    assert arm.vs4_holm == arm.vs4_p  # the only arm against INT3-g64 QLoRA: a family of one
+    # against 8-bit QLoRA the INT3 and NF4 arms share one baseline: a family of two
+    pair = [ppl.loc[(m, q), "vs8_p"] for m, q in [("quailora", "int3-g64"), ("quailora", "nf4")]]
+    assert [ppl.loc[(m, q), "vs8_holm"] for m, q in [("quailora", "int3-g64"), ("quailora", "nf4")]] == (
+        pytest.approx(holm(pair))
+    )
     nf4 = ppl.loc[("quailora", "nf4")]
     assert (
         nf4.recovered == pytest.approx(0.5)
@@ -593,7 +602,7 @@ def test_an_int3_arm_is_paired_by_seed_with_int3_qlora_against_the_8_bit_referen
         and nf4.vs8 == pytest.approx(5.0)
     )
     text = report.markdown()
-    assert "| int3-g64 " in text and "Δ vs same-bit QLoRA" in text
+    assert "| int3-g64 " in text and "Δ vs same-bit QLoRA" in text and "Holm p vs same-bit" in text
     assert "llama 1.2M, 3-bit" in report.tables  # and the per-bit table names the group size
     assert set(report.tables["llama 1.2M, 3-bit"].quantizer) == {"int3-g64", "int3-g128"}
 

@@ -53,7 +53,10 @@ PAIRED_NOTE = (
     "group-wise INT-k), or the mean of the QLoRA runs at its bits where the sweep has none at that precision. "
     f"recovered = mean(p4 - arm) / mean(p4 - p8) with Fieller's {100 * LEVEL:g} % interval, "
     "p4 the same-bit QLoRA value and p8 the 8-bit one (unbounded when that gap itself is not distinguishable "
-    "from 0). The last column names the intervals that contain 0."
+    "from 0). 'CI contains 0' names the intervals that contain 0; each interval is for its arm alone. The Holm "
+    "columns are each t test's p-value adjusted within the arms that share its baseline runs (same-bit: the "
+    "arms of one model, rank and precision; 8-bit: of one model and rank): count an arm as better than a "
+    "shared baseline only where its Holm p is below 0.05."
 )
 
 
@@ -100,7 +103,11 @@ def _interval(estimate: float, lo: float, hi: float) -> str:
 
 def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
     """The paired comparison as a reader sees it: each estimate with its interval in one cell."""
-    numeric = {f"{name}{suffix}" for name in ("vs4", "vs8", "recovered") for suffix in ("", "_lo", "_hi")}
+    numeric = {
+        f"{name}{suffix}"
+        for name in ("vs4", "vs8", "recovered")
+        for suffix in ("", "_lo", "_hi", "_p", "_holm")
+    }
     shown = comparison[[c for c in comparison.columns if c not in numeric and c != "straddles_0"]].copy()
     estimates = (("vs4", "Δ vs same-bit QLoRA"), ("vs8", "Δ vs 8-bit QLoRA"), ("recovered", "recovered"))
     for name, title in [(n, t) for n, t in estimates if n in comparison]:  # over cells: no recovered
@@ -109,6 +116,8 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
             for values in comparison[[name, f"{name}_lo", f"{name}_hi"]].itertuples(index=False)
         ]
     shown["CI contains 0"] = comparison["straddles_0"]
+    for name, title in (("vs4", "Holm p vs same-bit"), ("vs8", "Holm p vs 8-bit")):
+        shown[title] = comparison[f"{name}_holm"].map(lambda p: NA if pd.isna(p) else f"{p:.3g}")
     return shown
 
 
