@@ -6,7 +6,7 @@ calibrate stage store its Grams?
 
 For every decoder-layer projection with a Gram: W from the checkpoint, Q its NF4 round trip, H = XᵀX/N
 collected in fp32 (calibration text for the reference models, random token ids for the random-init
-conformance checkpoints, tests/micro_models.py). Each calibrated method (quailora, closed_form) is solved
+conformance checkpoints, testkit/micro.py). Each calibrated method (quailora, closed_form) is solved
 with H, and with H as read back from the stored form; both solutions are scored on the fp32 H:
 tr((E − P) H (E − P)ᵀ). The table gives, per model and method, the largest relative change of that
 objective over the model's projections ("inf": the stored H overflowed, or its rounding left it indefinite
@@ -33,7 +33,8 @@ from quailora.calibration.store import pack_gram, unpack_gram  # noqa: E402
 from quailora.errors import QuailoraInputError  # noqa: E402
 from quailora.linalg import adapter_product, calibrated_error  # noqa: E402
 from quailora.quantizers import get_quantizer  # noqa: E402
-from tests.micro_models import ARCHITECTURES, make_micro_checkpoint  # noqa: E402
+from quailora.supported_architectures import SUPPORTED  # noqa: E402
+from testkit.micro import make_micro_checkpoint  # noqa: E402
 
 METHODS = ("quailora", "closed_form")
 STORED = {  # label -> H as a solve reads it back from that stored form
@@ -100,9 +101,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        models = [(f"reference:{name}", True) for name in REFERENCE] + [
-            (arch, False) for arch in ARCHITECTURES
-        ]
+        models = [(f"reference:{name}", True) for name in REFERENCE] + [(arch, False) for arch in SUPPORTED]
         for model, reference in models:
             if reference:
                 from reference.cache import resolve_model

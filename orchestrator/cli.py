@@ -12,28 +12,21 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from orchestrator.log_routing import route_third_party_logs
 from quailora.errors import QuailoraInputError
+from reference.cli_registry import Commands, arg
 
 EXIT_BAD_INPUT = 2
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-# Modules of the other packages whose `register(subparsers)` adds their subcommands (`models`, `trial`).
+# Each command declared on its handler (reference/cli_registry.py), as reference/ and trials/ declare theirs.
+COMMANDS = Commands()
+command = COMMANDS.command
+# Modules of the other packages whose `COMMANDS` are added after these (`models`, `trial`).
 OPTIONAL_COMMANDS = ("reference.commands", "trials.commands")
-
-
-def command(
-    name: str,
-) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = fn
-        return fn
-
-    return deco
 
 
 def _load(path: str):
@@ -47,7 +40,15 @@ def _load(path: str):
         raise QuailoraInputError(describe_validation_error(exc, path)) from None
 
 
-@command("plan")
+@command(
+    "plan",
+    "print the sweep's summary (stage computations, disk), resources and memory estimates; "
+    "refuse what cannot fit",
+    arg("config"),
+    arg(
+        "--trials", action="store_true", help="one table row per trial (default: one per distinct footprint)"
+    ),
+)
 def _plan(args: argparse.Namespace) -> int:
     from orchestrator.expand import expand
     from orchestrator.plan import describe, plan_trials, refuse_misfits
@@ -59,21 +60,34 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("run")
+@command(
+    "run",
+    "run a sweep on an embedded local Ray or an existing cluster",
+    arg("config"),
+    arg("--address", help="existing Ray cluster (host:port or ray://host:port); default: start a local one"),
+)
 def _run(args: argparse.Namespace) -> int:
     from orchestrator.runner import run
 
     return run(_load(args.config), args.address)
 
 
-@command("resume")
+EXPERIMENT_ARGUMENTS = (  # resume's and report's
+    arg("experiment", help="experiment name (under --storage) or its directory"),
+    arg("--storage", help="storage path the sweep used (default ./runs)"),
+)
+
+
+@command(
+    "resume", "continue a sweep without rerunning finished trials", *EXPERIMENT_ARGUMENTS, arg("--address")
+)
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.runner import resume
 
     return resume(args.experiment, args.storage, args.address)
 
 
-@command("report")
+@command("report", "tables, plots and HTML of a sweep", *EXPERIMENT_ARGUMENTS)
 def _report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -89,7 +103,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("status")
+@command(
+    "status",
+    "experiments under the storage path, and the Ray cluster if --address is given",
+    arg("--storage"),
+    arg("--address"),
+)
 def _status(args: argparse.Namespace) -> int:
     from orchestrator.preflight import check_ray_address
     from orchestrator.status import cluster_summary, experiments_table
@@ -104,7 +123,14 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("cache")
+@command(
+    "cache",
+    "the shared stage cache: list entries, or prune them",
+    arg("action", choices=["ls", "prune"]),
+    arg("--path", help="cache root (default: ./runs/cache, the sweeps' default cache_path)"),
+    arg("--older-than", help="prune: remove entries unused for this long, e.g. 7d, 12h"),
+    arg("--max-size", help="prune: then remove least recently used entries down to this, e.g. 50G"),
+)
 def _cache(args: argparse.Namespace) -> int:
     from orchestrator.cache_commands import list_entries, prune_entries, resolve_cache
 
@@ -115,7 +141,18 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("export")
+@command(
+    "export",
+    "a finished trial's model as files stock transformers and peft load",
+    arg("run_id", help="the trial's MLflow run id"),
+    arg("dir", help="where to write (new or empty)"),
+    arg("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./runs, as sweeps use)"),
+    arg(
+        "--merged",
+        action="store_true",
+        help="fold the adapter in: INT-k for QA-LoRA, float weights otherwise",
+    ),
+)
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.preflight import check_tracking_uri
     from orchestrator.sweep_config import DEFAULT_STORAGE
@@ -132,7 +169,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("architectures")
+@command("architectures", "the architectures quailora is tested on, and what runs untested")
 def _architectures(args: argparse.Namespace) -> int:
     from quailora.supported_architectures import SUPPORTED, UNTESTED
 
@@ -146,7 +183,7 @@ def _architectures(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("schema")
+@command("schema", "export the sweep config JSON Schema", arg("--output", "-o"))
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.sweep_config import SweepConfig
 
@@ -161,57 +198,13 @@ def _schema(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quailora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "plan",
-        help="print the sweep's summary (stage computations, disk), resources and memory estimates; "
-        "refuse what cannot fit",
-    )
-    p.add_argument("config")
-    p.add_argument(
-        "--trials", action="store_true", help="one table row per trial (default: one per distinct footprint)"
-    )
-    p = sub.add_parser("run", help="run a sweep on an embedded local Ray or an existing cluster")
-    p.add_argument("config")
-    p.add_argument(
-        "--address", help="existing Ray cluster (host:port or ray://host:port); default: start a local one"
-    )
-    for name, text in [
-        ("resume", "continue a sweep without rerunning finished trials"),
-        ("report", "tables, plots and HTML of a sweep"),
-    ]:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("experiment", help="experiment name (under --storage) or its directory")
-        p.add_argument("--storage", help="storage path the sweep used (default ./runs)")
-        if name == "resume":
-            p.add_argument("--address")
-    p = sub.add_parser(
-        "status", help="experiments under the storage path, and the Ray cluster if --address is given"
-    )
-    p.add_argument("--storage")
-    p.add_argument("--address")
-    p = sub.add_parser("cache", help="the shared stage cache: list entries, or prune them")
-    p.add_argument("action", choices=["ls", "prune"])
-    p.add_argument("--path", help="cache root (default: ./runs/cache, the sweeps' default cache_path)")
-    p.add_argument("--older-than", help="prune: remove entries unused for this long, e.g. 7d, 12h")
-    p.add_argument("--max-size", help="prune: then remove least recently used entries down to this, e.g. 50G")
-    p = sub.add_parser("export", help="a finished trial's model as files stock transformers and peft load")
-    p.add_argument("run_id", help="the trial's MLflow run id")
-    p.add_argument("dir", help="where to write (new or empty)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./runs, as sweeps use)")
-    p.add_argument(
-        "--merged",
-        action="store_true",
-        help="fold the adapter in: INT-k for QA-LoRA, float weights otherwise",
-    )
-    sub.add_parser("architectures", help="the architectures quailora is tested on, and what runs untested")
-    p = sub.add_parser("schema", help="export the sweep config JSON Schema")
-    p.add_argument("--output", "-o")
-    _register_optional(sub)
+    COMMANDS.add_to(sub)
+    _add_optional(sub)
     return parser
 
 
-def _register_optional(sub: argparse._SubParsersAction) -> None:
-    """The subcommands of OPTIONAL_COMMANDS whose package is installed.
+def _add_optional(sub: argparse._SubParsersAction) -> None:
+    """The commands (`COMMANDS`) of OPTIONAL_COMMANDS whose package is installed.
 
     Only the package (or its commands module) being absent is skipped; any other ImportError is a broken
     install or a bug inside the package, and is raised rather than silently dropping its subcommands.
@@ -223,15 +216,14 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
             if exc.name not in (module, module.split(".")[0]):
                 raise
             continue
-        mod.register(sub)
+        mod.COMMANDS.add_to(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     route_third_party_logs()
-    handler = COMMANDS.get(args.command) or getattr(args, "func", None)
     try:
-        return handler(args) or 0
+        return args.func(args) or 0
     except BrokenPipeError:  # `quailora plan ... | head`: the reader has gone; what is left to print, too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise (signal)
         return 0

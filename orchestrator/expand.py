@@ -129,15 +129,23 @@ def with_defaults(model: type[BaseModel], tree: Mapping[str, Any]) -> dict[str, 
 
 def _shown(path: str, value: Any) -> str:
     """A value as a name shows it; mappings (a quant, an init with options) flattened in schema field order,
-    so YAML key order does not change names."""
+    so YAML key order does not change names. A boolean shows only as its field's name, where it is true
+    against a false default ('init=svd-zero_start'); other booleans are left out."""
     if isinstance(value, Mapping):
         model = check_field_path(path, where=f"space.{path}")
         order = list(model.model_fields) if model else sorted(value)
-        return "-".join(
-            _shown(f"{path}.{k}", value[k])
-            for k in sorted(value, key=lambda k: order.index(k) if k in order else len(order))
-            if not isinstance(value[k], bool)
-        )
+        parts = []
+        for k in sorted(value, key=lambda k: order.index(k) if k in order else len(order)):
+            if not isinstance(value[k], bool):
+                parts.append(_shown(f"{path}.{k}", value[k]))
+            elif (
+                value[k]
+                and model is not None
+                and k in model.model_fields
+                and model.model_fields[k].default is False
+            ):
+                parts.append(k)
+        return "-".join(parts)
     return str(value).rstrip("/").rsplit("/", 1)[-1].removeprefix("reference:")
 
 
@@ -185,7 +193,8 @@ def _refuse_duplicate_names(points: list[TrialPoint]) -> None:
         shown = "; ".join(f"{name!r} from {values}" for name, values in clashes.items())
         raise QuailoraInputError(
             f"{len(clashes)} trial name(s) come from more than one grid combination: {shown} "
-            "(a name shows each value's last path component and no booleans; make the values differ there)"
+            "(a name shows each value's last path component, and a boolean only where it is true against a false "
+            "default; make the values differ there)"
         )
 
 

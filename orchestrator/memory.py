@@ -18,6 +18,7 @@ Terms (bytes), all stated so a reader can check them by hand:
   MoE experts one by one, all resident (orchestrator.model_shapes derives them from the config).
 - adapters r·(in+out) per targeted linear (r·(in/group_size + out) for a pooled QA-LoRA adapter), in fp32,
   plus fp32 grads and Adam's two fp32 moments; ZeRO-2/3 shard grads and optimizer state over the workers.
+  With init.zero_start, a second frozen adapter of the same size (quailora/zero_start.py), fp32, no state.
 - weights count whole per worker under ZeRO-3 too: each worker loads the whole quantized model before
   deepspeed.initialize partitions it (transformers 5 never loads a quantized model under zero.Init), so
   that is the worker's peak at load; ZeRO-3 saves memory only once training runs.
@@ -48,12 +49,11 @@ Terms (bytes), all stated so a reader can check them by hand:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import cache
 
 from orchestrator.model_shapes import ModelShape
-from quailora.initializers import INITIALIZERS, adapter_kind, changes_base, needs_gram
+from quailora.initializers import adapter_kind, changes_base, needs_gram, traits
 from quailora.quantizers import quantizer_spec
 from trials.config import TrialConfig
 
@@ -170,12 +170,10 @@ def weight_bytes(trial: TrialConfig) -> int:
 
 def damping_factor(trial: TrialConfig) -> float:
     """The init's damping λ (init.options, else the method's default); 0 for a method without one."""
-    default = inspect.signature(INITIALIZERS.get(trial.init.method, where="init.method")).parameters.get(
-        "damping"
-    )
-    if default is None:
+    defaults = traits(trial.init.method).options.defaults()
+    if "damping" not in defaults:
         return 0.0
-    return float(trial.init.options.get("damping", default.default))
+    return float(trial.init.options.get("damping", defaults["damping"]))
 
 
 def layer_problem_bytes(trial: TrialConfig, shape: ModelShape) -> tuple[int, int]:
@@ -210,7 +208,7 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     h, s, b, L, V = shape.hidden, trial.data.seq_len, trial.train.batch_size, shape.layers, shape.vocab
     n_adapter = adapter_params(trial, shape)
     workers = trial.resources.num_workers  # ZeRO-2 and ZeRO-3 both shard grads and optimizer state
-    adapters = 4 * n_adapter + (4 + 8) * n_adapter // workers
+    adapters = 4 * n_adapter * (2 if trial.init.zero_start else 1) + (4 + 8) * n_adapter // workers
 
     act_bytes = activation_bytes(trial)
     full_layer = b * s * h * (34 + 5 * shape.heads * s // h) * act_bytes // 2

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable
-from typing import get_args
-
 import torch
 
 from quailora.errors import QuailoraInputError
@@ -15,10 +10,10 @@ from quailora.initializers import (
     Initialization,
     Initializer,
     InitProblem,
-    method_options,
+    MethodOptions,
     needs_gram,
+    traits,
 )
-from quailora.linalg import FactorSplit, SvdSolver
 from quailora.quantizers.base import Quantizer
 
 
@@ -64,7 +59,8 @@ def validate_request(
     options: dict,
 ) -> Initializer:
     """Check one layer's request; return the initializer. Cheap: O(size of inputs), no factorization."""
-    fn = validate_options(method, options, where=f"layer {name}")
+    validate_options(method, options, where=f"layer {name}")
+    fn = INITIALIZERS.get(method)
     if weight.ndim != 2:
         raise QuailoraInputError(
             f"layer {name}: weight must be 2-D (out x in), got shape {tuple(weight.shape)}"
@@ -97,51 +93,8 @@ def validate_request(
     return fn
 
 
-def _int_at_least(low: int) -> Callable[[object], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _finite_nonnegative(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
-# Every option any initializer takes, with its domain: a typo'd solver or a negative damping must fail
-# loudly rather than silently fall back to a default branch.
-OPTION_DOMAINS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "iterations": (_int_at_least(1), "an integer >= 1"),
-    "niter": (_int_at_least(0), "an integer >= 0"),
-    "oversample": (_int_at_least(0), "an integer >= 0"),
-    "seed": (_int_at_least(0), "an integer >= 0"),
-    "group_size": (_int_at_least(1), "an integer >= 1"),
-    "damping": (_finite_nonnegative, "a finite number >= 0"),
-    "tol": (_finite_nonnegative, "a finite number >= 0"),
-    "solver": (lambda v: v in get_args(SvdSolver), f"one of {list(get_args(SvdSolver))}"),
-    "split": (lambda v: v in get_args(FactorSplit), f"one of {list(get_args(FactorSplit))}"),
-}
-
-
-def validate_options(method: str, options: dict, *, where: str = "init.options") -> Initializer:
-    """Check a method's options against its signature and their domains; return the initializer.
-
-    ``where`` prefixes every message: the layer, or the config field the options came from."""
-    fn = INITIALIZERS.get(method, where=where)
-    accepted = method_options(fn)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise QuailoraInputError(
-            f"{where}: method {method!r} has no option(s) {unknown}; it accepts {sorted(accepted)}"
-        )
-    missing = sorted(
-        p.name
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-        and p.default is inspect.Parameter.empty
-        and p.name not in options
-    )
-    if missing:
-        raise QuailoraInputError(f"{where}: method {method!r} needs option(s) {missing}")
-    for key, value in options.items():
-        check, domain = OPTION_DOMAINS.get(key, (lambda v: True, ""))
-        if not check(value):
-            raise QuailoraInputError(f"{where}: option {key}={value!r} must be {domain}")
-    return fn
+def validate_options(method: str, options: dict, *, where: str = "init.options") -> MethodOptions:
+    """Check a method's options against its options dataclass (names, required ones, each value's domain);
+    return them parsed. ``where`` prefixes every message: the layer, or the config field they came from."""
+    INITIALIZERS.get(method, where=where)
+    return traits(method).options.parse(options, method=method, where=where)

@@ -25,9 +25,9 @@ import psutil
 import torch
 from peft.utils.loftq_utils import _low_rank_decomposition
 
-from quailora.api import initialize, method_options, validate_options
+from quailora.api import initialize, validate_options
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, adapter_kind, needs_gram
+from quailora.initializers import INITIALIZERS, adapter_kind, method_options, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer, quantizer_spec
@@ -125,9 +125,9 @@ def _timed(solve: Callable[[], object]) -> tuple[object, float, float]:
 
 
 def method_options_for(method: str, *, iterations: int, solver: str, group_size: int) -> dict:
-    """The bench's knobs that this method accepts (from its signature, so a new method needs no edit here)."""
+    """The bench's knobs that this method accepts (from its options class, so a new method needs no edit here)."""
     knobs = {"iterations": iterations, "solver": solver, "group_size": group_size}
-    accepted = method_options(INITIALIZERS.get(method, where="--methods"))
+    accepted = method_options(method, where="--methods")
     return {k: v for k, v in knobs.items() if k in accepted}
 
 

@@ -19,11 +19,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quailora.api import initialize, method_options, validate_options
+from quailora.api import initialize, validate_options
 from quailora.architectures.derive import PEFT_PREFIX as _PEFT_PREFIX
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, adapter_kind, needs_gram, rebuilt_base
+from quailora.initializers import adapter_kind, effective_init_options, needs_gram, rebuilt_base
 from quailora.quantizers.base import Quantizer
 
 
@@ -139,8 +139,6 @@ def compute_adapters(
     Methods that draw random numbers get a seed per layer derived from ``seed`` and the layer's name, so
     same-shaped layers differ, the trial seed reaches every layer, and any worker split gives the same result.
     """
-    fn = INITIALIZERS.get(method, where="init.method")
-    seeded = "seed" in method_options(fn)
     pooled = adapter_kind(method) == "pooled"
     modules = dict(model.named_modules())
     names = lora_layer_names(model, adapter_name) if names is None else names
@@ -160,7 +158,7 @@ def compute_adapters(
             )
         validate_options(
             method,
-            _layer_options(modules[name], options, adapter_name, seeded, pooled, seed, name),
+            _layer_options(modules[name], method, options, adapter_name, pooled, seed, name),
             where=f"layer {name}",
         )
 
@@ -171,7 +169,7 @@ def compute_adapters(
         kind = base_layer_kind(base, name)
         quantized = kind.dequantize(base)
         weight = weights.get(f"{checkpoint_name(name)}.weight", device=quantized.device)
-        layer_options = _layer_options(module, options, adapter_name, seeded, pooled, seed, name)
+        layer_options = _layer_options(module, method, options, adapter_name, pooled, seed, name)
         fallback = calibrated and too_few_tokens(grams, checkpoint_name(name), weight.shape[1])
         gram = None
         if calibrated:
@@ -194,7 +192,7 @@ def compute_adapters(
 
 
 def _layer_options(
-    module: nn.Module, options: dict, adapter_name: str, seeded: bool, pooled: bool, seed: int, name: str
+    module: nn.Module, method: str, options: dict, adapter_name: str, pooled: bool, seed: int, name: str
 ) -> dict:
     layer_options = dict(options)
     if pooled:  # A acts on pooled inputs: the layer's adapter knows the pool
@@ -204,9 +202,7 @@ def _layer_options(
                 f"layer {name}: a pooled (QA-LoRA) method needs a pooled adapter (LoraConfig use_qalora=True)"
             )
         layer_options.setdefault("group_size", pool)
-    if seeded:
-        layer_options.setdefault("seed", layer_seed(seed, name))
-    return layer_options
+    return effective_init_options(method, layer_options, layer_seed(seed, name))
 
 
 def layer_seed(seed: int, name: str) -> int:

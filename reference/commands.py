@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from reference.cli_registry import Commands, arg
 from reference.specs import DEFAULT_MODELS, MODEL_SPECS, get_spec
 
-# reference.cache (pretraining: torch, transformers) is imported in each command, not here: registering the
+# reference.cache (pretraining: torch, transformers) is imported in each command, not here: declaring the
 # commands runs on every `quailora` start, before the arguments are parsed.
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `models` command group; each leaf sets `func(args) -> int` (the exit status)."""
-    models = subparsers.add_parser("models", help="build, list and check the project's reference models")
-    actions = models.add_subparsers(dest="models_command", required=True)
-
-    build = actions.add_parser("build", help="pretrain reference models into the cache (once per machine)")
-    build.add_argument("names", nargs="*", default=list(DEFAULT_MODELS), help="default: the -tiny models")
-    build.add_argument("--force", action="store_true", help="rebuild even when an intact build exists")
-    build.set_defaults(func=cmd_build)
-
-    listing = actions.add_parser("list", help="known reference models, built or not")
-    listing.set_defaults(func=cmd_list)
-
-    verify = actions.add_parser("check", help="verify hashes of built artifacts; rebuild what is broken")
-    verify.add_argument("--no-rebuild", action="store_true", help="only report")
-    verify.set_defaults(func=cmd_check)
+COMMANDS = Commands()
+MODELS = COMMANDS.group(
+    "models", "build, list and check the project's reference models", dest="models_command"
+)
 
 
+@MODELS.command(
+    "build",
+    "pretrain reference models into the cache (once per machine)",
+    arg("names", nargs="*", default=list(DEFAULT_MODELS), help="default: the -tiny models"),
+    arg("--force", action="store_true", help="rebuild even when an intact build exists"),
+)
 def cmd_build(args: argparse.Namespace) -> int:
     from reference.cache import build_model, model_metrics
 
@@ -43,6 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+@MODELS.command("list", "known reference models, built or not")
 def cmd_list(args: argparse.Namespace) -> int:
     from reference.cache import model_dir, model_metrics
 
@@ -60,6 +56,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@MODELS.command(
+    "check",
+    "verify hashes of built artifacts; rebuild what is broken",
+    arg("--no-rebuild", action="store_true", help="only report"),
+)
 def cmd_check(args: argparse.Namespace) -> int:
     from reference.cache import check
 

@@ -161,7 +161,7 @@ def environment(dry_run: bool) -> dict:
 def build_checkpoint(out: Path, sizes: Sizes) -> dict:
     import torch
 
-    from tests.test_trial_fixtures import make_texts, make_trial_checkpoint
+    from testkit.micro import make_texts, make_trial_checkpoint
 
     checkpoint = make_trial_checkpoint(out / "checkpoint", num_layers=2, hidden=sizes.hidden,
                                        intermediate=sizes.intermediate, heads=sizes.heads, max_positions=512,
@@ -264,7 +264,7 @@ def init_timing(sizes: Sizes, deadline_s: float) -> dict:
 def sweep(check: Check, made: dict, timeout: float) -> dict:
     import yaml
 
-    from tests.test_gpu import check_sweep_outcome, one_trial_sweep, sweep_outcome
+    from testkit.sweeps import check_sweep_outcome, one_trial_sweep, sweep_outcome
 
     dry = check.dry_run
     train = {"max_steps": 6, "eval_every": 3, "checkpoint_every": 6, "batch_size": 2} if dry else {}

@@ -50,7 +50,7 @@ def test_bad_arguments_fail_before_any_row(kwargs, needle):
 def test_layer_shapes_come_from_the_architecture_of_any_model():
     """bench reads a decoder layer's projections through quailora.architectures, not a table of its own."""
     from quailora.bench import decoder_shapes, layer_shapes
-    from tests.micro_models import make_micro_config
+    from testkit.micro import make_micro_config
 
     assert sorted(decoder_shapes(6656, 17920).values()) == sorted(
         [(6656, 6656)] * 4 + [(17920, 6656)] * 2 + [(6656, 17920)]

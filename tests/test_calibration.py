@@ -19,7 +19,7 @@ from quailora.calibration import GramStore, LayerwiseModel, collect_grams, parti
 from quailora.checkpoint import SafetensorsWeights
 from quailora.errors import QuailoraInputError
 from quailora.quantizers import get_quantizer
-from tests.micro_models import make_micro_checkpoint
+from testkit.micro import make_micro_checkpoint
 
 # family -> {module of a decoder layer: the module whose input it reads too}
 SHARING = {

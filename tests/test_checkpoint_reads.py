@@ -249,7 +249,7 @@ def test_model_weights_reads_on_a_device_and_transposes(tmp_path):
     from transformers import AutoConfig
 
     from quailora.architectures import Layout, ModelWeights, meta_model
-    from tests.micro_models import make_micro_checkpoint
+    from testkit.micro import make_micro_checkpoint
 
     checkpoint = make_micro_checkpoint(
         "gpt2", tmp_path / "gpt2", num_layers=1, hidden=64, dtype=torch.bfloat16

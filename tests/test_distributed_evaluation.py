@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.ports import free_port
-from tests.test_trial_fixtures import make_trial_checkpoint
 
 TASKS = ["reference:cloze", "reference:continuation"]
 BATCH_SIZE = 2
@@ -118,9 +117,9 @@ def _run(fn, nprocs, *args, timeout=420):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, micro_trial):
     root = tmp_path_factory.mktemp("distributed_eval")
-    checkpoint = str(make_trial_checkpoint(root / "ckpt"))
+    checkpoint = str(micro_trial[0])
     _run(_zero3_worker, 2, 2, free_port(), checkpoint, LIMIT, str(root))
     one = json.loads(json.dumps(_evaluate(*_load(checkpoint), LIMIT)))  # this process: no process group
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]

@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from quailora.calibration import GramStore, ProcessGroupSum, collect_grams, sequence_share
 from quailora.quantizers import get_quantizer
-from tests.micro_models import make_micro_checkpoint
+from testkit.micro import make_micro_checkpoint, micro_trial_config
 from tests.ports import free_port
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 
 
 def _grams_worker(rank, world_size, port, checkpoint, ids, out, propagate):
@@ -99,8 +98,8 @@ def _loftq_worker(rank, world_size, port, checkpoint, texts, cache_root, out):
         dist.destroy_process_group()
 
 
-def test_loftq_on_two_workers_equals_one_worker(tmp_path):
-    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+def test_loftq_on_two_workers_equals_one_worker(micro_trial, tmp_path):
+    checkpoint, texts = micro_trial
     results = {}
     for world_size in (1, 2):
         out = tmp_path / f"w{world_size}"
@@ -148,7 +147,7 @@ class OnAccelerator:
         return self.tensor
 
 
-def test_solved_updates_are_gathered_as_cpu_tensors(tmp_path, monkeypatch):
+def test_solved_updates_are_gathered_as_cpu_tensors(micro_trial, tmp_path, monkeypatch):
     """A pickled CUDA tensor unpickles onto the sender's GPU index, creating a context on the peer's GPU:
     every tensor a worker sends through all_gather_object must be on the CPU, whatever it was solved on."""
     from quailora.architectures import ModelWeights
@@ -158,7 +157,7 @@ def test_solved_updates_are_gathered_as_cpu_tensors(tmp_path, monkeypatch):
     from trials.cache import StageCache
     from trials.validation import validate_trial
 
-    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+    checkpoint, texts = micro_trial
     config = micro_trial_config(checkpoint, texts, init={"method": "loftq", "options": {"iterations": 2}},
                                 resources={"num_workers": 1})  # fmt: skip
     targets = validate_trial(config).target_names
@@ -245,14 +244,14 @@ def _two_node_worker(rank, world_size, port, checkpoint, texts, root, out):
         dist.destroy_process_group()
 
 
-def test_ranks_on_another_node_get_stage_entries_over_the_process_group(tmp_path):
+def test_ranks_on_another_node_get_stage_entries_over_the_process_group(micro_trial, tmp_path):
     """Issue 26 item 2: only rank 0 reads and writes the cache; a rank on another node receives what it
     reads (Grams when computed; quantized base, Grams and adapters when reused) and removes its copy after."""
     from safetensors import safe_open
 
     from trials.cache import StageCache
 
-    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+    checkpoint, texts = micro_trial
     runs = []
     for attempt in ("first", "again"):
         out = tmp_path / attempt

@@ -15,7 +15,7 @@ import quailora.text as text
 from orchestrator import memory
 from orchestrator.model_shapes import ModelShape
 from quailora.text import IGNORE_INDEX, perplexity
-from tests.micro_models import make_micro_config
+from testkit.micro import make_micro_config
 from trials.config import LM_EVAL_LARGE_MODEL_LIMIT, LM_EVAL_LARGE_MODEL_PARAMETERS, EvalSpec, TrialConfig
 from trials.evaluation import model_parameters
 

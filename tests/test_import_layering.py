@@ -67,3 +67,24 @@ def test_quailora_has_no_import_cycle():
         if name not in state:
             cycle = visit(name)
             assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Each installed package imports only the ones below it: orchestrator -> trials -> reference -> quailora;
+# none imports the top-level testkit/ (tests', scripts' and benchmarks' shared code) or tests/.
+MAY_IMPORT = {
+    "quailora": set(),
+    "reference": {"quailora"},
+    "trials": {"quailora", "reference"},
+    "orchestrator": {"quailora", "reference", "trials"},
+}
+
+
+def test_packages_import_only_downward():
+    others = set(MAY_IMPORT) | {"testkit", "tests"}
+    offending = {}
+    for package, allowed in MAY_IMPORT.items():
+        for path in sorted((ROOT.parent / package).rglob("*.py")):
+            upward = {name.split(".")[0] for name in _imported(path)} & (others - allowed - {package})
+            if upward:
+                offending[_module_name(path)] = sorted(upward)
+    assert not offending, f"imports against the layering: {offending}"

@@ -4,7 +4,7 @@ import torch
 
 import quailora
 from quailora.errors import QuailoraInputError
-from quailora.initializers import rebuilt_base
+from quailora.initializers import draws_random_numbers, effective_init_options, rebuilt_base
 from quailora.linalg import adapter_product, calibrated_error, damp, weight_error
 from tests.layer_problems import layer_problem
 
@@ -172,6 +172,21 @@ def test_bad_input_names_layer_and_value(problem, kwargs, needle):
 def test_seeds_change_gaussian_a(problem):
     a = {seed: _init(problem, "gaussian", seed=seed).lora_A for seed in (0, 1)}
     assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "effective"),
+    [
+        ("quailora", {"iterations": 2}, {"iterations": 2, "seed": 7}),  # solver auto may draw
+        ("quailora", {"solver": "exact", "seed": 3}, {"solver": "exact"}),  # draws nothing: no seed
+        ("svd", {"solver": "randomized", "seed": 3}, {"solver": "randomized", "seed": 3}),  # set: kept
+        ("gaussian", {}, {"seed": 7}),
+        ("qalora_zero", {"group_size": 16}, {"group_size": 16, "seed": 7}),
+    ],
+)
+def test_effective_options_carry_the_seed_only_where_the_method_draws(method, options, effective):
+    assert effective_init_options(method, options, 7) == effective
+    assert draws_random_numbers(method, options) == ("seed" in effective)
 
 
 def test_non_finite_weight_is_refused(problem):

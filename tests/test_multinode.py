@@ -62,7 +62,7 @@ def test_node_local_paths_and_file_tracking_are_refused_before_compute(cluster):
     c = cluster
     on_head = c.run(c.head, [sys.executable, "-c", (  # a checkpoint on the head's own disk, and a hub
         # snapshot in its own hub cache (~/.cache/huggingface, resolved offline by huggingface_hub)
-        "from pathlib import Path; from tests.test_trial_fixtures import make_trial_checkpoint; "
+        "from pathlib import Path; from testkit.micro import make_trial_checkpoint; "
         "make_trial_checkpoint(Path('/tmp/head-model')); "
         "repo = Path.home() / '.cache/huggingface/hub/models--test--micro'; "
         "make_trial_checkpoint(repo / 'snapshots' / ('0' * 40)); "
@@ -111,7 +111,7 @@ def shared_base(cluster) -> dict:
     """A trial base whose model and texts are in the shared directory."""
     c = cluster
     made = c.run(c.head, [sys.executable, "-c", (
-        "from pathlib import Path; from tests.test_trial_fixtures import make_texts, make_trial_checkpoint; "
+        "from pathlib import Path; from testkit.micro import make_texts, make_trial_checkpoint; "
         f"make_trial_checkpoint(Path({str(c.shared / 'model')!r})); make_texts(Path({str(c.shared)!r}))")],
         timeout=300)  # fmt: skip
     assert made.returncode == 0, made.stderr[-2000:]

@@ -36,6 +36,7 @@ SHIPPED_SWEEPS = {
     "qalora_reference": {"gaussian", "quailora", "qalora_zero", "qalora_closed_form"},
     "fair_comparison": {"gaussian", "svd", "quailora", "closed_form", "loftq"},
     "low_bit_sweep": {"gaussian", "svd", "quailora", "closed_form"},
+    "init_dynamics": {"gaussian", "svd", "quailora"},  # and svd with init.zero_start
 }
 SHIPPED_TRIALS = {"trial_micro", "fair_comparison_timing"}
 SHIPPED_EXAMPLES = {"asha_micro"}  # sweeps that show a feature rather than compare methods
@@ -166,15 +167,21 @@ def test_init_options_in_a_grid_flatten_into_the_name():
     sweep = _sweep(
         space={
             "init": {
-                "grid": [{"method": "quailora"}, {"method": "quailora", "options": {"split": "kaiming_a"}}]
+                "grid": [
+                    {"method": "quailora"},
+                    {"method": "quailora", "options": {"split": "kaiming_a"}},
+                    {"method": "svd", "zero_start": True},  # a boolean true against a false default: its name
+                ]
             }
         }
     )
-    assert [p.name for p in expand(sweep).points] == ["init=quailora", "init=quailora-kaiming_a"]
+    names = [p.name for p in expand(sweep).points]
+    assert names == ["init=quailora", "init=quailora-kaiming_a", "init=svd-zero_start"]
 
 
 def test_duplicate_trial_names_are_refused_naming_them():
-    # Booleans are left out of names, so these two quant configs would both be 'quant=nf4-4'.
+    # Booleans are left out of names (but for one true against a false default), so these two quant configs
+    # would both be 'quant=nf4-4'.
     sweep = _sweep(
         space={
             "quant": {

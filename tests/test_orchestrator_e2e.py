@@ -25,7 +25,6 @@ from orchestrator.cli import main
 from orchestrator.experiment import STATE_FILE, ExperimentState
 from orchestrator.tracking import child_runs
 from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRAIN_LOSS, VAL_PPL, stage_tag
-from trials.run import ensure_ray
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +42,6 @@ def _sweep(tmp_path: Path, name: str, space: dict, base: dict = MICRO_BASE, **ex
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One Ray for this module's in-process sweeps: `run` and `resume` use a Ray they find and leave it running."""
-    assert ensure_ray(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 STARTED = "] started "  # ProgressCallback's line when Tune starts a trial

@@ -168,6 +168,10 @@ def test_init_options_make_a_separate_method_arm():
         == "quailora iterations-3 split-kaiming_a"
     )
     assert method_label("gaussian", "{}") == method_label("gaussian", None) == "gaussian"
+    # init.zero_start is a run param only where true (trials/config.py): its runs are an arm of their own
+    assert method_label("svd", "{}", "True") == "svd zero_start"
+    assert method_label("svd", '{"split": "kaiming_a"}', "True") == "svd split-kaiming_a zero_start"
+    assert method_label("svd", None, None) == "svd"
 
 
 def test_recovered_fraction_after_init_is_reported_too(records):

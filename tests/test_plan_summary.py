@@ -233,7 +233,7 @@ def test_gram_inputs_share_as_the_calibration_does(family):
     """ModelShape.gram_inputs counts one Gram per input tensor exactly where collect_grams stores one
     (tests/test_calibration.py SHARING, checked there against the written store)."""
     from orchestrator.model_shapes import input_key, shape_from_config
-    from tests.micro_models import make_micro_config
+    from testkit.micro import make_micro_config
     from tests.test_calibration import LAYERS, SHARING
 
     shape = shape_from_config(make_micro_config(family))

@@ -22,8 +22,8 @@ from quailora.qalora.pooling import expand, pool, pooling_factor
 from quailora.quantizers.groupwise.codes import GroupwiseIntQuantizer, unpack_codes
 from quailora.quantizers.groupwise.layer import GroupwiseLinear, quantize_model_groupwise
 from quailora.quantizers.groupwise.packed import load_packed, save_packed
+from testkit.micro import make_micro_config
 from tests.layer_problems import layer_problem
-from tests.micro_models import make_micro_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

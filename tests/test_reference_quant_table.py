@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from quailora.quantizers import get_quantizer
 from quailora.quantizers.groupwise.layer import GroupwiseLinear
 from reference.quant_table import GROUP_SIZE, PRECISIONS, markdown
-from tests.micro_models import make_micro_config
+from testkit.micro import make_micro_config
 
 
 def test_int_column_quantizes_every_linear_but_the_head(tmp_path) -> None:

@@ -7,14 +7,16 @@ the declared bits and refuses the others, naming the field; the memory plan's by
 storage; the declared adapter kinds are the ones trial validation lets through; stock export writes the
 declared format, and the cached form loads back to the same Q.
 Initializers: the declared adapter kind is the shape of the lora_A produced; the declared need for a
-Gram is whether the method reads one; the declared base change is whether it returns a new base; every
-option has a validated domain and a trial adapter builder exists for the kind.
+Gram is whether the method reads one; the declared base change is whether it returns a new base; the
+declared randomness is whether the seed changes the result; every option is a field of the method's options
+dataclass with a domain that refuses a bad value, naming the field; a trial adapter builder exists for the kind.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import MISSING, fields, is_dataclass
 
 import pytest
 import torch
@@ -22,10 +24,19 @@ from pydantic import ValidationError
 from torch import nn
 
 from orchestrator.memory import quantized_linear_bytes
-from quailora.api import OPTION_DOMAINS, method_options
+from quailora.api import validate_options
 from quailora.base_layers import base_layer_kind
 from quailora.errors import QuailoraInputError
-from quailora.initializers import INITIALIZERS, InitProblem, rebuilt_base, traits
+from quailora.initializers import (
+    INITIALIZERS,
+    InitProblem,
+    MethodOptions,
+    draws_random_numbers,
+    method_options,
+    rebuilt_base,
+    traits,
+    zero_product,
+)
 from quailora.quantizers import QUANTIZER_SPECS, get_quantizer, quantizer_spec
 from tests.layer_problems import layer_problem
 from tests.micro_models import make_micro_config
@@ -211,7 +222,9 @@ def _options(method: str) -> dict:
 def test_declared_adapter_kind_is_the_adapter_produced(method, problem_parts):
     fn, kind = INITIALIZERS.get(method), traits(method).adapter
     assert kind in ADAPTER_BUILDERS  # a trial can put this kind of adapter on a model
-    assert ("group_size" in method_options(fn)) == (kind == "pooled")  # the pool is a pooled method's option
+    assert ("group_size" in method_options(method)) == (
+        kind == "pooled"
+    )  # the pool is a pooled method's option
     gram = problem_parts[2] if traits(method).needs_gram else None
     result = fn(_problem(problem_parts, gram), **_options(method))
     width = IN // GROUP if kind == "pooled" else IN
@@ -252,5 +265,46 @@ def test_declared_base_change_is_whether_a_new_base_comes_back(method, problem_p
 
 
 @pytest.mark.parametrize("method", list(INITIALIZERS))
-def test_every_option_has_a_validated_domain(method):
-    assert method_options(INITIALIZERS.get(method)) <= set(OPTION_DOMAINS)
+def test_every_option_is_a_validated_field_of_the_methods_options_class(method):
+    cls = traits(method).options
+    assert is_dataclass(cls) and issubclass(cls, MethodOptions) and cls.__dataclass_params__.frozen
+    assert method_options(method) == {f.name for f in fields(cls)}
+    required = {f.name: GROUP for f in fields(cls) if f.default is MISSING}
+    assert set(required) <= {"group_size"}  # a trial fills in only the pool; every other option has a default
+    assert validate_options(method, required) == cls(**required)  # the defaults lie in their domains
+    for f in fields(cls):
+        assert "domain" in f.metadata, f"{method}: option {f.name} is declared without option(domain=...)"
+        # -1 lies outside every domain (integers >= 0 or 1, finite numbers >= 0, a Literal's strings)
+        with pytest.raises(QuailoraInputError, match=rf"^where: option {f.name}=-1 must be "):
+            validate_options(method, {**required, f.name: -1}, where="where")
+        with pytest.raises(QuailoraInputError, match=rf"option {f.name}=-1 must be "):
+            cls(**{**required, f.name: -1})
+    with pytest.raises(
+        QuailoraInputError, match=rf"method {method!r} has no option\(s\) \['bogus'\]; it accepts"
+    ):
+        validate_options(method, {**required, "bogus": 1})
+    for name in required:
+        with pytest.raises(QuailoraInputError, match=rf"method {method!r} needs option\(s\) \['{name}'\]"):
+            validate_options(method, {})
+
+
+@pytest.mark.parametrize("method", list(INITIALIZERS))
+def test_declared_randomness_is_whether_the_seed_changes_the_result(method, problem_parts):
+    fn, gram = INITIALIZERS.get(method), problem_parts[2] if traits(method).needs_gram else None
+    cases = [{"solver": s} for s in ("exact", "randomized")] if "solver" in method_options(method) else [{}]
+    for case in cases:
+        options = {**_options(method), **case}
+        if "seed" not in method_options(method):
+            assert not draws_random_numbers(method, options)
+            continue
+        one, two = (fn(_problem(problem_parts, gram), **options, seed=seed) for seed in (1, 2))
+        same = all(torch.equal(x, y) for x, y in zip(one, two, strict=True))  # (lora_A, lora_B)
+        assert draws_random_numbers(method, options) == (not same), case
+
+
+@pytest.mark.parametrize("method", list(INITIALIZERS))
+def test_declared_zero_product_is_whether_the_adapter_starts_at_zero(method, problem_parts):
+    """zero_product (QLoRA's B = 0) is declared, not probed: here checked against the method's own output."""
+    gram = problem_parts[2] if traits(method).needs_gram else None
+    lora_a, lora_b = INITIALIZERS.get(method)(_problem(problem_parts, gram), **_options(method))
+    assert zero_product(method) == bool((lora_b @ lora_a).abs().max() == 0)

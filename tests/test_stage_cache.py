@@ -16,17 +16,11 @@ import torch
 from orchestrator.cache_commands import list_entries, parse_duration, parse_size
 from orchestrator.cli import main
 from quailora.errors import QuailoraInputError
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from testkit.micro import micro_trial_config
 from trials.cache import INPUTS_FILE, StageCache, StageKey, obtain
 from trials.stage_keys import calibrate_key, checkpoint_identity, initialize_key, quantize_key
 
 F32 = torch.float32
-
-
-@pytest.fixture(scope="module")
-def trial_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    return make_trial_checkpoint(root / "ckpt"), make_texts(root), root
 
 
 def _keys(checkpoint, texts, ids=None, dtype=F32, targets=("a", "b"), **overrides):
@@ -61,8 +55,8 @@ CHANGES = [
 
 
 @pytest.mark.parametrize(("overrides", "changed"), CHANGES)
-def test_a_stage_key_follows_exactly_its_inputs(trial_files, overrides, changed):
-    checkpoint, texts, _ = trial_files
+def test_a_stage_key_follows_exactly_its_inputs(micro_trial, overrides, changed):
+    checkpoint, texts = micro_trial
     base = {"init": {"method": "quailora"}}
     before = _keys(checkpoint, texts, **base)
     merged = {k: ({**base[k], **v} if k in base else v) for k, v in overrides.items()}
@@ -71,8 +65,8 @@ def test_a_stage_key_follows_exactly_its_inputs(trial_files, overrides, changed)
     assert differs == changed
 
 
-def test_keys_of_the_token_ids_dtype_targets_and_the_seed_of_unseeded_methods(trial_files):
-    checkpoint, texts, _ = trial_files
+def test_keys_of_the_token_ids_dtype_targets_and_the_seed_of_unseeded_methods(micro_trial):
+    checkpoint, texts = micro_trial
     q, c, i = _keys(checkpoint, texts, init={"method": "quailora"})
     assert _keys(checkpoint, texts, ids=torch.arange(64).view(2, 32) + 1, init={"method": "quailora"})[1] != c
     assert _keys(checkpoint, texts, dtype=torch.bfloat16, init={"method": "quailora"})[0] != q
@@ -89,8 +83,8 @@ def test_keys_of_the_token_ids_dtype_targets_and_the_seed_of_unseeded_methods(tr
     assert "calibrate" not in _keys(checkpoint, texts, init={"method": "svd"})[2].inputs
 
 
-def test_checkpoint_identity_is_content_not_place(trial_files, tmp_path):
-    checkpoint, _, _ = trial_files
+def test_checkpoint_identity_is_content_not_place(micro_trial, tmp_path):
+    checkpoint, _ = micro_trial
     copy = Path(shutil.copytree(checkpoint, tmp_path / "copy"))
     assert checkpoint_identity(copy) == checkpoint_identity(checkpoint)
     weights = next(copy.glob("*.safetensors"))

@@ -19,13 +19,13 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from orchestrator.cli import main
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
+from testkit.micro import micro_trial_config
 from tests.mlflow_server import mlflow_server as start_mlflow_server
 from tests.test_export import load_readme_snippet, rel_max_error
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.cache import StageCache
 from trials.contract import TRIAL_KEY_TAG, stage_param, stage_tag
 from trials.probe import TOP_K, at_probe
-from trials.run import ensure_ray, run_trial
+from trials.run import run_trial
 from trials.tracking import flat_params, trial_key
 
 pytestmark = pytest.mark.slow
@@ -57,34 +57,30 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trial(tmp_path_factory, mlflow_server):
+def trial(tmp_path_factory, mlflow_server, micro_trial, local_ray):
     root = tmp_path_factory.mktemp("trial")
-    checkpoint, texts = make_trial_checkpoint(root / "ckpt"), make_texts(root)
+    checkpoint, texts = micro_trial
     # Eval at 2 and 4, a checkpoint at 3: one report of each kind before the final one (the eval at the
     # last step is not reported on its own: the final report follows).
     config = micro_trial_config(checkpoint, texts, train={"eval_every": 2, "checkpoint_every": 3})
     reports = root / "reports.jsonl"
-    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
-    try:
-        began = time.perf_counter()
-        metrics = run_trial(
-            config,
-            tracking_uri=mlflow_server,
-            experiment_name=EXPERIMENT,
-            storage_path=str(root / "ray"),
-            callbacks=[RecordReports(reports)],
-            cache_path=str(root / "cache"),
-        )
-        seconds = time.perf_counter() - began
-        client = MlflowClient(mlflow_server)
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        runs = client.search_runs([experiment.experiment_id])
-        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-        yield {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
-               "root": root, "checkpoint": checkpoint, "texts": texts, "uri": mlflow_server,
-               "reports": reports, "logs": logs}  # fmt: skip
-    finally:
-        ray.shutdown()
+    began = time.perf_counter()
+    metrics = run_trial(
+        config,
+        tracking_uri=mlflow_server,
+        experiment_name=EXPERIMENT,
+        storage_path=str(root / "ray"),
+        callbacks=[RecordReports(reports)],
+        cache_path=str(root / "cache"),
+    )
+    seconds = time.perf_counter() - began
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return {"config": config, "metrics": metrics, "seconds": seconds, "client": client, "runs": runs,
+            "root": root, "checkpoint": checkpoint, "texts": texts, "uri": mlflow_server,
+            "reports": reports, "logs": logs}  # fmt: skip
 
 
 def test_two_worker_trial_reports_every_metric(trial):
@@ -257,3 +253,30 @@ def test_another_learning_rate_on_one_worker_reuses_every_stage(trial):
     first = trial["runs"][0].data.params
     assert all(run.data.params[stage_param(s)] == first[stage_param(s)] for s in ("quantize", "initialize"))
     assert metrics["val_ppl_init"] == pytest.approx(trial["metrics"]["val_ppl_init"], rel=1e-5)
+
+
+def test_zero_start_arm_reuses_the_init_entry_and_exports_as_one_stock_adapter(trial, tmp_path):
+    """init.zero_start on one worker: the svd init entry is the first trial's (same key), the logged adapter
+    holds the frozen start adapter in peft's start/ subfolder, and the export (one rank-2r adapter, and the
+    merged model) gives the trial's logits. Runs last: it adds a run to the experiment."""
+    config = micro_trial_config(trial["checkpoint"], trial["texts"], name="zero-start",
+                                init={"method": "svd", "zero_start": True},
+                                train={"max_steps": 1}, resources={"num_workers": 1})  # fmt: skip
+    run_trial(config, tracking_uri=trial["uri"], experiment_name=EXPERIMENT,
+              storage_path=str(trial["root"] / "ray"), cache_path=str(trial["root"] / "cache"))  # fmt: skip
+    client = trial["client"]
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.trial_name = 'zero-start'"
+    )
+    assert run.data.tags[stage_tag("initialize")] == "reused" and run.data.params["init.zero_start"] == "True"
+    assert (
+        run.data.params[stage_param("initialize")] == trial["runs"][0].data.params[stage_param("initialize")]
+    )
+    assert "adapter/start/adapter_model.safetensors" in {
+        f.path for f in client.list_artifacts(run.info.run_id, "adapter/start")
+    }
+    for out, flags, bound in ((tmp_path / "export", [], 1e-2), (tmp_path / "merged", ["--merged"], 1e-5)):
+        assert main(["export", run.info.run_id, str(out), "--tracking-uri", trial["uri"], *flags]) == 0
+        loaded = load_readme_snippet(out)
+        assert rel_max_error(loaded["top"], loaded["probe"]["top_logits"]) <= bound
+    assert json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4

@@ -37,7 +37,7 @@ def test_trials_without_lm_eval_tasks_never_import_lm_eval(tmp_path):
 import sys
 sys.modules["lm_eval"] = None  # any `import lm_eval` now raises ImportError
 import orchestrator.cli, orchestrator.runner, orchestrator.tuning, trials.run, trials.worker
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from testkit.micro import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.validation import validate_trial
 root = __import__("pathlib").Path({str(tmp_path)!r})
 validate_trial(micro_trial_config(make_trial_checkpoint(root / "ckpt"), make_texts(root)))

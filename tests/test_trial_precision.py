@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from testkit.micro import micro_trial_config
 from tests.ports import free_port
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 
 
 def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_type="cpu"):
@@ -89,13 +89,13 @@ def train_worker(rank, world_size, port, checkpoint, texts, train, out, device_t
     ("train", "engine_flag"),
     [({"zero_stage": 3, "precision": "bf16"}, "bf16_enabled"), ({"zero_stage": 2, "precision": "fp16"}, "fp16_enabled")],
 )  # fmt: skip
-def test_fine_tuning_runs_the_asked_precision(tmp_path, train, engine_flag):
+def test_fine_tuning_runs_the_asked_precision(micro_trial, tmp_path, train, engine_flag):
     if train["precision"] == "fp16":
         from deepspeed.accelerator import get_accelerator
 
         if not get_accelerator().is_fp16_supported():
             pytest.skip("DeepSpeed's CPU accelerator has no fp16 on this CPU (needs AVX512-FP16 / AMX-FP16)")
-    checkpoint, texts = make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path)
+    checkpoint, texts = micro_trial
     world_size = 2
     mp.spawn(
         train_worker,

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -20,22 +19,21 @@ from transformers import AutoModelForCausalLM
 from orchestrator.cli import main
 from quailora.qalora.adapter import load_groupwise_adapter
 from quailora.quantizers.groupwise.layer import quantize_model_groupwise
+from testkit.micro import micro_trial_config
 from tests.test_export import load_readme_snippet, rel_max_error
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.probe import at_probe
-from trials.run import ensure_ray, run_trial
+from trials.run import run_trial
 from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trial(tmp_path_factory):
+def trial(tmp_path_factory, micro_trial, local_ray):
     root = tmp_path_factory.mktemp("qalora")
-    checkpoint = make_trial_checkpoint(root / "ckpt")
+    checkpoint = micro_trial[0]
     config = micro_trial_config(
-        checkpoint,
-        make_texts(root),
+        *micro_trial,
         quant={"method": "int", "bits": 4, "group_size": 16},
         init={"method": "qalora_closed_form"},
         train={"zero_stage": 3},
@@ -45,13 +43,7 @@ def trial(tmp_path_factory):
         },  # ZeRO-3: the ranks split its requests
     )
     uri = default_tracking_uri(root)
-    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
-    try:
-        metrics = run_trial(
-            config, tracking_uri=uri, experiment_name="qalora", storage_path=str(root / "ray")
-        )
-    finally:
-        ray.shutdown()
+    metrics = run_trial(config, tracking_uri=uri, experiment_name="qalora", storage_path=str(root / "ray"))
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("qalora").experiment_id])
     return {

@@ -7,14 +7,13 @@ Both log to the embedded default store (local SQLite + local artifacts), the set
 from __future__ import annotations
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from testkit.micro import make_texts, make_trial_checkpoint, micro_trial_config
 from trials.config import TrialConfig
 from trials.contract import FAILURE_TAG, STAGES, stage_tag
-from trials.run import TrialStoppedError, ensure_ray, run_trial
+from trials.run import TrialStoppedError, run_trial
 from trials.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -52,14 +51,10 @@ def _tokens(config: TrialConfig) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("recovery")
-    ensure_ray(num_cpus=2, object_store_memory=100 * 1024**2)
-    try:
-        # Beyond llama, a MoE runs the full Ray trial: split experts calibrated, quantized and adapted.
-        yield root, make_trial_checkpoint(root / "ckpt", family="mixtral"), make_texts(root)
-    finally:
-        ray.shutdown()
+    # Beyond llama, a MoE runs the full Ray trial: split experts calibrated, quantized and adapted.
+    return root, make_trial_checkpoint(root / "ckpt", family="mixtral"), make_texts(root)
 
 
 def _only_run(client: MlflowClient, experiment: str):

@@ -10,7 +10,7 @@ import torch
 
 from quailora.errors import QuailoraInputError
 from quailora.text import IGNORE_INDEX
-from tests.test_trial_fixtures import make_tokenizer, prose_lines
+from testkit.micro import make_tokenizer, prose_lines
 from trials.sources import check_data, load_texts, token_blocks
 
 TEXTS = prose_lines()[:60]

@@ -5,22 +5,22 @@ from __future__ import annotations
 import ray
 from mlflow.tracking import MlflowClient
 
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from testkit.micro import micro_trial_config
 from trials.contract import STOPPED_EARLY_TAG, VAL_PPL, VAL_PPL_INIT
 from trials.run import run_trial
 from trials.tracking import PARENT_TAG, default_tracking_uri, find_run, open_trial_run, trial_key
 
 
-def _store_with_a_sweep(tmp_path):
+def _store_with_a_sweep(micro_trial, tmp_path):
     """A micro trial's config, a local MLflow store, an experiment in it and a sweep's parent run."""
-    config = micro_trial_config(make_trial_checkpoint(tmp_path / "ckpt"), make_texts(tmp_path))
+    config = micro_trial_config(*micro_trial)
     client = MlflowClient(default_tracking_uri(tmp_path))
     experiment_id = client.create_experiment("x")
     return config, client, experiment_id, client.create_run(experiment_id).info.run_id
 
 
-def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
-    config, client, experiment_id, parent = _store_with_a_sweep(tmp_path)
+def test_standalone_trial_never_adopts_a_sweep_child_run(micro_trial, tmp_path):
+    config, client, experiment_id, parent = _store_with_a_sweep(micro_trial, tmp_path)
     child = open_trial_run(client, experiment_id, config, {}, parent)
     assert child.data.tags[PARENT_TAG] == parent
 
@@ -33,9 +33,9 @@ def test_standalone_trial_never_adopts_a_sweep_child_run(tmp_path):
     assert find_run(client, experiment_id, trial_key(config), other_sweep) is None
 
 
-def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(tmp_path):
+def test_a_trial_the_sweep_scheduler_stopped_is_not_trained_again(micro_trial, tmp_path):
     """What a resumed sweep does with a trial whose stop its Tune state missed: the run stays as it ended."""
-    config, client, experiment_id, parent = _store_with_a_sweep(tmp_path)
+    config, client, experiment_id, parent = _store_with_a_sweep(micro_trial, tmp_path)
     run_id = open_trial_run(client, experiment_id, config, {}, parent).info.run_id
     client.log_metric(run_id, VAL_PPL_INIT, 9.0, step=0)
     client.log_metric(run_id, VAL_PPL, 7.0, step=4)

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from quailora.errors import QuailoraInputError
-from tests.test_trial_fixtures import make_texts, make_trial_checkpoint, micro_trial_config
+from testkit.micro import micro_trial_config
 from trials.commands import load_trial_config
 from trials.config import ResourcesSpec, TrainSpec, check_resources
 from trials.deepspeed_config import compute_dtype, deepspeed_config, resolve_precision
@@ -17,14 +17,8 @@ from trials.tracking import default_tracking_uri, flat_params
 from trials.validation import validate_trial
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation")
-    return make_trial_checkpoint(root / "ckpt"), make_texts(root)
-
-
-def test_good_config_lists_every_linear_layer_but_the_head(setup):
-    plan = validate_trial(micro_trial_config(*setup))
+def test_good_config_lists_every_linear_layer_but_the_head(micro_trial):
+    plan = validate_trial(micro_trial_config(*micro_trial))
     assert plan.model_type == "llama"
     assert len(plan.target_names) == 2 * 7  # q k v o gate up down per decoder layer
     assert not any("lm_head" in n for n in plan.target_names)
@@ -75,9 +69,9 @@ def test_good_config_lists_every_linear_layer_but_the_head(setup):
         ({"resources": {"gpus_per_worker": 0.5}}, "needs resources.use_gpu: true"),
     ],
 )
-def test_bad_input_is_named(setup, overrides, needle):
+def test_bad_input_is_named(micro_trial, overrides, needle):
     with pytest.raises(QuailoraInputError) as err:
-        validate_trial(micro_trial_config(*setup, **overrides))
+        validate_trial(micro_trial_config(*micro_trial, **overrides))
     assert needle in str(err.value)
 
 
@@ -91,32 +85,32 @@ def test_resources_every_worker_uses_pass(resources):
 
 
 @pytest.mark.parametrize(("method", "bits"), [("nf4", 3), ("int8", 4), ("int", 5)])
-def test_bit_width_the_quantizer_cannot_do(setup, method, bits):
+def test_bit_width_the_quantizer_cannot_do(micro_trial, method, bits):
     with pytest.raises(
         ValidationError, match=f"quant.bits={bits} is not possible with quant.method='{method}'"
     ):
-        micro_trial_config(*setup, quant={"method": method, "bits": bits})
+        micro_trial_config(*micro_trial, quant={"method": method, "bits": bits})
 
 
-def test_init_options_of_the_declared_types_pass(setup):
+def test_init_options_of_the_declared_types_pass(micro_trial):
     config = micro_trial_config(
-        *setup,
+        *micro_trial,
         quant={"method": "int", "bits": 4, "group_size": 16},
         init={"method": "qalora_closed_form", "options": {"group_size": 16, "damping": 1, "solver": "exact"}},
     )
     validate_trial(config)  # an int where a float is declared is fine; group_size may repeat quant's
 
 
-def test_a_trial_without_a_test_split_is_valid(setup):
-    validate_trial(micro_trial_config(*setup, data={"test": None}))  # no test_ppl_final then
+def test_a_trial_without_a_test_split_is_valid(micro_trial):
+    validate_trial(micro_trial_config(*micro_trial, data={"test": None}))  # no test_ppl_final then
 
 
-def test_calibration_settings_matter_only_to_calibrated_methods(setup):
-    validate_trial(micro_trial_config(*setup, init={"method": "svd"}, calibration={"seq_len": 512}))
+def test_calibration_settings_matter_only_to_calibrated_methods(micro_trial):
+    validate_trial(micro_trial_config(*micro_trial, init={"method": "svd"}, calibration={"seq_len": 512}))
 
 
-def test_run_trial_rejects_before_any_compute(setup, tmp_path):
-    config = micro_trial_config(*setup, lora={"rank": 1000})
+def test_run_trial_rejects_before_any_compute(micro_trial, tmp_path):
+    config = micro_trial_config(*micro_trial, lora={"rank": 1000})
     with pytest.raises(QuailoraInputError, match="lora.rank=1000"):
         run_trial(
             config,
@@ -141,8 +135,8 @@ def test_example_config_is_valid():
     assert config.resources.num_workers == 2 and config.train.zero_stage in (2, 3)
 
 
-def test_every_config_field_is_a_param(setup):
-    config = micro_trial_config(*setup, init={"method": "quailora", "options": {"iterations": 3}})
+def test_every_config_field_is_a_param(micro_trial):
+    config = micro_trial_config(*micro_trial, init={"method": "quailora", "options": {"iterations": 3}})
     params = flat_params(config)
     assert params["train.zero_stage"] == "2" and params["lora.rank"] == "4"
     assert params["init.options"] == '{"iterations": 3}'
@@ -151,7 +145,9 @@ def test_every_config_field_is_a_param(setup):
         for name, value in config
         for sub in (type(value).model_fields if isinstance(value, BaseModel) else [None])
     }
-    assert set(params) == expected  # every field once; init.options and tags as one JSON param each
+    # every field once; init.options and tags as one JSON param each; init.zero_start only where true
+    # (trials/config.py: every other trial's key stays what it was), tests/test_zero_start.py
+    assert set(params) == expected - {"init.zero_start"}
 
 
 def test_deepspeed_config_follows_the_trial():

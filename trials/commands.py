@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from quailora.errors import QuailoraInputError
+from reference.cli_registry import Commands, arg
 from trials.config import TrialConfig, read_yaml_file
 
 DEFAULT_ROOT = Path("runs") / "trials"
@@ -27,6 +28,26 @@ def load_trial_config(path: str | Path) -> TrialConfig:
         raise QuailoraInputError(f"{path}: {problems}") from None
 
 
+COMMANDS = Commands()
+
+
+@COMMANDS.command(
+    "trial",
+    "run one trial from a TrialConfig YAML, without the orchestrator",
+    arg("config", help="TrialConfig YAML (see configs/trial_micro.yaml)"),
+    arg("--root", default=str(DEFAULT_ROOT), help="where the default MLflow store and Ray storage go"),
+    arg("--tracking-uri", default=None, help="MLflow URI (default: SQLite under --root)"),
+    arg("--storage-path", default=None, help="Ray Train storage (default: <root>/ray)"),
+    arg("--cache-path", default=None, help="stage cache shared with other trials (default: <root>/cache)"),
+    arg(
+        "--no-shared-cache", action="store_true", help="keep this trial's stages private (no reuse by others)"
+    ),
+    arg("--experiment", default="quailora-trials", help="MLflow experiment name"),
+    arg("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"),
+    arg(
+        "--ray-address", default=None, help="join this Ray cluster ('auto', host:port) instead of a local one"
+    ),
+)
 def run_trial_command(args: argparse.Namespace) -> int:
     from trials.run import TrialStoppedError, ensure_ray, run_trial
     from trials.tracking import default_tracking_uri
@@ -52,36 +73,10 @@ def run_trial_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "trial", help="run one trial from a TrialConfig YAML, without the orchestrator"
-    )
-    parser.add_argument("config", help="TrialConfig YAML (see configs/trial_micro.yaml)")
-    parser.add_argument(
-        "--root", default=str(DEFAULT_ROOT), help="where the default MLflow store and Ray storage go"
-    )
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: SQLite under --root)")
-    parser.add_argument("--storage-path", default=None, help="Ray Train storage (default: <root>/ray)")
-    parser.add_argument(
-        "--cache-path", default=None, help="stage cache shared with other trials (default: <root>/cache)"
-    )
-    parser.add_argument(
-        "--no-shared-cache", action="store_true", help="keep this trial's stages private (no reuse by others)"
-    )
-    parser.add_argument("--experiment", default="quailora-trials", help="MLflow experiment name")
-    parser.add_argument(
-        "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
-    )
-    parser.add_argument(
-        "--ray-address", default=None, help="join this Ray cluster ('auto', host:port) instead of a local one"
-    )
-    parser.set_defaults(func=run_trial_command)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m trials.commands CONFIG.yaml``) for when the orchestrator is not installed."""
     parser = argparse.ArgumentParser(prog="quailora")
-    register(parser.add_subparsers(dest="command", required=True))
+    COMMANDS.add_to(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["trial", *(argv if argv is not None else sys.argv[1:])])
     try:
         return args.func(args)

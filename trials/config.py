@@ -79,6 +79,10 @@ class InitSpec(_Strict):
     method: str = "gaussian"
     # Method options passed through to the initializer (e.g. iterations, damping, solver).
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    # Zero-correction start (quailora/zero_start.py): the method's factors train as usual, and a frozen copy
+    # with lora_B negated cancels their product, so the model starts at the quantized base. Left out of the
+    # dumped config while false, so every other trial's key (the hash of its config) stays what it was.
+    zero_start: bool = Field(False, exclude_if=lambda value: not value)
 
 
 class CalibrationSpec(_Strict):

@@ -9,9 +9,17 @@ DIR/probe.safetensors the trial's probe (trials/probe.py: input ids, top logits 
   QuantizerSpec.export_format): bitsandbytes layers serialize themselves (NF4/FP4/LLM.int8, pre-quantized,
   so quantization_config is null and config.json carries it), group-wise INT-k layers become a
   compressed-tensors checkpoint (quailora.quantizers.groupwise.compressed).
-- The adapter is the trial's peft adapter; a pooled (QA-LoRA) adapter becomes the equal plain LoRA adapter.
+- The adapter is the trial's peft adapter; a pooled (QA-LoRA) adapter becomes the equal plain LoRA adapter,
+  and an init.zero_start trial's two adapters (trained and frozen start) one adapter of rank 2r equal to their
+  sum (peft's add_weighted_adapter, "cat"; quailora/zero_start.py).
 - ``--merged``: QA-LoRA folds into the zero points and stays INT-k (compressed-tensors); other methods
   are written as one float checkpoint with Q + sBA in each quantized layer. No adapter.
+- MoE: the trial's split experts (quailora.architectures.experts) are written back into transformers' fused
+  experts, which stock bitsandbytes loading keeps in full precision: they hold the trial's dequantized Q
+  (or Q + sBA merged), and the adapter is rewritten for them (quailora.architectures.stock_adapter: LoRA on
+  the fused parameters, peft's target_parameters). Stock transformers 5 cannot read fused experts from a
+  compressed-tensors checkpoint written here (it dequantizes experts assuming symmetric codes, and finds
+  no float ones), so an INT-k MoE trial exports only --merged, and only with a plain LoRA adapter.
 
 Methods that change the base (quailora.initializers.changes_base, e.g. loftq) need their modified
 full-precision weights: one function registered in BASE_WEIGHTS per method. LoftQ's is rebuilt from the
@@ -35,7 +43,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from quailora.architectures import ModelWeights
+from quailora.architectures import Layout, ModelWeights
+from quailora.architectures.experts import LinearExperts, fuse_experts, split_experts
+from quailora.architectures.stock_adapter import stock_adapter
 from quailora.base_layers import base_layer_kind, base_layers
 from quailora.errors import QuailoraInputError
 from quailora.initializers import adapter_kind, changes_base, rebuilt_base
@@ -44,6 +54,7 @@ from quailora.qalora.adapter import load_groupwise_adapter, lora_from_qalora
 from quailora.qalora.merge import merge_qalora
 from quailora.quantizers import quantizer_spec
 from quailora.registry import Registry
+from quailora.zero_start import START_ADAPTER, combine_zero_start, load_start_adapter, save_combined
 from reference.cache import resolve_model
 from trials.config import TrialConfig
 from trials.contract import ADAPTER_ARTIFACT, BASE_ARTIFACT, DEEPSPEED_ARTIFACT, PROBE_ARTIFACT, PROBE_LOGITS
@@ -155,6 +166,21 @@ def rebuilt_from_residuals(run: TrialRun, checkpoint: Path, work_dir: Path) -> P
     return work_dir
 
 
+def check_experts_exportable(config: TrialConfig, merged: bool) -> None:
+    """An MoE trial whose export would hold its experts in a compressed-tensors checkpoint is refused: stock
+    transformers 5 reads no fused experts from one written here (module docstring)."""
+    spec = quantizer_spec(config.quant.method)
+    float_merge = merged and adapter_kind(config.init.method) != "pooled"
+    if spec.export_format != "compressed-tensors" or float_merge:
+        return
+    if Layout.from_config(str(resolve_model(config.model.path))).experts():
+        raise QuailoraInputError(
+            f"quant.method={config.quant.method!r} on a mixture of experts: stock transformers cannot load its "
+            "experts from a compressed-tensors checkpoint (it dequantizes fused experts as symmetric codes; "
+            "these have zero points); export it with --merged (plain LoRA trials: a float checkpoint)"
+        )
+
+
 def base_weights(run: TrialRun, work_dir: Path) -> Path:
     """The full-precision checkpoint whose quantization is the trial's base."""
     checkpoint = resolve_model(run.config.model.path)
@@ -174,8 +200,12 @@ def load_trial_base(run: TrialRun, weights: Path) -> nn.Module:
 
 
 def load_trial_model(run: TrialRun, weights: Path) -> PeftModel:
-    """The trial's model on the CPU: its quantized base and its adapter."""
-    return load_groupwise_adapter(load_trial_base(run, weights), run.adapter).eval()
+    """The trial's model on the CPU: its quantized base and its adapter (with init.zero_start, both of its
+    adapters, active together as the trial trained them)."""
+    model = load_groupwise_adapter(load_trial_base(run, weights), run.adapter)
+    if run.config.init.zero_start:
+        load_start_adapter(model, run.adapter / START_ADAPTER)
+    return model.eval()
 
 
 def _write_stock(model: nn.Module, config: TrialConfig, out: Path) -> None:
@@ -186,6 +216,7 @@ def _write_stock(model: nn.Module, config: TrialConfig, out: Path) -> None:
 def _float_merged(model: PeftModel, weights: Path, dtype: torch.dtype) -> nn.Module:
     """The full-precision model with each quantized layer's weight replaced by Q + s·B·A, as the trial computes."""
     merged = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+    split_experts(merged)  # MoE: named like the trial's experts, fused back below
     base = model.get_base_model()
     for name, module in base.named_modules():
         kind = base_layer_kind(module, name) if isinstance(module, tuple(base_layers())) else None
@@ -199,16 +230,38 @@ def _float_merged(model: PeftModel, weights: Path, dtype: torch.dtype) -> nn.Mod
                 b, a = wrapper.lora_B[adapter].weight.float(), wrapper.lora_A[adapter].weight.float()
                 weight += wrapper.scaling[adapter] * (b @ a)
         merged.get_submodule(target).weight.copy_(weight)
+    fuse_experts(merged)
     return merged.to(dtype)
 
 
+def _fuse_quantized_experts(model: nn.Module, dtype: torch.dtype) -> bool:
+    """MoE: the split, quantized experts back into transformers' fused module, holding their dequantized
+    weights (stock bitsandbytes keeps fused experts in full precision). Whether the model had any."""
+    if not any(isinstance(m, LinearExperts) for m in model.modules()):
+        return False
+    fuse_experts(model, lambda linear: base_layer_kind(linear).dequantize(linear).to(dtype))
+    return True
+
+
 def write_adapter_export(run: TrialRun, weights: Path, out: Path) -> dict:
-    """The trial's quantized base and its adapter (QA-LoRA as the equal plain LoRA adapter)."""
-    _write_stock(load_trial_base(run, weights), run.config, out / "base")
+    """The trial's quantized base and its adapter (QA-LoRA as the equal plain LoRA adapter; MoE: the
+    experts fused, the adapter rewritten for them)."""
+    base = load_trial_base(run, weights)
+    moe = _fuse_quantized_experts(base, run.compute_dtype)
+    _write_stock(base, run.config, out / "base")
     if run.pooled:
         lora_from_qalora(run.adapter, out / "adapter")
+    elif run.config.init.zero_start:  # the trained and the frozen start adapter as one, of rank 2r
+        model = load_trial_model(run, weights)
+        combine_zero_start(model)
+        save_combined(model, out / "adapter")
     else:
         shutil.copytree(run.adapter, out / "adapter")
+    if moe:  # per-expert adapters as LoRA on the fused expert parameters
+        split = out / "adapter.split"
+        (out / "adapter").rename(split)
+        stock_adapter(split, weights, out / "adapter")
+        shutil.rmtree(split)
     return {"base": "base", "quantization_config": None, "adapter": "adapter"}
 
 
@@ -229,6 +282,7 @@ def export_run(tracking_uri: str, run_id: str, out_dir: str | Path, *, merged: b
         raise QuailoraInputError(f"export directory {str(out)!r} exists and is not empty")
     with tempfile.TemporaryDirectory(prefix="quailora-export-") as tmp:
         run = fetch_run(tracking_uri, run_id, Path(tmp) / "artifacts")
+        check_experts_exportable(run.config, merged)
         weights = base_weights(run, Path(tmp) / "base_weights")
         out.mkdir(parents=True, exist_ok=True)
         spec = (write_merged_export if merged else write_adapter_export)(run, weights, out)

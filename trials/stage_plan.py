@@ -12,19 +12,14 @@ import hashlib
 import json
 from typing import Any
 
-from quailora.initializers import draws_random_numbers, needs_gram
+from quailora.initializers import effective_init_options, needs_gram
 from trials.config import TrialConfig
 
 
 def init_key_options(config: TrialConfig) -> dict[str, Any]:
-    """The init options that determine the adapters: the trial's seed where the method draws random
-    numbers (init.options.seed overrides it), no seed where it draws none."""
-    options = dict(config.init.options)
-    if draws_random_numbers(config.init.method, options):
-        options.setdefault("seed", config.seed)
-    else:
-        options.pop("seed", None)
-    return options
+    """The init options the trial's initialize stage runs with and its key reads: the trial's seed where the
+    method draws random numbers (init.options.seed overrides it), no seed where it draws none."""
+    return effective_init_options(config.init.method, config.init.options, config.seed)
 
 
 def stage_recipes(config: TrialConfig) -> dict[str, dict[str, Any] | None]:

@@ -40,6 +40,7 @@ from quailora.peft_init import (
     save_updates,
 )
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
+from quailora.zero_start import add_zero_start
 from trials.adapters import build_adapter
 from trials.cache import StageCache, StageKey, StageOutcome, obtain
 from trials.config import TrialConfig
@@ -51,6 +52,7 @@ from trials.quantized_model import (
     save_quantized_model,
 )
 from trials.stage_keys import calibrate_key, initialize_key, quantize_key
+from trials.stage_plan import init_key_options
 from trials.stage_transfer import EntryTransfer
 
 
@@ -156,7 +158,7 @@ def _solve_shared(
     """Every worker solves its layers; the updates are gathered as CPU tensors (pickled CUDA tensors
     would unpickle onto the sender's GPU index, creating contexts on peers' devices)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    options = {"seed": ctx.config.seed, **ctx.config.init.options}  # init.options.seed overrides the trial's
+    options = init_key_options(ctx.config)  # the options the initialize key reads, seed included
     names = my_layers(model, lora_layer_names(model), rank, world_size)
     mine = compute_adapters(model, ctx.config.init.method, weights, grams, names=names, **options)
     shares: list[dict[str, LayerUpdate]] = [{} for _ in range(world_size)]
@@ -221,6 +223,8 @@ def prepare_model(
         exact_cpu_4bit(model)  # evaluation then computes with Q in the model's dtype, as on CUDA
     _, initialize_outcome, updates = initialize(ctx, model, grams, target_names, quantized, calibrated)
     initialize_outcome = _with_peak(ctx, initialize_outcome)
+    if ctx.config.init.zero_start:  # not part of the init entry: rebuilt from it here, on a resume too
+        add_zero_start(model)
     return model, [quantize_outcome, calibrate_outcome, initialize_outcome], updates
 
 

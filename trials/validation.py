@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from quailora.api import validate_options
 from quailora.architectures import Layout, load_model_config
 from quailora.errors import QuailoraInputError
-from quailora.initializers import adapter_kind, needs_gram
+from quailora.initializers import adapter_kind, changes_base, needs_gram, zero_product
 from quailora.peft_init import validate_lora_targets
 from quailora.quantizers import quantizer_spec
 from reference.cache import resolve_model
@@ -45,6 +45,33 @@ def _check_init(config: TrialConfig) -> None:
                 f"the pooling group of the adapter method {method!r} initializes; leave it out"
             )
     validate_options(method, options, where=f"init.options (method {method!r})")
+
+
+def _check_zero_start(config: TrialConfig) -> None:
+    """init.zero_start (quailora/zero_start.py) needs a plain adapter that starts with a correction, on the
+    checkpoint's own quantized base, and no LoRA dropout."""
+    if not config.init.zero_start:
+        return
+    method = config.init.method
+    if adapter_kind(method) == "pooled":
+        raise QuailoraInputError(
+            f"init.zero_start: not supported for the pooled (QA-LoRA) adapter of init.method={method!r}"
+        )
+    if changes_base(method):
+        raise QuailoraInputError(
+            f"init.zero_start: not supported for init.method={method!r}, which re-quantizes the base it "
+            "goes with (the zero-correction control is for methods on the checkpoint's own quantized base)"
+        )
+    if config.lora.dropout:
+        raise QuailoraInputError(
+            f"init.zero_start needs lora.dropout: 0, got {config.lora.dropout}: the trainable adapter and the "
+            "frozen one that cancels it would draw different dropout masks, so the model would not start at Q"
+        )
+    if zero_product(method):
+        raise QuailoraInputError(
+            f"init.zero_start: init.method={method!r} starts its adapter at zero already (B·A = 0), so there "
+            "is no initial correction to cancel; it is for methods that start with one (svd, quailora, ...)"
+        )
 
 
 def _check_group_size(model: torch.nn.Module, config: TrialConfig) -> None:
@@ -83,6 +110,7 @@ def validate_trial(config: TrialConfig) -> TrialPlan:
     """Raise QuailoraInputError naming the field and value for any bad input; no weights are read."""
     check_resources(config.resources)
     _check_init(config)
+    _check_zero_start(config)
     check_quantization(config.quant)
     check_adapter_kind(config)
     checkpoint = resolve_model(config.model.path)

@@ -27,6 +27,7 @@ from quailora.initializers import needs_gram
 from quailora.peak_memory import PhasePeaks, peak_memory_mb, reset_peak_memory
 from quailora.peft_init import save_base_residuals
 from quailora.text import perplexity, tokenize_blocks
+from quailora.zero_start import start_parameters
 from trials import stages
 from trials.cache import StageCache, StageOutcome, tree_size
 from trials.checkpoint_policy import CheckpointPolicy
@@ -177,14 +178,18 @@ def _phase_peaks(phase: str, peaks: dict[str, float], device: torch.device) -> d
 def _save_adapter_and_probe(
     engine, config: TrialConfig, probe_ids: torch.Tensor, tracker: RankZeroTracker
 ) -> None:
-    """Log the adapter as a peft directory (safetensors) and the probe of the final model (trials/probe.py)."""
+    """Log the adapter as a peft directory (safetensors) and the probe of the final model (trials/probe.py).
+    With init.zero_start the directory also holds the frozen start adapter, in peft's subfolder ``start/``
+    (quailora/zero_start.py; `quailora export` combines the two into one adapter)."""
     model = engine.module
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = [p for p in model.parameters() if p.requires_grad]
+    if config.init.zero_start:
+        saved += start_parameters(model)  # written too: gathered under ZeRO-3 like the trained ones
     model.eval()
     with torch.no_grad():  # every rank: ZeRO-3 forwards are collective
         probe = make_probe(probe_ids, model(input_ids=probe_ids).logits)
     with tempfile.TemporaryDirectory() as tmp:
-        with deepspeed.zero.GatheredParameters(trainable, enabled=config.train.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(saved, enabled=config.train.zero_stage == 3):
             if dist.get_rank() == 0:
                 model.save_pretrained(f"{tmp}/adapter", safe_serialization=True)
                 Path(f"{tmp}/probe").mkdir()

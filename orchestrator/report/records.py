@@ -45,6 +45,7 @@ from trials.contract import (
 
 MAX_STEPS = "train.max_steps"  # the trial config field (a run param) of the steps a trial is set to train
 STOPPED_VAL_PPL = f"last {VAL_PPL}"
+ZERO_START = "init.zero_start"  # the run param of a zero-correction start (quailora/zero_start.py)
 
 
 def _run_record(run, swept: Sequence[str]) -> dict:
@@ -53,7 +54,9 @@ def _run_record(run, swept: Sequence[str]) -> dict:
     precision label), and its metrics."""
     tags = run.data.tags
     row = {k: tags.get(k) for k in REPORT_TAGS}
-    row[METHOD_TAG] = method_label(row[METHOD_TAG], run.data.params.get("init.options"))
+    row[METHOD_TAG] = method_label(
+        row[METHOD_TAG], run.data.params.get("init.options"), run.data.params.get(ZERO_START)
+    )
     row.update({f"stage.{stage}": tags.get(stage_tag(stage)) for stage in STAGES})
     row.update({k: v for k, v in run.data.params.items() if under(k, swept)})
     row.update(run.data.metrics, run_id=run.info.run_id, trial=run.info.run_name)
@@ -91,11 +94,17 @@ def stopped_from_mlflow(client, parent_run_id: str, swept: Sequence[str] = ()) -
     return stopped.astype({"stopped at step": "Int64", MAX_STEPS: "Int64"})  # and metrics as floats
 
 
-def method_label(method: str | None, options_param: str | None) -> str | None:
-    """The method with its init options ('quailora split-kaiming_a'): runs that differ in options are different
-    arms. Spaces and dashes only, as MLflow metric names (recovered_...) allow."""
+def method_label(
+    method: str | None, options_param: str | None, zero_start_param: str | None = None
+) -> str | None:
+    """The method with its init options ('quailora split-kaiming_a') and, for an init.zero_start run, the word
+    zero_start ('svd zero_start'): runs that differ in either are different arms. Spaces and dashes only, as
+    MLflow metric names (recovered_...) allow."""
     options = json.loads(options_param) if options_param else {}
-    return " ".join([str(method), *(f"{k}-{v}" for k, v in sorted(options.items()))]) if options else method
+    words = [f"{k}-{v}" for k, v in sorted(options.items())]
+    if zero_start_param == "True":  # the param is logged only when true (trials/config.py InitSpec)
+        words.append(ZERO_START.split(".")[-1])
+    return " ".join([str(method), *words]) if words else method
 
 
 def _accuracy(records: pd.DataFrame) -> pd.Series:

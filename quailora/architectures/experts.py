@@ -12,7 +12,7 @@ The per-expert names are the checkpoint's, from transformers' conversion mapping
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -103,6 +103,8 @@ class LinearExperts(nn.ModuleList):
                 "linear layers"
             )
         super().__init__()
+        self.param_order = list(params)  # transformers' order (peft nests its ParamWrappers in it)
+        self.fused_params = [name for name in params if not name.endswith("_bias")]
         self.transposed = bool(getattr(fused, "is_transposed", False))
         self.concatenated = bool(getattr(fused, "is_concatenated", True))
         down = params["down_proj"]  # (experts, hidden, inter), or (experts, inter, hidden) transposed
@@ -194,6 +196,59 @@ class LinearExperts(nn.ModuleList):
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
+
+    @torch.no_grad()
+    def fused(self, weight: Callable[[nn.Module], torch.Tensor] | None = None) -> nn.Module:
+        """transformers' experts module again, its fused parameters filled from the expert linears: their
+        ``weight(linear)`` (by default ``linear.weight``; a quantized linear's dequantized weight through
+        ``weight``) and biases, in the module's own layout (transposed, gate/up concatenated or interleaved).
+        The shell kept the gating; the parameters come back in their original order."""
+        weight = weight or (lambda linear: linear.weight)
+        tensors: dict[str, torch.Tensor] = {}
+        for role, (param, rows, _) in self.layout.items():
+            height = sum(
+                getattr(self[0], self.names[r]).out_features
+                for r, (q, _, _) in self.layout.items()
+                if q == param
+            )
+            for e, expert in enumerate(self):
+                linear = getattr(expert, self.names[role])
+                for name, value in ((param, weight(linear)), (f"{param}_bias", linear.bias)):
+                    if value is None:
+                        continue
+                    if name not in tensors:  # (experts, out, in) or (experts, out): transposed below
+                        tensors[name] = value.new_zeros(len(self), height, *value.shape[1:])
+                    tensors[name][e][rows] = value.detach()
+        shell = self._fused
+        for name in self.param_order:
+            tensor = tensors[name]
+            if self.transposed and tensor.ndim == 3:
+                tensor = tensor.transpose(1, 2)
+            shell.register_parameter(name, nn.Parameter(tensor.contiguous()))
+        return shell
+
+
+def split_experts(model: nn.Module) -> None:
+    """Split every fused experts module of ``model`` into LinearExperts, in place (the experts part of
+    ``quailora.architectures.prepare``, which also converts Conv1D)."""
+    for name, module in list(model.named_modules()):
+        if is_fused_experts(module) and not isinstance(module, LinearExperts):
+            parent, _, child = name.rpartition(".")
+            where = f"model_type {model.config.model_type!r}: {name}"
+            setattr(
+                model.get_submodule(parent),
+                child,
+                LinearExperts(module, checkpoint_names(model, name), where),
+            )
+
+
+def fuse_experts(model: nn.Module, weight=None) -> None:
+    """Undo the split of ``prepare``, in place: every LinearExperts becomes transformers' fused module again
+    (``LinearExperts.fused``), so that the model saves as transformers' own."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LinearExperts):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.fused(weight))
 
 
 @contextmanager

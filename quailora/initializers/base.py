@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from quailora.errors import QuailoraInputError
+from quailora.initializers.options import MethodOptions
 from quailora.registry import Registry
 
 if TYPE_CHECKING:
@@ -66,9 +67,10 @@ def rebuilt_base(weight: torch.Tensor, residual: tuple[torch.Tensor, torch.Tenso
     return weight - left.to(weight.device) @ right.to(weight.device)
 
 
-Initializer = Callable[..., Initialization]
+Initializer = Callable[..., Initialization]  # (problem, **options): the options checked, then solved
 INITIALIZERS: Registry[Initializer] = Registry("initialization method")
 AdapterKind = Literal["plain", "pooled"]
+Opts = TypeVar("Opts", bound=MethodOptions)
 
 
 @dataclass(frozen=True)
@@ -78,31 +80,50 @@ class InitializerTraits:
     adapter: "plain" LoRA (lora_A is r x in) or "pooled" QA-LoRA (lora_A is r x in/group_size, reads
     group-averaged inputs; the method takes a ``group_size`` option). needs_gram: the objective is weighted
     by the layer's input Gram H, so the trial calibrates. changes_base: the method moves Q (it returns
-    ``Initialization.base_residual``), so the trial's quantized base is not the checkpoint's.
+    ``Initialization.base_residual``), so the trial's quantized base is not the checkpoint's. zero_product:
+    the adapter starts with B·A = 0 (QLoRA's lora_B = 0), so the model starts at Q. options: the
+    method's options dataclass (quailora.initializers.options): their names, defaults and domains, and
+    whether a solve with them draws random numbers.
     """
 
     adapter: AdapterKind = "plain"
     needs_gram: bool = False
     changes_base: bool = False
+    options: type[MethodOptions] = MethodOptions
+    zero_product: bool = False
 
 
 TRAITS: Registry[InitializerTraits] = Registry("initialization method")
 
 
 def register(
-    name: str, *, adapter: AdapterKind = "plain", needs_gram: bool = False, changes_base: bool = False
-) -> Callable[[Initializer], Initializer]:
-    """Register an initializer under ``name`` together with its declared traits."""
+    name: str,
+    *,
+    options: type[Opts] = MethodOptions,
+    adapter: AdapterKind = "plain",
+    needs_gram: bool = False,
+    changes_base: bool = False,
+    zero_product: bool = False,
+) -> Callable[[Callable[[InitProblem, Opts], Initialization]], Initializer]:
+    """Register ``solve(problem, options)`` under ``name`` with its options dataclass and declared traits.
 
-    def deco(fn: Initializer) -> Initializer:
-        TRAITS.register(name)(InitializerTraits(adapter, needs_gram, changes_base))
-        return INITIALIZERS.register(name)(fn)
+    What is registered (and what the decorator returns) takes the options as keywords, ``(problem, **options)``,
+    and checks them (``options.parse``) before solving."""
+
+    def deco(solve: Callable[[InitProblem, Opts], Initialization]) -> Initializer:
+        TRAITS.register(name)(InitializerTraits(adapter, needs_gram, changes_base, options, zero_product))
+
+        @functools.wraps(solve)
+        def initializer(problem: InitProblem, **kwargs: Any) -> Initialization:
+            return solve(problem, options.parse(kwargs, method=name, where=f"layer {problem.name}"))
+
+        return INITIALIZERS.register(name)(initializer)
 
     return deco
 
 
-def traits(method: str) -> InitializerTraits:
-    return TRAITS.get(method, where="init.method")
+def traits(method: str, *, where: str = "init.method") -> InitializerTraits:
+    return TRAITS.get(method, where=where)
 
 
 def needs_gram(method: str) -> bool:
@@ -113,24 +134,35 @@ def changes_base(method: str) -> bool:
     return traits(method).changes_base
 
 
+def zero_product(method: str) -> bool:
+    return traits(method).zero_product
+
+
 def adapter_kind(method: str) -> AdapterKind:
     return traits(method).adapter
 
 
-def method_options(fn: Initializer) -> set[str]:
-    """The keyword-only options an initializer accepts."""
-    return {
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+def method_options(method: str, *, where: str = "init.method") -> set[str]:
+    """The names of the options a method accepts."""
+    return traits(method, where=where).options.names()
 
 
-def draws_random_numbers(method: str, options: dict) -> bool:
-    """Whether the seed changes the init: a method with a solver option draws only in the randomized SVD
-    (solver='exact' draws nothing); a seeded method without one (gaussian, qalora_zero) always draws."""
-    accepted = method_options(INITIALIZERS.get(method, where="init.method"))
-    if "seed" not in accepted:
-        return False
-    return "solver" not in accepted or options.get("solver", "auto") != "exact"
+def draws_random_numbers(method: str, options: Mapping[str, object]) -> bool:
+    """Whether the seed changes the init: the method's options class declares it (a randomized SVD draws,
+    solver='exact' draws nothing; gaussian and qalora_zero always draw; a method without a seed never)."""
+    return traits(method).options.draws_random_numbers(options)
+
+
+def effective_init_options(method: str, options: Mapping[str, object], seed: int) -> dict[str, object]:
+    """The options a method runs with, and that a cache key reads: ``seed`` (a trial's, or one layer's seed
+    derived from it) where the method draws random numbers and the options set none; no seed where it draws
+    none. The trial's stages, its initialize key and peft_init's per-layer options all come from here."""
+    effective = dict(options)
+    if draws_random_numbers(method, effective):
+        effective.setdefault("seed", seed)
+    else:
+        effective.pop("seed", None)
+    return effective
 
 
 def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -142,11 +174,7 @@ def kaiming_uniform(rank: int, width: int, seed: int, device: torch.device) -> t
 
 def pooled_width(problem: InitProblem, group_size: int) -> int:
     """n / L after checking that the pooled (QA-LoRA) problem is well posed."""
-    out_features, in_features = problem.weight.shape
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise QuailoraInputError(
-            f"layer {problem.name}: group_size={group_size!r} must be a positive integer"
-        )
+    out_features, in_features = problem.weight.shape  # group_size >= 1: the method's options checked it
     if in_features % group_size:
         raise QuailoraInputError(
             f"layer {problem.name}: in_features={in_features} is not divisible by group_size={group_size}"

@@ -8,6 +8,7 @@ history holds ‖W − Q − sBA‖_F / ‖W‖_F per iteration.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from quailora.errors import QuailoraInputError
@@ -17,7 +18,8 @@ from quailora.initializers.base import (
     rebuilt_base,
     register,
 )
-from quailora.linalg import FactorSplit, SvdSolver, split_svd, truncated_svd
+from quailora.initializers.options import SvdOptions, integers_from, option
+from quailora.linalg import split_svd
 
 if TYPE_CHECKING:
     import torch
@@ -25,17 +27,15 @@ else:  # the method registry is read without running a method (see quailora.defe
     from quailora.deferred import torch
 
 
-@register("loftq", changes_base=True)
-def loftq(
-    problem: InitProblem,
-    *,
-    iterations: int = 5,
-    solver: SvdSolver = "auto",
-    niter: int = 4,
-    oversample: int = 8,
-    seed: int = 0,
-    split: FactorSplit = "balanced",
-) -> Initialization:
+@dataclass(frozen=True, kw_only=True)
+class LoftqOptions(SvdOptions):
+    """iterations: alternations T (1: the SVD of W − Q alone, Q unchanged)."""
+
+    iterations: int = option(5, domain=integers_from(1))
+
+
+@register("loftq", options=LoftqOptions, changes_base=True)
+def loftq(problem: InitProblem, o: LoftqOptions) -> Initialization:
     if problem.quantizer is None:
         raise QuailoraInputError(f"layer {problem.name}: method 'loftq' re-quantizes, so it needs quantizer=")
     w = problem.weight
@@ -43,18 +43,16 @@ def loftq(
     norm = float(w.norm())
 
     def svd(q: torch.Tensor):
-        u, s, vh = truncated_svd(
-            w - q, problem.rank, solver=solver, niter=niter, oversample=oversample, seed=seed
-        )
+        u, s, vh = o.svd(w - q, problem.rank)
         history.append(float((w - q - (u * s) @ vh).norm()) / norm)
         return u, s, vh
 
     history: list[float] = []
     u, s, vh = svd(q)
     residual = None  # stays None when Q is unchanged (one iteration)
-    for _ in range(iterations - 1):
+    for _ in range(o.iterations - 1):
         residual = (u * s, vh)  # the previous iteration's sBA
         q = problem.quantizer.fake_quantize(rebuilt_base(w, residual))
         u, s, vh = svd(q)
-    lora_a, lora_b = split_svd(u, s, vh, problem.scaling, split)
+    lora_a, lora_b = split_svd(u, s, vh, problem.scaling, o.split)
     return Initialization(lora_a, lora_b, q, history, base_residual=residual)
