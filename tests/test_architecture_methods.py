@@ -16,7 +16,8 @@ from quailora.calibration import collect_grams
 from quailora.initializers import INITIALIZERS, adapter_kind
 from quailora.peft_init import apply_adapters, compute_adapters, lora_layer_names, validate_lora_targets
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
-from tests.micro_models import ARCHITECTURES, make_micro_checkpoint
+from quailora.supported_architectures import SUPPORTED
+from testkit.micro import make_micro_checkpoint
 from trials.adapters import build_adapter
 from trials.config import TrialConfig
 from trials.quantized_model import load_quantized_model
@@ -29,7 +30,7 @@ QUANT = {"plain": {"method": "nf4", "bits": 4}, "pooled": {"method": "int", "bit
 ERROR_FITTING = {"svd", "quailora", "closed_form", "loftq", "qalora_closed_form"}
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
 def test_every_init_method(name, tmp_path):
     checkpoint = make_micro_checkpoint(name, tmp_path / "ckpt")
     layout = Layout.from_config(str(checkpoint))

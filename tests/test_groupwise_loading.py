@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from quailora.architectures import prepare
 from quailora.quantizers.groupwise.layer import GroupwiseLinear, quantize_model_groupwise
 from quailora.quantizers.groupwise.loading import load_groupwise_model
-from tests.micro_models import ARCHITECTURES, make_micro_checkpoint
+from quailora.supported_architectures import SUPPORTED
+from testkit.micro import make_micro_checkpoint
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -25,7 +26,7 @@ def _whole_then_quantized(checkpoint, dtype: torch.dtype) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("name", "dtype"),
-    [(name, torch.float32) for name in sorted(ARCHITECTURES)] + [("llama3", torch.bfloat16)],
+    [(name, torch.float32) for name in sorted(SUPPORTED)] + [("llama3", torch.bfloat16)],
 )
 def test_streamed_load_equals_quantizing_the_whole_model(name, dtype, tmp_path):
     checkpoint = make_micro_checkpoint(name, tmp_path / "ckpt")

@@ -23,7 +23,7 @@ from quailora.peft_init import (
 )
 from quailora.quantizers import get_quantizer
 from quailora.quantizers.bnb.layers import exact_cpu_4bit
-from tests.micro_models import make_micro_checkpoint
+from testkit.micro import make_micro_checkpoint
 
 QUANT = {
     "nf4": BitsAndBytesConfig(
@@ -218,7 +218,7 @@ class FullModelGramsEmpty:
 def test_layer_index_comes_from_the_model(tmp_path):
     """Decoder-layer indices are read from the model's own layer list, not from a name pattern."""
     from quailora.architectures import Layout
-    from tests.micro_models import make_micro_config
+    from testkit.micro import make_micro_config
 
     llama = Layout.from_config(make_micro_config("llama", num_layers=13))
     assert llama.layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12

@@ -38,8 +38,8 @@ from quailora.initializers import (
     zero_product,
 )
 from quailora.quantizers import QUANTIZER_SPECS, get_quantizer, quantizer_spec
+from testkit.micro import make_micro_config
 from tests.layer_problems import layer_problem
-from tests.micro_models import make_micro_config
 from trials.adapters import ADAPTER_BUILDERS, check_adapter_kind
 from trials.config import QuantSpec, TrialConfig
 
