@@ -202,10 +202,15 @@ def load_trial_base(run: TrialRun, weights: Path) -> nn.Module:
 def load_trial_model(run: TrialRun, weights: Path) -> PeftModel:
     """The trial's model on the CPU: its quantized base and its adapter (with init.zero_start, both of its
     adapters, active together as the trial trained them)."""
-    model = load_groupwise_adapter(load_trial_base(run, weights), run.adapter)
+    return _with_adapters(run, load_trial_base(run, weights)).eval()
+
+
+def _with_adapters(run: TrialRun, base: nn.Module) -> PeftModel:
+    """``base`` with the trial's adapter (and an init.zero_start trial's start adapter) loaded onto it."""
+    model = load_groupwise_adapter(base, run.adapter)
     if run.config.init.zero_start:
         load_start_adapter(model, run.adapter / START_ADAPTER)
-    return model.eval()
+    return model
 
 
 def _write_stock(model: nn.Module, config: TrialConfig, out: Path) -> None:
@@ -247,15 +252,16 @@ def write_adapter_export(run: TrialRun, weights: Path, out: Path) -> dict:
     """The trial's quantized base and its adapter (QA-LoRA as the equal plain LoRA adapter; MoE: the
     experts fused, the adapter rewritten for them)."""
     base = load_trial_base(run, weights)
+    if run.config.init.zero_start:  # the trained and the frozen start adapter as one, of rank 2r
+        model = _with_adapters(run, base)
+        combine_zero_start(model)
+        save_combined(model, out / "adapter")
+        base = model.unload()  # the same base layers, without LoRA: the base is loaded once, not twice
     moe = _fuse_quantized_experts(base, run.compute_dtype)
     _write_stock(base, run.config, out / "base")
     if run.pooled:
         lora_from_qalora(run.adapter, out / "adapter")
-    elif run.config.init.zero_start:  # the trained and the frozen start adapter as one, of rank 2r
-        model = load_trial_model(run, weights)
-        combine_zero_start(model)
-        save_combined(model, out / "adapter")
-    else:
+    elif not run.config.init.zero_start:
         shutil.copytree(run.adapter, out / "adapter")
     if moe:  # per-expert adapters as LoRA on the fused expert parameters
         split = out / "adapter.split"
