@@ -120,8 +120,8 @@ def run_case(case: str, checkpoint: Path, device: torch.device, cold: bool) -> d
 
     if cold:
         drop_page_cache(checkpoint)
-    before_rss = held_memory_mb("cpu")
     reset_peak_memory("cpu")
+    before_rss = peak_memory_mb("cpu")["peak_rss_mb"]  # VmHWM right after its reset: the RSS now
     if device.type == "cuda":
         before_dev = held_memory_mb(device)
         reset_peak_memory(device)
@@ -149,7 +149,7 @@ def run_case(case: str, checkpoint: Path, device: torch.device, cold: bool) -> d
         "cpu_seconds": cpu,
         "out_bytes": out_bytes,
         "host_bytes": host_bytes,
-        "peak_rss_mb": peak_memory_mb("cpu")["peak_memory_mb"] - before_rss,
+        "peak_rss_mb": peak_memory_mb("cpu")["peak_rss_mb"] - before_rss,
     }
     if device.type == "cuda":
         result["peak_device_mb"] = peak_memory_mb(device)["peak_memory_mb"] - before_dev

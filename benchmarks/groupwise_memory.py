@@ -57,8 +57,10 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
             for _ in range(layers)
         ]
         x = torch.randn(4, 128, hidden, generator=gen).to(device).requires_grad_()
-    before = held_memory_mb(device)
     reset_peak_memory(device)
+    # on CPU the whole resident set (VmHWM, right after its reset: the RSS now), on CUDA allocated memory
+    peak = "peak_memory_mb" if device.type == "cuda" else "peak_rss_mb"
+    before = held_memory_mb(device) if device.type == "cuda" else peak_memory_mb(device)[peak]
     began = time.perf_counter()
     if case == "load-whole":
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -78,7 +80,7 @@ def run_case(case: str, device: torch.device, checkpoint: Path, hidden: int, lay
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
     return {"case": case, "device": device.type, "hidden": hidden, "layers": layers,
-            "peak_mb": round(peak_memory_mb(device)["peak_memory_mb"] - before, 1), "seconds": round(seconds, 3)}  # fmt: skip
+            "peak_mb": round(peak_memory_mb(device)[peak] - before, 1), "seconds": round(seconds, 3)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -7,19 +7,20 @@ Builds a random-init LLaMA with LLaMA-30B's decoder layers (hidden 6656, MLP 179
 and the reference 4096-token vocabulary, saved as bf16 safetensors (~2.2 GB), then runs `quailora trial`
 as a user would (the CLI, in a subprocess: Ray Train, DeepSpeed, MLflow): NF4, quailora init at rank 64
 calibrated on 8 x 128 tokens, 3 training steps with a mid-run checkpoint at step 2, and the final
-perplexity. It reads back what the trial logged (per stage: seconds and its own peak memory, the worker's
-peak RSS on CPU; per phase: init and train peaks; artifact bytes), the stage cache (entry sizes) and the
+perplexity. It reads back what the trial logged (per stage: seconds and its own peak memory, on CPU the
+worker's peak anonymous memory; per phase: init and train peaks; the worker's baseline; artifact bytes), the stage cache (entry sizes) and the
 Ray Train storage (the checkpoint left), and prints:
 
-- per stage: seconds, peak RSS, bytes read (the model checkpoint for quantize and calibrate; an entry read
+- per stage: seconds, peak memory, bytes read (the model checkpoint for quantize and calibrate; an entry read
   back) and written (its cache entry), and the entry as the code before issue 27 wrote it (Grams: the full
   fp32 n x n matrix; now the upper triangle);
 - checkpoints: the one left (the final adapter) and a mid-run one (trainable parameters, optimizer, progress),
   against what the code before wrote (DeepSpeed's save with exclude_frozen_parameters, which keeps the
   NF4 base's quantization state, two kept plus the final with its optimizer);
 - artifacts: now (adapter + top-32 probe) and before (adapter + the probe's full fp32 logits);
-- `quailora plan`'s estimate per phase (orchestrator.memory, accelerator bytes) beside the measured peak RSS
-  less the worker's fixed overhead (the resident set of a process that imported the trial's libraries).
+- `quailora plan`'s estimate per phase (orchestrator.memory, accelerator bytes: a CPU worker's accelerator is
+  its host memory) beside the measured peak less the worker's ``baseline_memory_mb`` (what it held before
+  its first stage: runtime, libraries, tokenized data), which the estimate leaves out.
 
 The 60-layer extrapolation scales the per-layer terms (every figure here but the embeddings is per layer).
 """
@@ -47,7 +48,7 @@ from orchestrator.model_shapes import shape_from_config  # noqa: E402
 from reference.tokenizer import load_tokenizer  # noqa: E402
 from trials.cache import tree_size  # noqa: E402
 from trials.config import TrialConfig  # noqa: E402
-from trials.contract import STAGES, stage_peak_memory, stage_seconds  # noqa: E402
+from trials.contract import BASELINE_MEMORY, STAGES, stage_peak_memory, stage_seconds  # noqa: E402
 
 VOCAB, RANK, SEQ = 4096, 64, 128
 MIB = 2**20
@@ -84,17 +85,6 @@ def trial_config(checkpoint: Path) -> dict:
         "train": {"max_steps": 3, "batch_size": 1, "checkpoint_every": 2},
         "eval": {"perplexity": True},
     }
-
-
-def import_overhead_mb() -> float:
-    """Resident set of a process that imported what a trial worker imports, before any model."""
-    code = ("import torch, transformers, peft, bitsandbytes, deepspeed, ray.train, mlflow\n"
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")  # fmt: skip
-    return float(
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-    )
 
 
 def entry_sizes(cache: Path) -> dict[str, int]:
@@ -138,12 +128,15 @@ def main() -> None:
         n_in * n_out // 64 for _, n_in, n_out in shape.linears()
     )  # a byte per 64 (double quant)
     mid_now, final_now = checkpoint_bytes(trial, shape), final_checkpoint_bytes(trial, shape)
-    left = tree_size(next(root.rglob("checkpoint_*"))) if list(root.rglob("checkpoint_*")) else 0
-    overhead = import_overhead_mb()
+    kept = [
+        path for path in root.rglob("checkpoint_*") if path.is_dir()
+    ]  # not checkpoint_manager_snapshot.json
+    left = tree_size(kept[0]) if kept else 0
+    baseline = metrics[BASELINE_MEMORY]  # what the worker held before its first stage
     ckpt_bytes = tree_size(checkpoint)
 
     rows = [
-        "| stage | seconds | peak RSS | read | written | entry before issue 27 |",
+        "| stage | seconds | peak memory | read | written | entry before issue 27 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     before_entry = {
@@ -169,9 +162,9 @@ def main() -> None:
     phases = estimate(trial, shape).phases()
     measured = {"calibrate": metrics[stage_peak_memory("calibrate")], "initialize": metrics[stage_peak_memory("initialize")],
                 "train": metrics["train_peak_memory_mb"], "evaluate": metrics["train_peak_memory_mb"]}  # fmt: skip
-    plan = ["| phase | plan estimate | measured peak RSS - overhead | ratio |", "|---|---:|---:|---:|"]
+    plan = ["| phase | plan estimate | measured peak - baseline | ratio |", "|---|---:|---:|---:|"]
     for phase, est in phases.items():
-        got = (measured[phase] - overhead) * MIB
+        got = (measured[phase] - baseline) * MIB
         plan.append(
             f"| {phase} | {human(est)} | {human(got)} | {got / est:.2f} |" if est else f"| {phase} | 0 | | |"
         )
@@ -185,7 +178,7 @@ def main() -> None:
         f"| final checkpoint | {human(final_now * 60 / layers)} |",
     ]
     text = "\n".join([
-        f"trial wall {wall:.0f} s (`quailora trial`, Ray start-up included); worker import overhead {overhead:.0f} MiB RSS; "
+        f"trial wall {wall:.0f} s (`quailora trial`, Ray start-up included); worker baseline before the stages {baseline:.0f} MiB; "
         f"trainable parameters {n_trainable:,}",
         "", *rows, "", *storage, "", *plan, "", *scale,
     ])  # fmt: skip

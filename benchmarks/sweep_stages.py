@@ -140,9 +140,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     ids = torch.randint(0, 4000, (8, 128), generator=torch.Generator().manual_seed(0))
     collect_grams(ckpt, ids[:1, :16], out + "/warmup")
     reset_peak_memory()
-    base = peak_memory_mb()["peak_memory_mb"]
+    base = peak_memory_mb()["peak_rss_mb"]
     collect_grams(ckpt, ids, out + "/grams", batch_size=4)
-    print(json.dumps({"peak_mib": peak_memory_mb()["peak_memory_mb"] - base}))
+    print(json.dumps({"peak_mib": peak_memory_mb()["peak_rss_mb"] - base}))
     """
 )
 

@@ -1,5 +1,10 @@
 """Per-worker accelerator memory estimate of one trial, so `plan` can refuse what cannot fit.
 
+The estimate is of what a trial allocates on top of what its worker holds before the first stage (the
+trial's ``baseline_memory_mb`` metric: about 0 on a GPU; on a CPU worker, whose accelerator is its host
+memory, the runtime, libraries and tokenized data, about 0.6 GiB here). benchmarks/layer_shapes_trial.py
+checks it per phase against a real trial's peaks (docs/results/scale.md).
+
 A worker runs its trial in phases (trials/worker.py), and the estimate is the largest of them, each the
 sum of what is resident at once:
 - calibrate: the quantized base (quantize runs first and keeps it) + the one-block calibration set;
@@ -28,7 +33,10 @@ Terms (bytes), all stated so a reader can check them by hand:
   gradient 2·4·b·s·V.
 - calibration (inits that need the Gram, quailora.initializers.needs_gram): the largest block's weights
   at the load dtype + fp32 Grams of its distinct linear inputs (ModelShape.gram_widths: q/k/v and gate/up
-  share one) + fp32 hidden states in and out.
+  share one) + fp32 hidden states in and out. On a CPU worker the Grams are then written in the same
+  memory: each packed to its upper triangle and then dropped (quailora.calibration.store.write_layer), so
+  the write holds at most the Grams and the largest one packed; the phase holds the larger of the forward
+  and the write (a GPU worker writes from host memory).
 - initialization (quailora.peft_init.compute_adapters, every method): the updates it computes, A and B in
   fp32 (plus LoftQ's thin base residuals, 4·r·(in+out)), held on the device until gathered, and the
   largest targeted linear's problem: W, Q and E = W − Q in fp32 (quailora.initializers.InitProblem) plus
@@ -37,6 +45,9 @@ Terms (bytes), all stated so a reader can check them by hand:
 - damping (quailora.linalg.damp, methods with a ``damping`` option > 0): H + λ·mean(diag H)·I makes the
   identity, its scaled copy and the sum, three more fp32 in x in matrices (in/group_size for the pooled
   Gram of qalora_closed_form) beside the Gram: 3·4·in².
+- dequantization (train and evaluate): a forward and backward through a quantized linear dequantize its
+  weight, holding for the largest one its quantizer's dequant_bytes(c) per weight (QuantizerSpec, measured
+  by benchmarks/dequant_memory.py), c the compute dtype's bytes.
 - evaluation logits (quailora.text.perplexity at train.batch_size): the forward's logits at the compute dtype,
   c·b·s·V, and one chunk of positions scored in fp32 (quailora.text.loss_chunk_positions: n = LOSS_CHUNK_BYTES
   / 8V positions, at most s - 1, at least 1): their fp32 copy (none when c = 4) and cross_entropy's fp32
@@ -74,6 +85,7 @@ class MemoryEstimate:
     initialization: int = 0  # the init's updates and one layer's problem (without the damping copies)
     damping: int = 0  # the damping copies of that layer's Gram
     eval_logits: int = 0
+    dequantized: int = 0  # the largest quantized linear's weight while a forward or backward dequantizes it
 
     @property
     def base(self) -> int:
@@ -86,12 +98,14 @@ class MemoryEstimate:
             "calibrate": self.base + self.calibration if self.calibration else 0,
             "initialize": self.base + self.initialization + self.damping,
             "train": self.training,
-            "evaluate": self.base + self.adapters + self.eval_logits,
+            "evaluate": self.base + self.adapters + self.eval_logits + self.dequantized,
         }
 
     @property
     def training(self) -> int:
-        return self.quantized_weights + self.other_weights + self.adapters + self.activations
+        return (
+            self.quantized_weights + self.other_weights + self.adapters + self.activations + self.dequantized
+        )
 
     @property
     def peak(self) -> int:
@@ -195,6 +209,12 @@ def _layer_problem(
     return worst
 
 
+def dequantized_bytes(trial: TrialConfig, shape: ModelShape) -> int:
+    """The largest quantized linear dequantized for a forward or backward: its quantizer's bytes per weight."""
+    per_weight = quantizer_spec(trial.quant.method).dequant_bytes(weight_bytes(trial))
+    return per_weight * max(n_in * n_out for _, n_in, n_out in shape.linears())
+
+
 def eval_logits_bytes(trial: TrialConfig, shape: ModelShape) -> int:
     s, b, V, c = trial.data.seq_len, trial.train.batch_size, shape.vocab, weight_bytes(trial)
     chunk = min(max(s - 1, 1), max(1, LOSS_CHUNK_BYTES // (8 * V)))  # quailora.text.loss_chunk_positions
@@ -225,6 +245,9 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
         grams = sum(4 * n * n for n in shape.gram_widths())
         hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h
         calibration = block_weights + grams + hidden_states
+        if not trial.resources.use_gpu:
+            largest = max(shape.gram_widths())  # written while the others are still whole: at most
+            calibration = max(calibration, grams + 4 * largest * (largest + 1) // 2)  # one more, packed
 
     problem, damping = layer_problem_bytes(trial, shape)
     # the attached adapters and the computed updates (with any base residuals), both fp32
@@ -238,4 +261,5 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
         initialization=updates + problem,
         damping=damping,
         eval_logits=eval_logits_bytes(trial, shape),
+        dequantized=dequantized_bytes(trial, shape),
     )

@@ -75,6 +75,7 @@ def _row(p: PlannedTrial) -> dict:
         "init MiB": p.memory.initialization / MIB,
         "damping MiB": p.memory.damping / MIB,
         "eval logits MiB": p.memory.eval_logits / MIB,
+        "dequant MiB": p.memory.dequantized / MIB,
         "peak at": p.memory.peak_phase,
         "peak GiB": p.memory.peak / GIB,
         "fits": "yes" if p.fits else "NO",

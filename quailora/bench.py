@@ -12,8 +12,6 @@ uncalibrated ‖E − sBA‖²/‖E‖², calibrated tr((E − sBA)H(E − sBA)�
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
 import threading
@@ -29,6 +27,7 @@ from quailora.api import initialize, validate_options
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, adapter_kind, method_options, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
+from quailora.peak_memory import return_free_memory_to_os
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer, quantizer_spec
 from quailora.quantizers.base import Quantizer
@@ -70,17 +69,10 @@ def decoder_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
                                     num_attention_heads=heads, vocab_size=8))  # fmt: skip
 
 
-def _return_free_memory_to_os() -> None:
-    """glibc keeps freed tensors' pages; without trimming, a later row's growth would read as 0 MB."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
-        ctypes.CDLL(libc_name).malloc_trim(0)
-
-
 @contextmanager
 def peak_rss() -> Iterator[dict]:
     """Peak resident-set growth during the block, sampled every 2 ms (torch allocations are invisible to tracemalloc)."""
-    _return_free_memory_to_os()
+    return_free_memory_to_os()
     proc = psutil.Process(os.getpid())
     start = proc.memory_info().rss
     box = {"peak": start}

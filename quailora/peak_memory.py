@@ -1,21 +1,70 @@
 """The peak memory of one phase of this process, measured one way for trials, benchmarks and tests.
 
-On CUDA the caching allocator's statistics; on CPU the process's peak resident set (VmHWM), which Linux
-resets to the current RSS when "5" is written to /proc/self/clear_refs. torch has no CPU allocator
-statistics, hence /proc. Where the reset is refused (not Linux), the peak spans the whole process.
+On CUDA the caching allocator's statistics. On CPU (torch has no CPU allocator statistics, hence /proc):
+- ``peak_memory_mb``: the peak anonymous resident memory (RssAnon), sampled on a thread. What a CPU worker
+  needs: Linux's own high-water mark (VmHWM) counts file-backed pages too, and a trial maps its checkpoint
+  and stage-cache files, whose pages the kernel reclaims under pressure: VmHWM overstated a worker's need
+  by up to the checkpoint's size (measured at LLaMA-30B layer shapes: docs/results/scale.md).
+- ``peak_rss_mb``: that high-water mark (VmHWM), exact, reset to the current RSS by writing "5" to
+  /proc/self/clear_refs. Where the reset is refused (not Linux) it spans the whole process.
+A reset on CPU first returns the heap's free pages to the system (glibc keeps them), so a phase's figures
+start from what the process holds, not from what an earlier phase freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import threading
+import time
 from pathlib import Path
 
 import torch
+
+SAMPLE_SECONDS = 0.005  # a tensor large enough to matter takes longer than this to fill
 
 
 def _status_mb(field: str) -> float:
     status = Path("/proc/self/status").read_text().splitlines()
     return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
+
+
+def return_free_memory_to_os() -> None:
+    """glibc keeps freed memory in its heap; without trimming, a later phase's growth would read as 0."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
+        ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+class _AnonymousPeak:
+    """The peak of RssAnon since the last reset, sampled every SAMPLE_SECONDS on a daemon thread (written by
+    hand: the kernel keeps a high-water mark of the whole resident set only)."""
+
+    def __init__(self) -> None:
+        self.peak = _status_mb("RssAnon")
+        threading.Thread(target=self._sample, name="quailora-peak-memory", daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+            time.sleep(SAMPLE_SECONDS)
+
+    def reset(self) -> None:
+        self.peak = _status_mb("RssAnon")
+
+    def read(self) -> float:
+        return max(self.peak, _status_mb("RssAnon"))
+
+
+_anonymous: _AnonymousPeak | None = None
+
+
+def _anonymous_peak() -> _AnonymousPeak:
+    global _anonymous
+    if _anonymous is None:
+        _anonymous = _AnonymousPeak()
+    return _anonymous
 
 
 def reset_peak_memory(device: torch.device | str = "cpu") -> None:
@@ -24,25 +73,28 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
+        return
+    return_free_memory_to_os()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    _anonymous_peak().reset()
 
 
 def held_memory_mb(device: torch.device | str = "cpu") -> float:
-    """MiB held now: CUDA's allocated memory, or on CPU the process's resident set (VmRSS)."""
+    """MiB held now: CUDA's allocated memory, or on CPU the process's anonymous resident memory (RssAnon)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    return _status_mb("VmRSS")
+    return _status_mb("RssAnon")
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
-    """MiB since the last reset. ``peak_memory_mb``: CUDA's max allocated, or on CPU the peak RSS (VmHWM).
-    On CUDA also ``peak_reserved_mb``, the caching allocator's max reserved (allocated or cached: what the
-    process held), and ``device_used_mb``, the device's used memory now, which also counts the CUDA
-    context, library workspaces and any other process on the device."""
+    """MiB since the last reset. ``peak_memory_mb``: CUDA's max allocated, or on CPU the peak anonymous
+    resident memory. On CUDA also ``peak_reserved_mb``, the caching allocator's max reserved (allocated or
+    cached: what the process held), and ``device_used_mb``, the device's used memory now, which also counts
+    the CUDA context, library workspaces and any other process on the device. On CPU also ``peak_rss_mb``,
+    the peak resident set with file-backed pages (VmHWM)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,7 +104,7 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
             "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
             "device_used_mb": (total - free) / 2**20,
         }
-    return {"peak_memory_mb": _status_mb("VmHWM")}
+    return {"peak_memory_mb": _anonymous_peak().read(), "peak_rss_mb": _status_mb("VmHWM")}
 
 
 class PhasePeaks:

@@ -157,6 +157,19 @@ def test_store_reopens_and_layers_split_across_workers(checkpoints, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2  # one file per decoder layer
 
 
+def test_unpack_gram_mirrors_across_blocks(monkeypatch):
+    """The lower triangle is filled in square blocks: widths below, at and across several blocks, the last
+    one partial, come back exactly."""
+    from quailora.calibration import store
+
+    monkeypatch.setattr(store, "MIRROR_BLOCK", 8)
+    for n in (5, 8, 19, 32):
+        x = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(n))
+        gram = x.T @ x
+        symmetric = (gram + gram.T) / 2
+        assert torch.equal(store.unpack_gram(store.pack_gram(symmetric)), symmetric), n
+
+
 def test_grams_are_stored_as_their_upper_triangle_and_read_once_per_shared_input(checkpoints, tmp_path):
     """Issue 27: H is symmetric, so the store keeps its upper triangle (about half the bytes, in fp32: half
     precision moved the calibrated objective far beyond 1e-3, benchmarks/gram_precision.py), and modules
@@ -171,6 +184,10 @@ def test_grams_are_stored_as_their_upper_triangle_and_read_once_per_shared_input
     symmetric = (gram + gram.T) / 2
     assert torch.equal(unpack_gram(pack_gram(symmetric)), symmetric)  # exact on a symmetric matrix
     assert pack_gram(gram).numel() == 24 * 25 // 2
+    rows, cols = torch.triu_indices(24, 24)
+    assert torch.equal(
+        pack_gram(gram), gram[rows, cols]
+    )  # the stored order: row by row, as entries always were
 
     store = collect_grams(checkpoints["llama"], calibration_ids(), tmp_path)
     names = store.names(layer=0)
@@ -321,7 +338,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from quailora.peak_memory import peak_memory_mb, reset_peak_memory
 
     def peak_kib():
-        return peak_memory_mb()["peak_memory_mb"] * 1024
+        return peak_memory_mb()["peak_rss_mb"] * 1024
 
     def reset_peak():
         reset_peak_memory()

@@ -88,7 +88,7 @@ def test_two_worker_trial_reports_every_metric(trial):
     stage_metrics = {f"{stage}_{kind}" for stage in ("quantize", "calibrate", "initialize")
                      for kind in ("seconds", "saved_seconds", "peak_memory_mb")}  # fmt: skip
     assert set(metrics) == {"val_ppl_init", "val_ppl_final", "test_ppl_final", "train_seconds", "tokens_per_second",
-                            "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb",
+                            "init_peak_memory_mb", "train_peak_memory_mb", "model_size_mb", "baseline_memory_mb",
                             "stage_transfer_bytes", "stage_wait_seconds", "artifact_bytes", *stage_metrics}  # fmt: skip
     assert metrics["stage_transfer_bytes"] == 0  # both workers on one node read the cache entries in place
     assert all(math.isfinite(v) and v >= 0 for v in metrics.values()), metrics
@@ -101,6 +101,12 @@ def test_two_worker_trial_reports_every_metric(trial):
     # per worker process: more than the model, less than the whole machine
     assert 0 < metrics["model_size_mb"] < metrics["init_peak_memory_mb"] < 64 * 1024
     assert 0 < metrics["train_peak_memory_mb"] < 64 * 1024
+    # on CPU the runtime and data a worker holds before its first stage, which every peak includes
+    assert (
+        0
+        < metrics["baseline_memory_mb"]
+        < min(metrics["init_peak_memory_mb"], metrics["train_peak_memory_mb"])
+    )
 
 
 def test_worker_logs_carry_no_bytecode(trial):

@@ -39,6 +39,10 @@ def stage_peak_memory(stage: str) -> str:
     return f"{stage}_peak_memory_mb"
 
 
+# Memory (MiB, max over the workers) a worker held before its first stage: on CPU the runtime, libraries and
+# tokenized data; on CUDA what was allocated (about 0). Stage and phase peaks include it; `quailora plan`'s
+# phase estimates (orchestrator/memory.py) are of what comes on top of it.
+BASELINE_MEMORY = "baseline_memory_mb"
 # Bytes of stage entries the trial's rank 0 sent to its ranks on other nodes (trials/stage_transfer.py).
 STAGE_TRANSFER_BYTES = "stage_transfer_bytes"
 # Seconds the trial waited for its stages: for the sweep's stage job that computes them ahead of it, and on
@@ -62,6 +66,7 @@ RESULT_METRICS = (
     ARTIFACT_BYTES,
     TRAIN_SECONDS,
     TOKENS_PER_SECOND,
+    BASELINE_MEMORY,
     "init_peak_memory_mb",
     "train_peak_memory_mb",
     MODEL_SIZE_MB,

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from quailora.base_layers import eval_path
 from quailora.initializers import needs_gram
-from quailora.peak_memory import PhasePeaks, peak_memory_mb, reset_peak_memory
+from quailora.peak_memory import PhasePeaks, held_memory_mb, peak_memory_mb, reset_peak_memory
 from quailora.peft_init import save_base_residuals
 from quailora.text import perplexity, tokenize_blocks
 from quailora.zero_start import start_parameters
@@ -37,6 +37,7 @@ from trials.contract import (
     ADAPTER_ARTIFACT,
     ARTIFACT_BYTES,
     BASE_ARTIFACT,
+    BASELINE_MEMORY,
     DEEPSPEED_ARTIFACT,
     EVAL_PATH_TAG,
     MODEL_SIZE_MB,
@@ -244,6 +245,7 @@ def train_trial(loop_config: dict) -> None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
 
+    baseline = held_memory_mb(device)
     model, outcomes, updates = stages.prepare_model(
         ctx, data.calibration, loop_config["target_names"], before_adapter
     )
@@ -271,7 +273,8 @@ def train_trial(loop_config: dict) -> None:
         MODEL_SIZE_MB: measured["model_size_mb"],
     }
     summary[VAL_PPL_INIT] = evaluate(model)
-    summary.update(_all_max({stage_peak_memory(o.stage): o.peak_memory_mb for o in outcomes}, device))
+    stage_peaks = {stage_peak_memory(o.stage): o.peak_memory_mb for o in outcomes}
+    summary.update(_all_max({**stage_peaks, BASELINE_MEMORY: baseline}, device))
     peaks.end_span()
     summary.update(_phase_peaks("init", peaks.whole, device))
     tracker.metrics(dict(summary), 0)

@@ -75,9 +75,11 @@ class GramAccumulator:
         self._seen.clear()
 
     def grams(self) -> dict[str, torch.Tensor]:
-        """H = XᵀX / N per shared input, float32 on CPU. Divides the sums in place (no second copy), so call
-        it once (after any reduction of ``sums`` and ``rows`` over data-parallel processes)."""
-        return {key: total.div_(self.rows[key]).to("cpu", torch.float32) for key, total in self.sums.items()}
+        """H = XᵀX / N per shared input, float32 on CPU. Hands the sums over (divided in place, no second copy)
+        and keeps no reference, so a writer that drops each Gram frees it: call it once, after any reduction
+        of ``sums`` and ``rows`` over data-parallel processes."""
+        sums, self.sums = self.sums, {}
+        return {key: total.div_(self.rows[key]).to("cpu", torch.float32) for key, total in sums.items()}
 
     def remove(self) -> None:
         """Stop accumulating. Idempotent, so a propagation may stop early and the caller still cleans up."""

@@ -24,28 +24,48 @@ def layer_file(layer: int) -> str:
     return f"grams.layer{layer:05d}.safetensors"
 
 
+MIRROR_BLOCK = 1024  # rows of the square blocks unpack_gram mirrors at a time
+
+
 def pack_gram(gram: torch.Tensor) -> torch.Tensor:
     """H's upper triangle, row by row: H is symmetric, so this is all of it at about half the bytes (a Gram
     of LLaMA-30B's MLP input: 1.28 GB instead of 2.57 GB). Stored in fp32: half precision changed the
-    calibrated objective by far more than 1e-3 (benchmarks/gram_precision.py, docs/results/scale.md)."""
+    calibrated objective by far more than 1e-3 (benchmarks/gram_precision.py, docs/results/scale.md).
+    Copied row by row by hand: torch.triu_indices would hold 2 x n(n+1)/2 int64 indices, twice the Gram."""
     n = gram.shape[0]
-    rows, cols = torch.triu_indices(n, n, device=gram.device)
-    return gram[rows, cols].contiguous()
+    packed = torch.empty(n * (n + 1) // 2, dtype=gram.dtype, device=gram.device)
+    start = 0
+    for row in range(n):
+        packed[start : start + n - row] = gram[row, row:]
+        start += n - row
+    return packed
 
 
 def unpack_gram(packed: torch.Tensor) -> torch.Tensor:
-    """The symmetric H from pack_gram's upper triangle (its lower triangle mirrored)."""
+    """The symmetric H from pack_gram's upper triangle (its lower triangle mirrored), holding nothing but H
+    beside ``packed``: rows are copied back one by one and the lower triangle is filled in square blocks."""
     n = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
-    rows, cols = torch.triu_indices(n, n, device=packed.device)
     gram = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
-    gram[rows, cols] = packed
-    gram[cols, rows] = packed
+    start = 0
+    for row in range(n):
+        gram[row, row:] = packed[start : start + n - row]
+        start += n - row
+    for i in range(0, n, MIRROR_BLOCK):
+        diagonal = gram[i : i + MIRROR_BLOCK, i : i + MIRROR_BLOCK]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        for j in range(i + MIRROR_BLOCK, n, MIRROR_BLOCK):
+            gram[j : j + MIRROR_BLOCK, i : i + MIRROR_BLOCK] = gram[
+                i : i + MIRROR_BLOCK, j : j + MIRROR_BLOCK
+            ].T
     return gram
 
 
 def write_layer(out_dir: Path, layer: int, grams: dict[str, torch.Tensor]) -> str:
+    """Consumes ``grams``: each full Gram is dropped once packed, so writing a layer holds its packed Grams and
+    one full one (safetensors writes from the tensors' memory, no serialized copy)."""
     name = layer_file(layer)
-    save_file({k: pack_gram(v) for k, v in grams.items()}, out_dir / name, metadata={"layer": str(layer)})
+    packed = {key: pack_gram(grams.pop(key)) for key in list(grams)}
+    save_file(packed, out_dir / name, metadata={"layer": str(layer)})
     return name
 
 

@@ -21,7 +21,9 @@ from quailora.registry import Registry
 class QuantizerSpec:
     """One quantizer. bits: the widths it can store, the first the default. settings: the other
     QuantSettings fields it reads. linear_bytes(n_in, n_out, settings): bytes of one quantized
-    (n_out x n_in) weight as stored, for the memory plan. adapters: the adapter kinds it carries
+    (n_out x n_in) weight as stored, for the memory plan. dequant_bytes(c): bytes per weight that a forward
+    and backward through one quantized linear hold at once while dequantizing it, c being the compute
+    dtype's bytes (benchmarks/dequant_memory.py measures them). adapters: the adapter kinds it carries
     (quailora.initializers.AdapterKind; "pooled" merges into zero points). export_format: the stock
     format its quantized model is written in. backend: ``"module:attribute"`` of its QuantBackend."""
 
@@ -29,6 +31,7 @@ class QuantizerSpec:
     bits: tuple[int, ...]
     settings: tuple[str, ...]
     linear_bytes: Callable[[int, int, QuantSettings], int]
+    dequant_bytes: Callable[[int], int]
     export_format: str
     backend_path: str
     adapters: tuple[str, ...] = ("plain",)

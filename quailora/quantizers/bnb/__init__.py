@@ -2,6 +2,9 @@
 
 Bytes per weight as stored: 4-bit = 1/2 per weight + the absmax per block (fp32, or with double quant
 one byte per block plus an fp32 per 256 blocks); LLM.int8 = 1 per weight + an fp32 scale per output row.
+Dequantizing for a forward and backward (benchmarks/dequant_memory.py on CPU at bf16: 2.5 and 10.4 bytes
+per weight): 4-bit holds one dequantized weight at the compute dtype plus the code lookup, c + 1; LLM.int8
+its codes widened to fp32 and three copies at the compute dtype, 4 + 3c.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ for _name in ("nf4", "fp4"):
             bits=(4,),
             settings=("blocksize", "double_quant"),
             linear_bytes=_4bit_bytes,
+            dequant_bytes=lambda c: c + 1,
             export_format="bitsandbytes",
             backend_path=f"quailora.quantizers.bnb.backend:{_name.upper()}",
         )
@@ -38,6 +42,7 @@ register_quantizer(
         bits=(8,),
         settings=(),
         linear_bytes=_int8_bytes,
+        dequant_bytes=lambda c: 4 + 3 * c,
         export_format="bitsandbytes",
         backend_path="quailora.quantizers.bnb.backend:INT8",
     )

@@ -4,7 +4,9 @@ packed on-disk format (the quantize stage's cache) in ``packed``, the compressed
 ``compressed``, the QuantBackend tying them together in ``backend``. None of them imports quailora.qalora
 (the QA-LoRA adapter builds on this package, not the reverse). Bytes as stored: codes packed 32//k to an
 int32 word over the whole weight, plus an fp16 scale and an fp32 zero point per group. Its zero points let
-a pooled (QA-LoRA) adapter merge."""
+a pooled (QA-LoRA) adapter merge. Dequantizing for a forward and backward holds the unpacked int32 codes and
+their fp32 values, 8 bytes per weight whatever the compute dtype (5.9 to 8.4 measured on CPU by
+benchmarks/dequant_memory.py, whose 5 ms sampling can miss part of a peak)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ register_quantizer(
         bits=SUPPORTED_BITS,
         settings=("group_size",),
         linear_bytes=_linear_bytes,
+        dequant_bytes=lambda c: 8,
         export_format="compressed-tensors",
         backend_path="quailora.quantizers.groupwise.backend:INT",
         adapters=("plain", "pooled"),
