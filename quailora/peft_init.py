@@ -142,53 +142,86 @@ def compute_adapters(
     pooled = adapter_kind(method) == "pooled"
     modules = dict(model.named_modules())
     names = lora_layer_names(model, adapter_name) if names is None else names
-    calibrated = needs_gram(method)
     gram_names = set(grams.names()) if grams is not None else set()
     for name in names:
-        if not isinstance(modules.get(name), LoraLayer):
-            raise QuailoraInputError(f"layer {name}: not a LoRA layer of this model")
-        base_layer_kind(modules[name].get_base_layer(), name)
-        key = f"{checkpoint_name(name)}.weight"
-        if key not in weights:
-            raise QuailoraInputError(f"layer {name}: full-precision weight {key!r} is not in the checkpoint")
-        key = checkpoint_name(name)
-        if calibrated and key not in gram_names and grams.tokens(key) != 0:  # 0: an expert no token reached
-            raise QuailoraInputError(
-                f"layer {name}: method {method!r} needs a Gram for {checkpoint_name(name)!r}; none was collected"
-            )
+        _check_layer(modules.get(name), name, method, weights, grams, gram_names)
         validate_options(
             method,
             _layer_options(modules[name], method, options, adapter_name, pooled, seed, name),
             where=f"layer {name}",
         )
-
-    updates = {}
-    for name in names:
-        module = modules[name]
-        base = module.get_base_layer()
-        kind = base_layer_kind(base, name)
-        quantized = kind.dequantize(base)
-        weight = weights.get(f"{checkpoint_name(name)}.weight", device=quantized.device)
-        layer_options = _layer_options(module, method, options, adapter_name, pooled, seed, name)
-        fallback = calibrated and too_few_tokens(grams, checkpoint_name(name), weight.shape[1])
-        gram = None
-        if calibrated:
-            gram = torch.eye(weight.shape[1]) if fallback else grams.get(checkpoint_name(name))
-        result = initialize(
-            weight,
-            quantized,
-            module.r[adapter_name],
+    return {
+        name: _solve_layer(
+            modules[name],
+            name,
             method,
-            gram=gram,
-            scaling=module.scaling[adapter_name],
-            name=name,
-            quantizer=quantizer or kind.quantizer(base),
-            **layer_options,
+            weights,
+            grams,
+            quantizer,
+            _layer_options(modules[name], method, options, adapter_name, pooled, seed, name),
+            adapter_name,
         )
-        updates[name] = LayerUpdate(
-            result.lora_A, result.lora_B, result.base_residual, result.history, fallback
+        for name in names
+    }
+
+
+def _check_layer(
+    module: nn.Module | None,
+    name: str,
+    method: str,
+    weights: WeightSource,
+    grams: GramSource | None,
+    gram_names: set[str],
+) -> None:
+    """What one layer's solve reads exists: a LoRA layer over a known base, its full-precision weight, and
+    for a calibrated method its Gram (an expert no token reached has none and falls back to H = I)."""
+    if not isinstance(module, LoraLayer):
+        raise QuailoraInputError(f"layer {name}: not a LoRA layer of this model")
+    base_layer_kind(module.get_base_layer(), name)
+    if f"{checkpoint_name(name)}.weight" not in weights:
+        raise QuailoraInputError(
+            f"layer {name}: full-precision weight {checkpoint_name(name) + '.weight'!r} is not in the checkpoint"
         )
-    return updates
+    key = checkpoint_name(name)
+    if needs_gram(method) and key not in gram_names and grams.tokens(key) != 0:
+        raise QuailoraInputError(
+            f"layer {name}: method {method!r} needs a Gram for {key!r}; none was collected"
+        )
+
+
+def _solve_layer(
+    module: nn.Module,
+    name: str,
+    method: str,
+    weights: WeightSource,
+    grams: GramSource | None,
+    quantizer: Quantizer | None,
+    layer_options: dict,
+    adapter_name: str,
+) -> LayerUpdate:
+    """One layer's init from its full-precision weight, its quantized base and (calibrated) its Gram; its
+    problem's tensors are freed on return, before the next layer's are read."""
+    base = module.get_base_layer()
+    kind = base_layer_kind(base, name)
+    quantized = kind.dequantize(base)
+    weight = weights.get(f"{checkpoint_name(name)}.weight", device=quantized.device)
+    calibrated = needs_gram(method)
+    fallback = calibrated and too_few_tokens(grams, checkpoint_name(name), weight.shape[1])
+    gram = None
+    if calibrated:
+        gram = torch.eye(weight.shape[1]) if fallback else grams.get(checkpoint_name(name))
+    result = initialize(
+        weight,
+        quantized,
+        module.r[adapter_name],
+        method,
+        gram=gram,
+        scaling=module.scaling[adapter_name],
+        name=name,
+        quantizer=quantizer or kind.quantizer(base),
+        **layer_options,
+    )
+    return LayerUpdate(result.lora_A, result.lora_B, result.base_residual, result.history, fallback)
 
 
 def _layer_options(

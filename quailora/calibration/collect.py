@@ -121,6 +121,15 @@ def collect_grams(
     )
 
 
+def _module_records(grams: GramAccumulator, index: int) -> dict[str, dict]:
+    """The index's record of each hooked linear of layer ``index``: which stored Gram it reads and how many
+    tokens reached it. A linear no token reached (a MoE expert nothing was routed to) has no Gram."""
+    records = {name: {"layer": index, "gram": None, "tokens": 0} for name in grams.names}
+    for name, key in grams.group_of.items():
+        records[name] = {"layer": index, "gram": key, "tokens": grams.rows[key]}
+    return records
+
+
 @torch.no_grad()
 def run_layers(
     model: LayerwiseModel,
@@ -155,14 +164,7 @@ def run_layers(
             reducer.reduce(grams)
         if writes:
             layer_files[str(index)] = write_layer(out_dir, index, grams.grams())  # the layer is freed by now
-        # A linear no token reached (a MoE expert nothing was routed to) is recorded with no Gram.
-        modules.update({name: {"layer": index, "gram": None, "tokens": 0} for name in grams.names})
-        modules.update(
-            {
-                name: {"layer": index, "gram": key, "tokens": grams.rows[key]}
-                for name, key in grams.group_of.items()
-            }
-        )
+        modules.update(_module_records(grams, index))
         del grams
     num_tokens = sum(call.hidden.shape[0] * call.hidden.shape[1] for call in calls)
     if reducer is not None:
