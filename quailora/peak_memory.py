@@ -39,22 +39,27 @@ def return_free_memory_to_os() -> None:
 
 class _AnonymousPeak:
     """The peak of RssAnon since the last reset, sampled every SAMPLE_SECONDS on a daemon thread (written by
-    hand: the kernel keeps a high-water mark of the whole resident set only)."""
+    hand: the kernel keeps a high-water mark of the whole resident set only). A lock orders samples and
+    resets, so a reading taken before a reset never lands after it."""
 
     def __init__(self) -> None:
-        self.peak = _status_mb("RssAnon")
+        self._lock = threading.Lock()
+        self._peak = _status_mb("RssAnon")
         threading.Thread(target=self._sample, name="quailora-peak-memory", daemon=True).start()
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, _status_mb("RssAnon"))
+            with self._lock:
+                self._peak = max(self._peak, _status_mb("RssAnon"))
             time.sleep(SAMPLE_SECONDS)
 
     def reset(self) -> None:
-        self.peak = _status_mb("RssAnon")
+        with self._lock:
+            self._peak = _status_mb("RssAnon")
 
     def read(self) -> float:
-        return max(self.peak, _status_mb("RssAnon"))
+        with self._lock:
+            return max(self._peak, _status_mb("RssAnon"))
 
 
 _anonymous: _AnonymousPeak | None = None
