@@ -200,9 +200,9 @@ def test_plan_refuses_trials_that_do_not_fit(tmp_path, capsys):
     assert main(["plan", _write(tmp_path, sweep)]) == 2
     out, err = capsys.readouterr()
     assert "| quant=nf4-4 " in out, out
-    assert "7.69 | yes" in out and "10.62 | NO" in out
+    assert "7.82 | yes" in out and "11.04 | NO" in out
     assert "1 trial(s) cannot fit devices.memory_gb=9" in err and "quant=int8-8" in err
-    sweep["devices"]["memory_gb"] = 11
+    sweep["devices"]["memory_gb"] = 12
     assert main(["plan", _write(tmp_path, sweep)]) == 0
     _assert_nothing_started(tmp_path)
 

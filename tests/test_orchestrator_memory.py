@@ -222,11 +222,11 @@ def test_plan_sizes_sampled_fields_at_their_worst_corner(llama7b_dir, tmp_path):
             "space": {"seed": {"grid": [0]}, "lora.rank": {"randint": [4, 17]},
                       "model.path": {"choice": [str(opt), llama7b_dir]}},
             "search": {"algorithm": "random"},
-            "devices": {"memory_gb": 7.5},  # the base point (rank 8) needs 7.39 GiB
+            "devices": {"memory_gb": 7.6},  # the base point (rank 8) needs 7.52 GiB
         }
     )  # fmt: skip
     (planned,) = plan_trials(expand(sweep))
-    # rank 16 (randint's high end is exclusive) on llama-7b: the hand-computed 4-bit total, 7.69 GiB.
+    # rank 16 (randint's high end is exclusive) on llama-7b: the hand-computed 4-bit total, 7.82 GiB.
     assert (
         planned.memory.peak
         == NF4_BYTES + OTHER_BYTES + ADAPTER_BYTES + ACTIVATION_BYTES + DEQUANT_BYTES["nf4"]
