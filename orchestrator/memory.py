@@ -242,12 +242,13 @@ def estimate(trial: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     calibration = 0
     if needs_gram(trial.init.method):
         block_weights = shape.layer_params() * dtype
-        grams = sum(4 * n * n for n in shape.gram_widths())
+        widths = shape.gram_widths()
+        grams = sum(4 * n * n for n in widths)
         hidden_states = 2 * 4 * trial.calibration.num_sequences * trial.calibration.seq_len * h
         calibration = block_weights + grams + hidden_states
         if not trial.resources.use_gpu:
-            largest = max(shape.gram_widths())  # written while the others are still whole: at most
-            calibration = max(calibration, grams + 4 * largest * (largest + 1) // 2)  # one more, packed
+            largest = max(widths)  # written while the others are still whole: at most one more, packed
+            calibration = max(calibration, grams + 4 * largest * (largest + 1) // 2)
 
     problem, damping = layer_problem_bytes(trial, shape)
     # the attached adapters and the computed updates (with any base residuals), both fp32

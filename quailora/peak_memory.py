@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,11 +32,18 @@ def _status_mb(field: str) -> float:
     return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig in a subprocess); None without glibc."""
+    libc_name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+
+
 def return_free_memory_to_os() -> None:
     """glibc keeps freed memory in its heap; without trimming, a later phase's growth would read as 0."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
-        ctypes.CDLL(libc_name).malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _AnonymousPeak:
