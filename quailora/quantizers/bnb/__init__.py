@@ -4,7 +4,7 @@ Bytes per weight as stored: 4-bit = 1/2 per weight + the absmax per block (fp32,
 one byte per block plus an fp32 per 256 blocks); LLM.int8 = 1 per weight + an fp32 scale per output row.
 Dequantizing for a forward and backward (benchmarks/dequant_memory.py on CPU at bf16: 2.5 and 10.4 bytes
 per weight): 4-bit holds one dequantized weight at the compute dtype plus the code lookup, c + 1; LLM.int8
-its codes widened to fp32 and three copies at the compute dtype, 4 + 3c.
+is stated as 4 + 3c, fitted to that measurement (its parts not traced, nor measured on a GPU).
 """
 
 from __future__ import annotations
