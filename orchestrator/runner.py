@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from orchestrator.cluster_preflight import (
@@ -40,14 +41,32 @@ def prepare(sweep: SweepConfig, address: str | None) -> tuple[TrialMatrix, list[
     return matrix, shared_paths(sweep.resolved_storage_path(), sweep.resolved_cache_path(), checkpoints)
 
 
-def _ended_trials(path: str) -> int:
-    """Trials Tune's saved state has ended (terminated, ASHA's stopped ones included, or failed). Not the
-    ResultGrid's count: after Ctrl-C Tune stops the running trials and marks them terminated in memory,
-    while the state it saved before keeps them to restart on resume."""
+def _saved_trials(path: str) -> list:
+    """The trials in Tune's saved state. Not the ResultGrid's: after Ctrl-C Tune stops the running trials and
+    marks them terminated in memory, while the state it saved before keeps them to restart on resume."""
     from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(path).trials
+
+
+def _ended_trials(path: str) -> int:
+    """Trials Tune's saved state has ended (terminated, ASHA's stopped ones included, or failed)."""
     from ray.tune.experiment import Trial
 
-    return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in ExperimentAnalysis(path).trials)
+    return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in _saved_trials(path))
+
+
+def _ended_points(matrix: TrialMatrix, path: str) -> set[str]:
+    """Grid points whose every trial (sample) Tune has terminated: a resume runs none of them again (it
+    reruns failed ones, and creates the samples it had not yet created)."""
+    from ray.tune.experiment import Trial
+
+    terminated: dict[int, int] = defaultdict(int)
+    for trial in _saved_trials(path):
+        if trial.status == Trial.TERMINATED:
+            terminated[trial.config["point"]] += 1
+    samples = matrix.sweep.search.num_samples
+    return {matrix.points[i].name for i, n in terminated.items() if n >= samples}
 
 
 INTERRUPTED = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT), as shells report it
@@ -86,6 +105,11 @@ def _execute(
         state.save()
         sweep = matrix.sweep
         graph = plan_stage_graph(matrix) if sweep.resolved_cache_path() and sweep.stage_jobs else None
+        if graph and resume:
+            needed = graph.without(_ended_points(matrix, state.path))
+            if skipped := len(graph.jobs) - len(needed.jobs):
+                print(f"stage jobs skipped: {skipped}, their grid points' trials have all ended", flush=True)
+            graph = needed
         try:
             stage_jobs = graph.job_of if graph else {}
             tuner = (

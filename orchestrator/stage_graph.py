@@ -47,6 +47,23 @@ class StageGraph:
         """Per stage: distinct entries, and how many of them two or more grid points share."""
         return {s: (len(e), sum(len(p) > 1 for p in e.values())) for s, e in self.entries.items()}
 
+    def without(self, ended: set[str]) -> StageGraph:
+        """What a resumed sweep still needs: jobs for grid points with trials left to run, each with only
+        those points' init keys. A job for ended trials would hold workers for nothing, and recompute
+        whatever the cache lost since (`quailora cache prune`)."""
+        jobs = []
+        for job in self.jobs:
+            left = [p for p in job.points if p not in ended]
+            configs = [c for c in job.configs if set(self.entries["initialize"][_init_digest(c)]) & set(left)]
+            if left:
+                jobs.append(StageJob(job.id, configs, left, job.calibrated))
+        job_of = {name: job.id for job in jobs for name in job.points}
+        return StageGraph(self.entries, jobs, job_of, self.on_demand)
+
+
+def _init_digest(config: TrialConfig) -> str:
+    return recipe_digest(stage_recipes(config)["initialize"])
+
 
 def _sampled_stage_fields(matrix: TrialMatrix) -> list[str]:
     return [path for path in matrix.sampled if path.startswith(STAGE_FIELDS)]

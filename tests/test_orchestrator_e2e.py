@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.experiment import STATE_FILE, ExperimentState
-from orchestrator.tracking import child_runs
-from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRAIN_LOSS, VAL_PPL, stage_tag
+from orchestrator.tracking import STAGE_JOBS_ARTIFACT, child_runs
+from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRAIN_LOSS, VAL_PPL, stage_param, stage_tag
 
 pytestmark = pytest.mark.slow
 
@@ -127,8 +127,7 @@ def test_shared_stages_are_computed_once_ahead_of_the_trials_that_need_them(
     from orchestrator.expand import expand
     from orchestrator.stage_graph import plan_stage_graph
     from orchestrator.sweep_config import load_sweep
-    from orchestrator.tracking import STAGE_JOBS_ARTIFACT
-    from trials.contract import STAGE_WAIT_SECONDS, stage_param
+    from trials.contract import STAGE_WAIT_SECONDS
 
     monkeypatch.chdir(tmp_path)
     space = {"lora.rank": {"grid": [4, 8]}, "train.learning_rate": {"grid": [1e-3, 3e-3]}}
@@ -280,6 +279,14 @@ def test_resume_after_driver_is_killed(tmp_path):
     # The restarted trial reused the quantized base the finished one computed before the kill.
     restarted = next(r for r in runs if r.info.run_id != first.info.run_id)
     assert restarted.data.tags[stage_tag("quantize")] == "reused"
+    # The resumed stage job saw to the unfinished trial's init key only.
+    (job,) = json.loads(
+        Path(
+            MlflowClient(state.tracking_uri).download_artifacts(state.parent_run_id, STAGE_JOBS_ARTIFACT)
+        ).read_text()
+    ).values()
+    (record,) = job["records"]
+    assert record["initialize"]["digest"] == restarted.data.params[stage_param("initialize")], job
     assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"
 
 

@@ -32,6 +32,25 @@ def test_trials_sharing_a_base_and_calibration_share_one_job():
     assert set(graph.job_of) == {p for job in graph.jobs for p in job.points} and not graph.on_demand
 
 
+def test_a_resumed_sweep_keeps_only_the_jobs_and_init_keys_of_points_left_to_run():
+    graph = _graph({"init.method": {"grid": ["gaussian", "quailora"]}, "lora.rank": {"grid": [4, 8]},
+                    "train.learning_rate": {"grid": [1e-3, 3e-3]}})  # fmt: skip
+    (plain,) = [job for job in graph.jobs if not job.calibrated]
+    (calibrated,) = [job for job in graph.jobs if job.calibrated]
+    rank4 = [p for p in calibrated.points if "rank=4" in p]
+    assert len(rank4) == 2
+
+    resumed = graph.without(set(plain.points) | {rank4[0]})
+    (job,) = resumed.jobs  # every gaussian trial ended: its job is not run again
+    assert job.id == calibrated.id and set(job.points) == set(calibrated.points) - {rank4[0]}
+    assert sorted(c.lora.rank for c in job.configs) == [4, 8]  # rank 4 at the other rate still needs its key
+    assert set(resumed.job_of) == set(job.points)
+
+    (job,) = graph.without(set(plain.points) | set(rank4)).jobs
+    assert [c.lora.rank for c in job.configs] == [8] and not [p for p in job.points if "rank=4" in p]
+    assert graph.without(set(graph.job_of)).jobs == [] and graph.without(set()).jobs == graph.jobs
+
+
 def test_a_trial_with_its_own_stages_or_a_sampled_stage_field_is_on_demand():
     alone = _graph({"init.method": {"grid": ["gaussian", "quailora"]}})
     assert not alone.jobs and set(alone.on_demand.values()) == {"its stages are its own"}
