@@ -5,8 +5,11 @@ A Ray actor on the driver's node, named after the sweep, so trial drivers on any
 jobs on its own threads, each one Ray Train run (trials.run.run_stage_job) holding only workers; a trial
 driver waits for its job in ``wait`` (holding only the driver's own small reservation, no worker), then
 runs its trial, whose stages are then all in the cache. A job that fails is retried once; then every
-trial that needs it fails with the job's error instead of waiting. The actor, its threads and their Train
-runs end with the sweep's driver (Ctrl-C included); the cache never holds a half-written entry.
+trial that needs it fails with the job's error instead of waiting. A job whose workers found no free slot
+(the sweep's running trials hold them) is not failing: it asks again, each time for half as many workers
+(any width computes the same entries), for as long as a node could hold one worker. The actor, its threads
+and their Train runs end with the sweep's driver (Ctrl-C included); the cache never holds a half-written
+entry.
 """
 
 from __future__ import annotations
@@ -28,31 +31,45 @@ class StageJobFailedError(RuntimeError):
 
 
 class StageService:
-    """Plain class (tests drive it in-process); ``remote_service`` makes it the sweep's actor."""
+    """Plain class (tests drive it in-process); ``start`` makes it the sweep's actor. A job is called with
+    its number of workers. ``can_wait(error)``: the job found no free worker slot and one may free up
+    (the remote service: Ray Train's worker group start timed out and a node could hold a worker)."""
 
-    def __init__(self, jobs: dict[str, Callable[[], list[dict]]], concurrency: int, workers: int = 1) -> None:
+    def __init__(
+        self,
+        jobs: dict[str, Callable[[int], list[dict]]],
+        concurrency: int,
+        workers: int = 1,
+        can_wait: Callable[[BaseException], bool] = lambda error: False,
+    ) -> None:
         self._workers = workers
+        self._can_wait = can_wait
         self._records: dict[str, dict[str, Any]] = {}
         self._done = {job_id: threading.Event() for job_id in jobs}
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="stage-job")
         for job_id, job in jobs.items():
             self._pool.submit(self._run, job_id, job)
 
-    def _run(self, job_id: str, job: Callable[[], list[dict]]) -> None:
-        began, errors = time.time(), []
-        for _ in range(1 + RETRIES):
+    def _run(self, job_id: str, job: Callable[[int], list[dict]]) -> None:
+        began, errors, workers, waits = time.time(), [], self._workers, 0
+        record: dict[str, Any] = {}
+        while not record:
             try:
-                records = job()
+                records = job(workers)
             except Exception as err:  # noqa: BLE001 - any failure is the job's error, reported to its trials
+                if self._can_wait(err):
+                    waits, workers = waits + 1, max(1, workers // 2)
+                    print(f"stage job {job_id}: no free worker slot yet; asking for {workers}", flush=True)
+                    continue
                 errors.append(f"{type(err).__name__}: {err}")
                 traceback.print_exc()
+                if len(errors) > RETRIES:
+                    record = {"status": "failed", "error": errors[-1]}
                 continue
-            self._records[job_id] = {"status": "done", "records": records, "attempts": len(errors) + 1, "workers": self._workers,
-                                     "started": began, "seconds": time.time() - began}  # fmt: skip
-            break
-        else:
-            self._records[job_id] = {"status": "failed", "error": errors[-1], "attempts": len(errors), "workers": self._workers,
-                                     "started": began, "seconds": time.time() - began}  # fmt: skip
+            record = {"status": "done", "records": records}
+        attempts = len(errors) + (record["status"] == "done")
+        self._records[job_id] = {**record, "attempts": attempts, "waits": waits, "workers": workers,
+                                 "started": began, "seconds": time.time() - began}  # fmt: skip
         self._done[job_id].set()
 
     def wait(self, job_id: str) -> dict[str, Any]:
@@ -82,26 +99,43 @@ def precomputed_digests(record: dict[str, Any]) -> list[str]:
     )
 
 
+def _start_timed_out(error: BaseException) -> bool:
+    """Ray Train gave up starting the job's worker group: its placement group found no free slot."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(error, ControllerError) and isinstance(
+        error.controller_failure, WorkerGroupStartupTimeoutError
+    )
+
+
+def _a_node_holds(bundle: dict[str, float]) -> bool:
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return any(all(node.get(key, 0.0) >= amount for key, amount in bundle.items()) for node in nodes)
+
+
 class _RemoteStageService(StageService):
     """The actor: builds each job's call from plain data (configs as dicts) inside the actor's process."""
 
     def __init__(self, jobs: dict[str, list[dict]], concurrency: int, num_workers: int, **where: Any) -> None:
-        from functools import partial
-
         from trials.config import TrialConfig
-        from trials.run import run_stage_job
+        from trials.run import run_stage_job, scaling_config
 
+        configs = {job_id: [TrialConfig.model_validate(c) for c in dicts] for job_id, dicts in jobs.items()}
         calls = {
-            job_id: partial(
-                run_stage_job,
-                f"stages-{job_id}",
-                [TrialConfig.model_validate(c) for c in configs],
-                num_workers=num_workers,
-                **where,
-            )  # fmt: skip
-            for job_id, configs in jobs.items()
+            job_id: lambda workers, job_id=job_id: run_stage_job(
+                f"stages-{job_id}", configs[job_id], num_workers=workers, **where
+            )
+            for job_id in jobs
         }
-        super().__init__(calls, concurrency, num_workers)
+        bundle = scaling_config(next(iter(configs.values()))[0]).resources_per_worker
+
+        def can_wait(error: BaseException) -> bool:
+            return _start_timed_out(error) and _a_node_holds(bundle)
+
+        super().__init__(calls, concurrency, num_workers, can_wait)
 
 
 def job_workers(bundle: dict[str, float], free: dict[str, float], jobs: int, cap: int) -> tuple[int, int]:

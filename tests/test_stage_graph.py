@@ -68,13 +68,13 @@ def test_a_trial_with_its_own_stages_or_a_sampled_stage_field_is_on_demand():
 def test_a_failing_job_is_retried_then_fails_its_trials_with_its_error():
     calls = []
 
-    def failing() -> list[dict]:
+    def failing(workers: int) -> list[dict]:
         calls.append(1)
         raise OSError("disk full")
 
     release = threading.Event()
 
-    def slow() -> list[dict]:
+    def slow(workers: int) -> list[dict]:
         release.wait()
         return [{"quantize": {"status": "computed", "digest": "q1", "seconds": 1.0, "bytes": 9}}]
 
@@ -88,6 +88,37 @@ def test_a_failing_job_is_retried_then_fails_its_trials_with_its_error():
     release.set()
     record = service.wait("good")
     assert record["status"] == "done" and record["workers"] == 3 and precomputed_digests(record) == ["q1"]
+
+
+class NoFreeSlot(RuntimeError):
+    pass
+
+
+def test_a_job_without_free_slots_waits_narrower_and_fails_only_when_no_node_could_hold_a_worker():
+    """The sweep's running trials hold every worker slot: the job asks again with half the workers each
+    time (down to one), never counting that as a failure, until a slot frees; its trials wait meanwhile."""
+    asked, frees_at = [], 4
+
+    def busy(workers: int) -> list[dict]:
+        asked.append(workers)
+        if len(asked) < frees_at:
+            raise NoFreeSlot(workers)
+        return [{"quantize": {"status": "computed", "digest": "q1", "seconds": 1.0, "bytes": 9}}]
+
+    service = StageService(
+        {"job": busy}, concurrency=1, workers=8, can_wait=lambda e: isinstance(e, NoFreeSlot)
+    )
+    record = service.wait("job")
+    assert asked == [8, 4, 2, 1] and record["status"] == "done"
+    assert (record["attempts"], record["waits"], record["workers"]) == (1, 3, 1)
+
+    # A slot that can never free (no node holds a worker any more) is the job's error, retried once.
+    def gone(workers: int) -> list[dict]:
+        raise NoFreeSlot(99)
+
+    service = StageService({"job": gone}, concurrency=1, workers=1, can_wait=lambda e: False)
+    with pytest.raises(StageJobFailedError, match="after 2 attempts: NoFreeSlot: 99"):
+        service.wait("job")
 
 
 def test_job_width_uses_every_free_slot_up_to_what_a_job_can_use():

@@ -148,3 +148,36 @@ def test_workers_that_cannot_start_fail_the_trial_after_its_start_timeout(setup)
     assert time.monotonic() - began < 60
     run = _only_run(MlflowClient(uri), "cannot-start")
     assert run.info.status == "FAILED" and "start" in run.data.tags[FAILURE_TAG].lower(), run.data.tags
+
+
+def test_a_stage_job_without_free_slots_waits_narrower_until_one_frees(setup, capsys):
+    """The sweep's running trials hold every worker slot: the stage job's worker group times out starting,
+    which its service does not count as a failure (a node could hold a worker); it asks again with half the
+    workers, and the job runs once a slot frees (orchestrator/stage_service.py)."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.stage_service import _RemoteStageService
+
+    root, checkpoint, texts = setup
+    config = micro_trial_config(checkpoint, texts, name="no-slot",
+                                resources={"num_workers": 1, "cpus_per_worker": 1, "start_timeout_s": 3})  # fmt: skip
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # what running trials would hold
+    ray.get(held.ready())
+    try:
+        service = _RemoteStageService({"job": [config.model_dump(mode="json")]}, 1, 2,
+                                      storage_path=str(root / "stages"), cache_path=str(root / "cache"))  # fmt: skip
+        deadline, said = time.monotonic() + 180, ""
+        while "no free worker slot yet; asking for 1" not in said and time.monotonic() < deadline:
+            time.sleep(1)  # the attempt at 2 workers times out 3 s after its controller starts
+            said += capsys.readouterr().out
+        assert "stage job job: no free worker slot yet; asking for 1" in said, said[-2000:]
+        assert "job" not in service.records()
+    finally:
+        remove_placement_group(held)
+    record = service.wait("job")
+    assert record["status"] == "done" and record["attempts"] == 1, record
+    assert record["waits"] >= 1 and record["workers"] == 1
+    assert {s["status"] for s in record["records"][0].values()} == {"computed"}

@@ -97,16 +97,23 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_ENV)  # a user's setting wins
 
 
-def failure_config(config: TrialConfig) -> FailureConfig:
+def failure_config(config: TrialConfig, start_timeout_s: float | None = None) -> FailureConfig:
     """Worker failures retried ``train.max_failures`` times; a worker group that cannot start (its resources
-    held, or gone with a node) retried until ``resources.start_timeout_s``, not forever (Ray's default). Sets
-    the per-attempt start timeout in this process, which Ray Train passes on to the run's controller."""
-    per_attempt = float(USER_START_TIMEOUT or min(60.0, config.resources.start_timeout_s))
+    held, or gone with a node) retried until ``start_timeout_s`` (default ``resources.start_timeout_s``), not
+    forever (Ray's default). Sets the per-attempt start timeout in this process, which Ray Train passes on
+    to the run's controller."""
+    total = start_timeout_s or config.resources.start_timeout_s
+    per_attempt = float(USER_START_TIMEOUT or min(60.0, total))
     os.environ[START_TIMEOUT_ENV] = str(per_attempt)
     return FailureConfig(
         max_failures=config.train.max_failures,
-        controller_failure_limit=math.ceil(config.resources.start_timeout_s / per_attempt) - 1,
+        controller_failure_limit=max(0, math.ceil(total / per_attempt) - 1),
     )
+
+
+# How long a stage job's worker group waits for free slots before its service asks again with half the
+# workers (orchestrator/stage_service.py); slots a trial holds free only when it ends.
+STAGE_JOB_START_TIMEOUT_S = 300.0
 
 
 def scaling_config(config: TrialConfig) -> ScalingConfig:
@@ -222,6 +229,12 @@ def run_stage_job(
         train_loop_config={"trials": items, "cache_path": cache_path, "name": name},
         scaling_config=scaling_config(config),
         torch_config=NodeAddressTorchConfig(),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=failure_config(config)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=failure_config(
+                config, min(STAGE_JOB_START_TIMEOUT_S, config.resources.start_timeout_s)
+            ),
+        ),
     )
     return json.loads(trainer.fit().metrics["records"])
