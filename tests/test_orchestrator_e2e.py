@@ -240,35 +240,74 @@ def test_asha_sweep_stops_a_trial_cleanly_and_resume_does_not_train_it_again(
     assert _live_placement_groups() == []
 
 
-def test_resume_after_driver_is_killed(tmp_path):
-    config = _sweep(tmp_path, "killed", {"lora.rank": {"grid": [4, 8]}}, search={"max_concurrent_trials": 1})
-    # Tune saves its experiment state at every step, so a trial it has seen finish is recorded before the kill.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
-    cli = [sys.executable, "-m", "orchestrator.cli"]
-    log = (tmp_path / "run.log").open("w")
-    # Own process group: killing it takes the driver and its embedded Ray down together, like a crash.
-    driver = subprocess.Popen([*cli, "run", config], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+def _start_driver(
+    cli: list[str], command: list[str], tmp_path: Path, env: dict, log: str
+) -> subprocess.Popen:
+    """The CLI in its own process group: killing the group takes the driver and its embedded Ray down
+    together, like a crash."""
+    out = (tmp_path / log).open("w")
+    return subprocess.Popen([*cli, *command], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def _kill_when(driver: subprocess.Popen, ready, log: Path, seconds: float) -> None:
+    """Poll ``ready()`` until it holds, then SIGKILL the driver's process group (also on failure)."""
     try:
-        deadline = time.monotonic() + 400
-        first = None
-        while first is None and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(2)
-            if "] finished " not in (tmp_path / "run.log").read_text():  # Tune has not seen one finish yet
-                continue
-            state = ExperimentState.load(str(tmp_path / "runs" / "killed"))
-            first = next(r for r in _children(state) if r.info.status == "FINISHED")
-        assert first is not None, (tmp_path / "run.log").read_text()[-3000:]
-        assert driver.poll() is None, "the sweep ended before it could be killed"
+        deadline = time.monotonic() + seconds
+        while not ready() and time.monotonic() < deadline:
+            assert driver.poll() is None, (
+                "the sweep ended before it could be killed:\n" + log.read_text()[-3000:]
+            )
+            time.sleep(0.2)
+        assert ready(), log.read_text()[-3000:]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
 
+
+def test_resume_after_the_driver_is_killed_mid_stage_job_and_again_after_a_trial(tmp_path):
+    """The driver (and its embedded Ray) killed twice. First while the sweep's stage job runs (issue 28): no
+    half-written entry is ever complete, and `resume` runs the job again. Then after one trial finished: the
+    next `resume` starts only the unfinished trial, its stage job sees to that trial's init key only, the
+    finished run is untouched, and every stage was computed once."""
+    base = {**MICRO_BASE, "init": {"method": "quailora"}}
+    config = _sweep(tmp_path, "killed", {"lora.rank": {"grid": [4, 8]}}, base=base,
+                    search={"max_concurrent_trials": 1})  # fmt: skip
+    # Tune saves its experiment state at every step, so a trial it has seen finish is recorded before the kill.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    experiment, cache = tmp_path / "runs" / "killed", tmp_path / "runs" / "cache"
+
+    def stage_job_started() -> bool:
+        return bool(list(experiment.glob("stages/stages-*")) and list(experiment.glob("experiment_state-*")))
+
+    driver = _start_driver(cli, ["run", config], tmp_path, env, "run.log")
+    _kill_when(driver, stage_job_started, tmp_path / "run.log", 300)
+    assert "stage jobs: 1" in (tmp_path / "run.log").read_text()
+    state = ExperimentState.load(str(experiment))
+    assert not [r for r in _children(state) if r.info.status == "FINISHED"]  # killed before any trial ended
+    for entry in (p for p in cache.glob("*/*") if not p.name.startswith(".")):
+        assert (entry / "meta.json").is_file(), entry  # under its final name only once complete
+
+    finished: list = []
+
+    def one_finished() -> bool:
+        if "] finished " not in (tmp_path / "resume.log").read_text():  # Tune has not seen one finish yet
+            return False
+        finished[:] = [r for r in _children(state) if r.info.status == "FINISHED"]
+        return bool(finished)
+
+    driver = _start_driver(cli, ["resume", "killed"], tmp_path, env, "resume.log")
+    _kill_when(driver, one_finished, tmp_path / "resume.log", 400)
+    assert "stage jobs: 1" in (tmp_path / "resume.log").read_text()  # the job ran again after the first kill
+    (first,) = finished
+
     resumed = subprocess.run(
         [*cli, "resume", "killed"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
     )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    client = MlflowClient(state.tracking_uri)
     runs = _children(state)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     # Only the unfinished trial was started again; the finished one kept its run, untouched.
@@ -276,63 +315,18 @@ def test_resume_after_driver_is_killed(tmp_path):
     assert first.info.run_name not in started, started
     again = next(r for r in runs if r.info.run_id == first.info.run_id)
     assert again.info.end_time == first.info.end_time
-    # The restarted trial reused the quantized base the finished one computed before the kill.
+    # The restarted trial found every stage computed before the last kill, once for the whole sweep.
     restarted = next(r for r in runs if r.info.run_id != first.info.run_id)
-    assert restarted.data.tags[stage_tag("quantize")] == "reused"
-    # The resumed stage job saw to the unfinished trial's init key only.
+    assert {restarted.data.tags[stage_tag(s)] for s in ("quantize", "calibrate", "initialize")} == {"reused"}
+    assert {r.data.tags[stage_tag("calibrate")] for r in runs} <= {"precomputed", "reused"}
+    assert len(list(cache.glob("calibrate/*/meta.json"))) == 1 and not list(cache.glob("*/.tmp-*"))
+    # The last resume's stage job saw to the unfinished trial's init key only.
     (job,) = json.loads(
-        Path(
-            MlflowClient(state.tracking_uri).download_artifacts(state.parent_run_id, STAGE_JOBS_ARTIFACT)
-        ).read_text()
+        Path(client.download_artifacts(state.parent_run_id, STAGE_JOBS_ARTIFACT)).read_text()
     ).values()
     (record,) = job["records"]
     assert record["initialize"]["digest"] == restarted.data.params[stage_param("initialize")], job
-    assert MlflowClient(state.tracking_uri).get_run(state.parent_run_id).info.status == "FINISHED"
-
-
-def test_resume_after_a_kill_mid_stage_job_reuses_what_was_finished(tmp_path):
-    """Issue 28: the driver (and its embedded Ray) killed while the sweep's stage job runs: no half-written
-    entry is ever complete, and `resume` runs the job again (reusing what it finished) and every trial
-    finishes with its stages ready."""
-    base = {**MICRO_BASE, "init": {"method": "quailora"}}
-    config = _sweep(tmp_path, "midstage", {"lora.rank": {"grid": [4, 8]}}, base=base)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cli = [sys.executable, "-m", "orchestrator.cli"]
-    experiment, cache = tmp_path / "runs" / "midstage", tmp_path / "runs" / "cache"
-    log = (tmp_path / "run.log").open("w")
-    driver = subprocess.Popen([*cli, "run", config], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-
-        def started() -> bool:
-            return bool(
-                list(experiment.glob("stages/stages-*")) and list(experiment.glob("experiment_state-*"))
-            )
-
-        while not started() and time.monotonic() < deadline:
-            assert driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(0.2)
-        assert started(), "the stage job never started"
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert "stage jobs: 1" in (tmp_path / "run.log").read_text()
-    before = ExperimentState.load(str(experiment))
-    assert not [r for r in _children(before) if r.info.status == "FINISHED"]  # killed before any trial ended
-    for entry in (p for p in cache.glob("*/*") if not p.name.startswith(".")):
-        assert (entry / "meta.json").is_file(), entry  # under its final name only once complete
-
-    resumed = subprocess.run(
-        [*cli, "resume", "midstage"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
-    )
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert "stage jobs: 1" in resumed.stdout
-    runs = _children(ExperimentState.load(str(experiment)))
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    assert {r.data.tags[stage_tag("calibrate")] for r in runs} <= {"precomputed", "reused"}
-    assert len(list(cache.glob("calibrate/*/meta.json"))) == 1 and not list(cache.glob("*/.tmp-*"))
+    assert client.get_run(state.parent_run_id).info.status == "FINISHED"
 
 
 def test_ctrl_c_interrupts_the_sweep_and_resume_finishes_it_from_its_checkpoint(tmp_path):
