@@ -87,7 +87,13 @@ def _resume(args: argparse.Namespace) -> int:
     return resume(args.experiment, args.storage, args.address)
 
 
-@command("report", "tables, plots and HTML of a sweep", *EXPERIMENT_ARGUMENTS)
+@command(
+    "report",
+    "tables, plots and HTML of a sweep",
+    *EXPERIMENT_ARGUMENTS,
+    arg("--with", dest="follow_ups", action="append", default=[], metavar="EXPERIMENT",
+        help="a follow-up sweep (same --storage, same tracking store) whose trials join the report; repeatable"),
+)  # fmt: skip
 def _report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -95,11 +101,17 @@ def _report(args: argparse.Namespace) -> int:
     from orchestrator.preflight import check_tracking_uri
     from orchestrator.report import publish_report
 
-    state = ExperimentState.load(args.experiment, args.storage)
+    states = [ExperimentState.load(name, args.storage) for name in (args.experiment, *args.follow_ups)]
+    state = states[0]
     check_tracking_uri(state.tracking_uri)
-    if not state.parent_run_id:
-        raise QuailoraInputError(f"experiment {args.experiment!r} has not started (no MLflow parent run)")
-    print(publish_report(MlflowClient(state.tracking_uri), state))
+    for other in states:
+        if not other.parent_run_id:
+            raise QuailoraInputError(f"experiment {other.name!r} has not started (no MLflow parent run)")
+        if other.tracking_uri != state.tracking_uri:
+            raise QuailoraInputError(
+                f"--with {other.name}: its tracking store is {other.tracking_uri}, not {state.tracking_uri}"
+            )
+    print(publish_report(MlflowClient(state.tracking_uri), state, states[1:]))
     return 0
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.cli import main
 from orchestrator.experiment import ExperimentState
 from orchestrator.report import publish_report
 from orchestrator.status import experiments_table, seconds_per_trial
 from orchestrator.sweep_config import SweepConfig
 from orchestrator.tracking import ensure_parent_run, mark_interrupted, mark_stopped_early
+from quailora.errors import QuailoraInputError
 from trials.contract import STOPPED_AT_STEP, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_PPL
 from trials.tracking import PARENT_TAG
 
@@ -152,3 +154,65 @@ def test_published_report_matches_runs_on_their_swept_params(tmp_path):
     for run in client.search_runs([experiment_id], "tags.bits = '8'"):
         client.delete_run(run.info.run_id)
     assert "needs 4-bit and 8-bit gaussian trials" in publish_report(client, state)  # no 8-bit peer left
+
+
+def _sweep_state(tmp_path, name: str, space: dict, **base) -> ExperimentState:
+    sweep = SweepConfig.model_validate(
+        {"name": name, "base": {"model": {"path": "reference:llama-micro"}, **base}, "space": space,
+         "storage_path": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    )  # fmt: skip
+    state = ExperimentState.for_sweep(sweep)
+    state.parent_run_id = ensure_parent_run(
+        MlflowClient(state.tracking_uri), state.name, state.tracking_uri, state.sweep, None
+    )
+    return state
+
+
+def test_a_follow_up_sweep_joins_the_report_and_may_differ_only_in_swept_fields(tmp_path, capsys):
+    """The follow-up runs 1.5e-3 for arms whose choice landed on the lower edge of {3e-3, 6e-3}: in the joined
+    report each arm's rate is chosen over all three, and the edge column says when it is still the lowest."""
+    space = {"init.method": {"grid": ["gaussian", "quailora"]},
+             "quant": {"grid": [{"method": "nf4", "bits": 4}, {"method": "int8", "bits": 8}]}}  # fmt: skip
+    first = _sweep_state(tmp_path, "rates", {**space, "train.learning_rate": {"grid": [3e-3, 6e-3]}})
+    follow_up = _sweep_state(tmp_path, "rates-low", space, train={"learning_rate": 1.5e-3})
+    client = MlflowClient(first.tracking_uri)
+
+    def child(state: ExperimentState, method: str, bits: int, rate: float, ppl: float) -> None:
+        quantizer = "nf4" if bits == 4 else "int8"
+        tags = {PARENT_TAG: state.parent_run_id, "family": "llama", "size": "1M", "bits": str(bits),
+                "method": method, "rank": "8", "seed": "0", "quantizer": quantizer}  # fmt: skip
+        experiment_id = client.get_run(state.parent_run_id).info.experiment_id
+        run_id = client.create_run(experiment_id, tags=tags, run_name=f"{method}_{bits}_{rate}").info.run_id
+        for key, value in {"init.method": method, "quant.method": quantizer, "quant.bits": str(bits),
+                           "train.learning_rate": str(rate), "train.max_steps": "4"}.items():  # fmt: skip
+            client.log_param(run_id, key, value)
+        client.log_metric(run_id, "val_ppl_final", ppl, step=4)
+        client.set_terminated(run_id, status="FINISHED")
+
+    for method, bits, (high, mid, low) in [("gaussian", 8, (12.0, 10.0, 11.0)), ("gaussian", 4, (14.0, 13.0, 12.0)),
+                                           ("quailora", 4, (13.0, 11.0, 11.5))]:  # fmt: skip
+        child(first, method, bits, 6e-3, high)
+        child(first, method, bits, 3e-3, mid)
+        child(follow_up, method, bits, 1.5e-3, low)
+
+    text = publish_report(client, first, [follow_up])
+    chosen = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 11 and cells[4] in ("gaussian", "quailora") and cells[9] == "3":  # rates compared
+            chosen[(cells[4], cells[3])] = (float(cells[6]), cells[10])
+    assert chosen == {("gaussian", "8"): (0.003, ""), ("gaussian", "4"): (0.0015, "lowest"),
+                      ("quailora", "4"): (0.003, "")}, text  # fmt: skip
+    assert "quailora sweep rates + rates-low" in (tmp_path / "rates" / "report" / "report.html").read_text()
+
+    first.save()
+    follow_up.save()
+    capsys.readouterr()
+    assert main(["report", "rates", "--with", "rates-low", "--storage", str(tmp_path)]) == 0
+    assert "|                3 | lowest " in capsys.readouterr().out
+
+    other = _sweep_state(tmp_path, "longer", space, train={"learning_rate": 1.5e-3, "max_steps": 8})
+    with pytest.raises(
+        QuailoraInputError, match=r"--with longer: train.max_steps is 8 there and \d+ in rates"
+    ):
+        publish_report(client, first, [other])

@@ -14,16 +14,21 @@ from orchestrator.report.render import build_report
 from trials.contract import QUANTIZER_TAG
 
 
-def publish_report(client, state) -> str:
-    """Build the report from the sweep's MLflow child runs, write it next to the experiment, log it to the parent run."""
+def publish_report(client, state, follow_ups: Sequence = ()) -> str:
+    """Build the report from the sweep's MLflow child runs, and those of ``follow_ups`` (experiment states
+    on the same tracking store, orchestrator/report/joined.py), write it next to the experiment, log it to
+    its parent run."""
     import tempfile
 
     from orchestrator.curves import curves_from_mlflow
+    from orchestrator.report.joined import joined_swept
 
     sweep = state.sweep_config()
-    swept = list(sweep.space)  # grid and sampled fields alike: never averaged over
-    records = records_from_mlflow(client, state.parent_run_id, swept)
-    stopped = stopped_from_mlflow(client, state.parent_run_id, swept)
+    # grid and sampled fields alike, of every joined sweep: never averaged over
+    swept = joined_swept(sweep, [other.sweep_config() for other in follow_ups])
+    parents = [state.parent_run_id, *(other.parent_run_id for other in follow_ups)]
+    records = pd.concat([records_from_mlflow(client, p, swept) for p in parents], ignore_index=True)
+    stopped = pd.concat([stopped_from_mlflow(client, p, swept) for p in parents], ignore_index=True)
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
     asha = sweep.search.asha
@@ -33,7 +38,8 @@ def publish_report(client, state) -> str:
     )
     local = "://" not in state.path
     out_dir = Path(state.path) / "report" if local else Path(tempfile.mkdtemp(prefix="quailora-report-"))
-    report.write(out_dir, title=f"quailora sweep {state.name}")
+    title = " + ".join([state.name, *(other.name for other in follow_ups)])
+    report.write(out_dir, title=f"quailora sweep {title}")
     client.log_artifacts(state.parent_run_id, str(out_dir), artifact_path="report")
     extra = [k for k in match_keys(normalize(records), swept)[len(MATCH_KEYS) :] if k in report.recovered]
     for key, value in recovered_metrics(report.recovered, extra).items():
