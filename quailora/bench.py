@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import psutil
 import torch
 from peft.utils.loftq_utils import _low_rank_decomposition
 
@@ -27,7 +24,7 @@ from quailora.api import initialize, validate_options
 from quailora.errors import QuailoraInputError
 from quailora.initializers import INITIALIZERS, adapter_kind, method_options, needs_gram
 from quailora.linalg import adapter_product, calibrated_error, weight_error
-from quailora.peak_memory import return_free_memory_to_os
+from quailora.peak_memory import held_memory_mb, peak_memory_mb, reset_peak_memory
 from quailora.qalora.pooling import expand
 from quailora.quantizers import get_quantizer, quantizer_spec
 from quailora.quantizers.base import Quantizer
@@ -70,27 +67,14 @@ def decoder_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
 
 
 @contextmanager
-def peak_rss() -> Iterator[dict]:
-    """Peak resident-set growth during the block, sampled every 2 ms (torch allocations are invisible to tracemalloc)."""
-    return_free_memory_to_os()
-    proc = psutil.Process(os.getpid())
-    start = proc.memory_info().rss
-    box = {"peak": start}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            box["peak"] = max(box["peak"], proc.memory_info().rss)
-            done.wait(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield box
-    finally:
-        done.set()
-        thread.join()
-        box["peak_mb"] = (max(box["peak"], proc.memory_info().rss) - start) / 2**20
+def peak_growth() -> Iterator[dict]:
+    """Peak memory growth during the block, as a trial's phases measure it (quailora/peak_memory.py: on CPU
+    the sampled anonymous resident memory; torch allocations are invisible to tracemalloc)."""
+    reset_peak_memory()  # first: it hands freed heap back to the OS, which lowers what is held
+    start = held_memory_mb()
+    box: dict = {}
+    yield box
+    box["peak_mb"] = peak_memory_mb()["peak_memory_mb"] - start
 
 
 def synthetic_layer(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +93,7 @@ def synthetic_layer(out_features: int, in_features: int, seed: int = 0) -> tuple
 
 def _timed(solve: Callable[[], object]) -> tuple[object, float, float]:
     """Seconds and peak memory of the solve alone; scoring its result (two out x in products) is not counted."""
-    with peak_rss() as mem:
+    with peak_growth() as mem:
         start = time.perf_counter()
         result = solve()
         seconds = time.perf_counter() - start
