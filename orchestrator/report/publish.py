@@ -27,8 +27,8 @@ def publish_report(client, state, follow_ups: Sequence = ()) -> str:
     # grid and sampled fields alike, of every joined sweep: never averaged over
     swept = joined_swept(sweep, [other.sweep_config() for other in follow_ups])
     parents = [state.parent_run_id, *(other.parent_run_id for other in follow_ups)]
-    records = pd.concat([records_from_mlflow(client, p, swept) for p in parents], ignore_index=True)
-    stopped = pd.concat([stopped_from_mlflow(client, p, swept) for p in parents], ignore_index=True)
+    records = _joined([records_from_mlflow(client, p, swept) for p in parents])
+    stopped = _joined([stopped_from_mlflow(client, p, swept) for p in parents])
     if records.empty:
         return f"sweep {state.name!r}: no finished trials yet ({len(stopped)} stopped early)"
     asha = sweep.search.asha
@@ -45,6 +45,14 @@ def publish_report(client, state, follow_ups: Sequence = ()) -> str:
     for key, value in recovered_metrics(report.recovered, extra).items():
         client.log_metric(state.parent_run_id, key, value)
     return f"{report.markdown()}\n\nreport: {out_dir / 'report.html'}"
+
+
+def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The sweeps' tables as one; an empty one (a sweep with no such runs) adds nothing, dtypes included."""
+    frames = [f for f in frames if not f.empty]
+    return (
+        pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else pd.DataFrame())
+    )
 
 
 def recovered_metrics(recovered: pd.DataFrame, extra: Sequence[str] = ()) -> dict[str, float]:
