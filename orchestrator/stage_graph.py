@@ -54,7 +54,9 @@ class StageGraph:
         jobs = []
         for job in self.jobs:
             left = [p for p in job.points if p not in ended]
-            configs = [c for c in job.configs if set(self.entries["initialize"][_init_digest(c)]) & set(left)]
+            configs = [
+                c for c in job.configs if not ended.issuperset(self.entries["initialize"][_init_digest(c)])
+            ]
             if left:
                 jobs.append(StageJob(job.id, configs, left, job.calibrated))
         job_of = {name: job.id for job in jobs for name in job.points}

@@ -110,10 +110,9 @@ def _start_timed_out(error: BaseException) -> bool:
 
 
 def _a_node_holds(bundle: dict[str, float]) -> bool:
-    import ray
+    from orchestrator.tuning import alive_nodes, fits
 
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return any(all(node.get(key, 0.0) >= amount for key, amount in bundle.items()) for node in nodes)
+    return any(fits(bundle, node) for node in alive_nodes())
 
 
 class _RemoteStageService(StageService):

@@ -231,7 +231,7 @@ def _whole_trial(workers: int, worker: Mapping[str, float], driver: Mapping[str,
     return dict(total)
 
 
-def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
+def fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
     return all(node.get(key, 0.0) >= amount for key, amount in bundle.items())
 
 
@@ -263,7 +263,7 @@ def check_fits_cluster(matrix: TrialMatrix, nodes: list[Mapping[str, float]]) ->
             ),
         ]
         for what, bundle, candidates, limit in checks:
-            if not any(_fits(bundle, node) for node in candidates):
+            if not any(fits(bundle, node) for node in candidates):
                 raise QuailoraInputError(
                     f"trial {name!r}: {what} need(s) {_show(bundle)}, more than {limit} (nodes: {shown})"
                 )

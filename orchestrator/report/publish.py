@@ -50,9 +50,7 @@ def publish_report(client, state, follow_ups: Sequence = ()) -> str:
 def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The sweeps' tables as one; an empty one (a sweep with no such runs) adds nothing, dtypes included."""
     frames = [f for f in frames if not f.empty]
-    return (
-        pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else pd.DataFrame())
-    )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def recovered_metrics(recovered: pd.DataFrame, extra: Sequence[str] = ()) -> dict[str, float]:
